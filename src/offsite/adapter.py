@@ -1,0 +1,109 @@
+"""The adapter file: what the data owner returns.
+
+`adapter.safetensors` holds only adapter-layer tensors, keyed by *original*
+layer index (`layers.<original>.<name>`), so it means the same thing inside the
+bundle and inside the full model. `adapter.json` ties it to its base through the
+fingerprint and records how it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from offsite import __version__
+from offsite.arch import get_layers
+from offsite.errors import OffsiteError
+from offsite.files import read_json, write_json
+
+WEIGHTS = "adapter.safetensors"
+METADATA = "adapter.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Adapter:
+    """Adapter weights by original layer index, and the metadata that travels with them."""
+
+    tensors: dict[int, dict[str, torch.Tensor]]
+    fingerprint: str
+    base_model: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.tensors)
+
+    def save(self, directory: Path) -> None:
+        flat = {f"layers.{index}.{name}": tensor.detach().contiguous().cpu()
+                for index, named in self.tensors.items() for name, tensor in named.items()}
+        tmp = directory / (WEIGHTS + ".tmp")
+        save_file(flat, str(tmp), metadata={"format": "offsite-adapter"})
+        tmp.replace(directory / WEIGHTS)
+        write_json(directory / METADATA, {
+            "format": "offsite-adapter",
+            "format_version": FORMAT_VERSION,
+            "offsite_version": __version__,
+            "fingerprint": self.fingerprint,
+            "base_model": self.base_model,
+            "layers": self.layers,
+            "training": self.training,
+        })
+
+
+def load_adapter(directory: str | Path) -> Adapter:
+    root = Path(directory)
+    if not root.is_dir():
+        raise OffsiteError(f"adapter {root} does not exist or is not a directory; make one with `offsite tune`")
+    meta = read_json(root / METADATA, "an offsite adapter (make one with `offsite tune`)")
+    if meta.get("format") != "offsite-adapter" or meta.get("format_version") != FORMAT_VERSION:
+        raise OffsiteError(f"{root / METADATA} is not an offsite adapter of format version {FORMAT_VERSION}")
+    try:
+        flat = load_file(str(root / WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as error:
+        raise OffsiteError(f"cannot read {root / WEIGHTS}: {error}") from None
+    tensors: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        prefix, index, name = (key.split(".", 2) + ["", ""])[:3]
+        if prefix != "layers" or not index.isdigit() or not name:
+            raise OffsiteError(f"{root / WEIGHTS}: unexpected tensor key '{key}' (expected layers.<index>.<name>)")
+        tensors.setdefault(int(index), {})[name] = tensor
+    if sorted(tensors) != sorted(meta.get("layers", [])):
+        raise OffsiteError(f"{root}: {WEIGHTS} holds layers {sorted(tensors)} but {METADATA} lists {meta.get('layers')}")
+    return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}))
+
+
+def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Copy the adapter layers' weights out of `model`; `positions` maps original index -> layer position."""
+    layers = get_layers(model)
+    return {original: {k: v.detach().clone() for k, v in layers[position].state_dict().items()}
+            for original, position in positions.items()}
+
+
+def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
+    """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces."""
+    layers = get_layers(model)
+    for original, named in adapter.tensors.items():
+        if original not in positions:
+            raise OffsiteError(f"adapter {source} has layer {original}, which this model has no place for "
+                               f"(adapter layers here: {sorted(positions)})")
+        layer = layers[positions[original]]
+        expected = layer.state_dict()
+        missing = sorted(set(expected) - set(named))
+        unexpected = sorted(set(named) - set(expected))
+        if missing or unexpected:
+            raise OffsiteError(f"adapter {source}, layer {original}: missing keys {missing}, unexpected keys {unexpected}")
+        for name, tensor in named.items():
+            want = expected[name]
+            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+                raise OffsiteError(
+                    f"adapter {source}, layers.{original}.{name}: shape {tuple(tensor.shape)} {tensor.dtype} "
+                    f"but the model expects {tuple(want.shape)} {want.dtype}"
+                )
+        layer.load_state_dict(named, strict=True)

@@ -1,0 +1,108 @@
+"""Where each architecture keeps its transformer blocks, final norm and head.
+
+All architecture knowledge lives in `ARCHITECTURES`, keyed by `config.model_type`.
+Models not in the table are probed: the blocks are the largest `nn.ModuleList`
+whose children all share one class.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from offsite.errors import OffsiteError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPaths:
+    """Dotted attribute paths inside a `*ForCausalLM` model."""
+
+    layers: str
+    final_norm: str | None
+    head: str
+
+
+_LLAMA_LIKE = LayerPaths("model.layers", "model.norm", "lm_head")
+
+ARCHITECTURES: dict[str, LayerPaths] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "phi": LayerPaths("model.layers", "model.final_layernorm", "lm_head"),
+    "gpt2": LayerPaths("transformer.h", "transformer.ln_f", "lm_head"),
+    "gptj": LayerPaths("transformer.h", "transformer.ln_f", "lm_head"),
+    "bloom": LayerPaths("transformer.h", "transformer.ln_f", "lm_head"),
+    "falcon": LayerPaths("transformer.h", "transformer.ln_f", "lm_head"),
+    "opt": LayerPaths("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head"),
+    "gpt_neox": LayerPaths("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head"),
+}
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def layer_paths(model: nn.Module) -> LayerPaths:
+    """The paths for `model`, from the table or, for unknown types, by probing."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    paths = probe(model)
+    log.warning("model type %r is not in offsite's table; probed its blocks at '%s'", model_type, paths.layers)
+    return paths
+
+
+def probe(model: nn.Module) -> LayerPaths:
+    """Find the block list of an unknown model: the largest ModuleList of same-class modules."""
+    candidates = [
+        (len(module), name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 1
+        and len({type(child) for child in module}) == 1
+    ]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not candidates or head is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise OffsiteError(
+            f"model type {model_type!r} is not supported: no list of transformer blocks or output head found; "
+            f"supported types: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    _, layers = max(candidates)
+    head_path = next(name for name, module in model.named_modules() if module is head)
+    return LayerPaths(layers, _probe_final_norm(model, layers), head_path)
+
+
+def _probe_final_norm(model: nn.Module, layers_path: str) -> str | None:
+    """The last norm module outside the blocks, which is where decoders apply their final norm."""
+    norms = [
+        name for name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower() and not name.startswith(layers_path + ".")
+    ]
+    return norms[-1] if norms else None
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    layers = model.get_submodule(layer_paths(model).layers)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def layer_prefix(model: nn.Module, index: int) -> str:
+    """State-dict key prefix of block `index`, e.g. 'model.layers.3.'."""
+    return f"{layer_paths(model).layers}.{index}."

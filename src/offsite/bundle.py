@@ -1,0 +1,160 @@
+"""The bundle: an ordinary Hugging Face model directory holding adapter + emulator, plus its manifest.
+
+`offsite.json` records where every bundle layer came from, the split, the
+SHA-256 of every file and the base fingerprint that ties adapters to the full model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from offsite import __version__
+from offsite.arch import get_layers
+from offsite.config import EmulateConfig, SplitConfig
+from offsite.errors import OffsiteError
+from offsite.files import atomic_dir, check_output_dir, read_json, sha256_file, write_json
+from offsite.loading import load_model, load_tokenizer
+from offsite.split import SplitPlan, keep_layers, plan_split
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "offsite.json"
+FORMAT_VERSION = 1
+
+
+def fingerprint(layers: dict[int, nn.Module], model_type: str, num_layers: int) -> str:
+    """SHA-256 over the architecture and the original weights of the adapter layers.
+
+    `layers` maps original index -> block. Weights are hashed as float32 so the
+    same checkpoint loaded in another dtype (bf16 -> fp32 is exact) matches.
+    """
+    digest = hashlib.sha256()
+    header = {"model_type": model_type, "num_layers": num_layers, "adapter_layers": sorted(layers)}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for index in sorted(layers):
+        for name, tensor in sorted(layers[index].state_dict().items()):
+            digest.update(f"{index}.{name}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: PreTrainedModel, adapter: tuple[int, ...] | list[int]) -> str:
+    """Fingerprint of a full model for the given adapter layer indices."""
+    layers = get_layers(model)
+    return fingerprint({i: layers[i] for i in adapter}, model.config.model_type, len(layers))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed `offsite.json` of a bundle."""
+
+    base_model: dict[str, Any]
+    split: SplitConfig
+    plan: SplitPlan
+    fingerprint: str
+    files: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "offsite-bundle",
+            "format_version": FORMAT_VERSION,
+            "offsite_version": __version__,
+            "base_model": self.base_model,
+            "split": self.split.to_dict(),
+            "layers": [
+                {"bundle_index": position, "original_index": original, "role": role}
+                for position, (original, role) in enumerate(self.plan.roles())
+            ],
+            "fingerprint": self.fingerprint,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path) -> "Manifest":
+        if data.get("format") != "offsite-bundle" or data.get("format_version") != FORMAT_VERSION:
+            raise OffsiteError(
+                f"{source} is not an offsite bundle manifest of format version {FORMAT_VERSION} "
+                f"(found format={data.get('format')!r}, format_version={data.get('format_version')!r})"
+            )
+        try:
+            roles = {role: [e["original_index"] for e in data["layers"] if e["role"] == role]
+                     for role in ("adapter_bottom", "emulator", "adapter_top")}
+            plan = SplitPlan(int(data["base_model"]["num_layers"]), tuple(roles["adapter_bottom"]),
+                             tuple(roles["emulator"]), tuple(roles["adapter_top"]))
+            return cls(data["base_model"], SplitConfig.from_dict(data["split"]), plan,
+                       str(data["fingerprint"]), dict(data["files"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise OffsiteError(f"{source} is malformed: missing or invalid field {error}") from None
+
+
+def emulate(config: EmulateConfig) -> Path:
+    """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
+    check_output_dir(config.output, config.overwrite)
+    log.info("loading full model %s", config.model)
+    model = load_model(config.model)
+    tokenizer = load_tokenizer(config.model)
+    plan = plan_split(model.config.num_hidden_layers, config.split)
+    base_fingerprint = model_fingerprint(model, plan.adapter)
+    base_model = {
+        "name_or_path": config.model,
+        "revision": getattr(model.config, "_commit_hash", None),
+        "model_type": model.config.model_type,
+        "num_layers": plan.num_layers,
+    }
+    keep_layers(model, plan.kept)
+    log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
+    with atomic_dir(config.output, config.overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = Manifest(base_model, config.split, plan, base_fingerprint, files)
+        write_json(tmp / MANIFEST, manifest.to_dict())
+    return Path(config.output)
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    path = Path(bundle) / MANIFEST
+    if not Path(bundle).is_dir():
+        raise OffsiteError(f"bundle {bundle} does not exist or is not a directory; make one with `offsite emulate`")
+    return Manifest.from_dict(read_json(path, "an offsite bundle (make one with `offsite emulate`)"), path)
+
+
+def verify_files(bundle: str | Path, manifest: Manifest) -> None:
+    """Every file listed with its recorded SHA-256, and no file that is not listed."""
+    root = Path(bundle)
+    present = {p.name for p in root.iterdir() if p.is_file()} - {MANIFEST}
+    unexpected = sorted(present - set(manifest.files))
+    missing = sorted(set(manifest.files) - present)
+    if unexpected or missing:
+        raise OffsiteError(f"bundle {root} does not match its manifest: missing files {missing}, "
+                           f"unexpected files {unexpected}; ask the model owner for a fresh bundle")
+    for name, expected in manifest.files.items():
+        if sha256_file(root / name) != expected:
+            raise OffsiteError(f"bundle file {root / name} has been modified (SHA-256 differs from {MANIFEST}); "
+                               "ask the model owner for a fresh bundle")
+
+
+def load_bundle(bundle: str | Path, verify: bool = True) -> tuple[PreTrainedModel, Manifest]:
+    """Load a bundle as a causal LM, after checking its files against the manifest."""
+    manifest = read_manifest(bundle)
+    if verify:
+        verify_files(bundle, manifest)
+    model = load_model(str(bundle))
+    if model.config.num_hidden_layers != len(manifest.plan.kept):
+        raise OffsiteError(f"bundle {bundle}: config.json has {model.config.num_hidden_layers} layers but "
+                           f"{MANIFEST} lists {len(manifest.plan.kept)}")
+    return model, manifest
+
+
+def bundle_index(manifest: Manifest) -> dict[int, int]:
+    """Original layer index -> position in the bundle."""
+    return {original: position for position, original in enumerate(manifest.plan.kept)}

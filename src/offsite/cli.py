@@ -1,0 +1,168 @@
+"""The `offsite` command: a thin shell over the library. Every command is one library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from offsite.errors import OffsiteError
+
+EXAMPLE = """example (model owner, then data owner, then model owner):
+  offsite emulate MODEL -o bundle --emulator-layers 8
+  offsite tune bundle --data train.jsonl --eval-data val.jsonl -o adapter
+  offsite plug MODEL adapter -o plugged
+  offsite eval plugged --data test.jsonl"""
+
+
+def _split_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("split")
+    group.add_argument("--bottom", type=int, default=2, help="adapter layers at the bottom (default 2)")
+    group.add_argument("--top", type=int, default=2, help="adapter layers at the top (default 2)")
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--emulator-layers", type=int, help="middle layers the emulator keeps (K)")
+    size.add_argument("--drop-ratio", type=float, help="fraction of middle layers to drop")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-Tuning: transfer learning without "
+                                     "sharing the full model or the private data.", epilog=EXAMPLE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    emulate = commands.add_parser("emulate", help="model owner: build a bundle (adapter + emulator)")
+    emulate.add_argument("model", help="full model: local directory, hub id or built-in alias")
+    emulate.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    _split_flags(emulate)
+    emulate.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    tune = commands.add_parser("tune", help="data owner: train the adapter of a bundle")
+    tune.add_argument("bundle", help="bundle directory from `offsite emulate`")
+    tune.add_argument("--data", required=True, help="training data (.txt or .jsonl)")
+    tune.add_argument("-o", "--output", required=True, help="adapter directory to write")
+    tune.add_argument("--eval-data", help="validation data; the best checkpoint by its metric is kept")
+    tune.add_argument("--lora-rank", type=int, help="train LoRA of this rank in the adapter layers (merged on export)")
+    tune.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    steps = tune.add_mutually_exclusive_group()
+    steps.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    steps.add_argument("--max-steps", type=int, help="optimizer steps")
+    tune.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps spent warming up")
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    tune.add_argument("--seq-len", type=int, default=256, help="maximum tokens per sequence")
+    tune.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times per run)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    plug = commands.add_parser("plug", help="model owner: put a returned adapter into the full model")
+    plug.add_argument("model", help="the full model the bundle was made from")
+    plug.add_argument("adapter", help="adapter directory from `offsite tune`")
+    plug.add_argument("-o", "--output", required=True, help="plugged model directory to write")
+    plug.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    evaluate = commands.add_parser("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
+    evaluate.add_argument("model", help="full model, bundle or plugged model")
+    evaluate.add_argument("--data", required=True, help="evaluation data (.txt or .jsonl)")
+    evaluate.add_argument("--adapter", help="apply this adapter file in memory first")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, help="score only the first N examples (or documents)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    info = commands.add_parser("info", help="describe a bundle, adapter or model directory")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def _run_emulate(args: argparse.Namespace) -> None:
+    from offsite import EmulateConfig, SplitConfig, emulate
+    split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
+                        drop_ratio=args.drop_ratio)
+    path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, overwrite=args.overwrite))
+    print(f"bundle written to {path}; send it to the data owner")
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    from offsite import TuneConfig, tune
+    fields = ("bundle", "data", "output", "eval_data", "lora_rank", "lora_alpha", "epochs", "max_steps", "lr",
+              "weight_decay", "warmup_ratio", "batch_size", "grad_accum", "seq_len", "eval_every", "seed",
+              "overwrite")
+    path = tune(TuneConfig(**{name: getattr(args, name) for name in fields}))
+    print(f"adapter written to {path}; return it to the model owner")
+
+
+def _run_plug(args: argparse.Namespace) -> None:
+    from offsite import PlugConfig, plug
+    path = plug(PlugConfig(model=args.model, adapter=args.adapter, output=args.output, overwrite=args.overwrite))
+    print(f"plugged model written to {path}")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from offsite import EvalConfig, evaluate
+    result = evaluate(EvalConfig(model=args.model, data=args.data, adapter=args.adapter, seq_len=args.seq_len,
+                                 batch_size=args.batch_size, limit=args.limit))
+    _print(result, args.json)
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from offsite import describe
+    _print(describe(args.path), args.json)
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        print(f"{key}: {value}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "emulate": _run_emulate, "tune": _run_tune, "plug": _run_plug, "eval": _run_eval, "info": _run_info,
+}
+
+
+def _configure_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="offsite: %(message)s", stream=sys.stderr)
+    logging.getLogger("offsite").setLevel(level)
+    if not debug:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    _configure_logging(args.debug, args.quiet)
+    try:
+        COMMANDS[args.command](args)
+    except OffsiteError as error:
+        if args.debug:
+            raise
+        print(f"offsite {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"offsite {args.command}: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"offsite {args.command}: unexpected error: {type(error).__name__}: {error} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Settings of every step as dataclasses that validate themselves and round-trip through JSON.
+
+Field names match CLI flags (`emulator_layers` is `--emulator-layers`), so an
+error can name the flag the user has to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from offsite.errors import check
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _non_negative(problems: list[str], **values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            problems.append(f"{flag(name)}={value} is negative; use 0 or more")
+
+
+def _positive(problems: list[str], **values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            problems.append(f"{flag(name)}={value} must be greater than 0")
+
+
+class JsonConfig:
+    """JSON round-trip shared by every config dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        check([f"unknown {cls.__name__} field '{k}'; known fields: {sorted(known)}" for k in unknown])
+        return cls(**data)
+
+
+@dataclass
+class SplitConfig(JsonConfig):
+    """How the full model's layers are divided between adapter and emulator.
+
+    Exactly one of `emulator_layers` (K, how many middle layers the emulator
+    keeps) and `drop_ratio` (fraction of middle layers dropped) may be set; with
+    neither, the emulator keeps the whole middle block. Whether the numbers fit
+    a given model is checked by `offsite.split.plan_split`, which knows its depth.
+    """
+
+    bottom: int = 2
+    top: int = 2
+    emulator_layers: int | None = None
+    drop_ratio: float | None = None
+    method: str = "uniform"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _non_negative(problems, bottom=self.bottom, top=self.top)
+        if self.bottom == 0 and self.top == 0:
+            problems.append("--bottom and --top are both 0: the adapter would be empty; use --bottom 2 --top 2")
+        if self.emulator_layers is not None and self.drop_ratio is not None:
+            problems.append("--emulator-layers and --drop-ratio both given; pass only one")
+        if self.emulator_layers is not None and self.emulator_layers < 1:
+            problems.append(f"--emulator-layers={self.emulator_layers} must be at least 1")
+        if self.drop_ratio is not None and not 0 <= self.drop_ratio < 1:
+            problems.append(f"--drop-ratio={self.drop_ratio} must be in [0, 1)")
+        if self.method != "uniform":
+            problems.append(f"--method={self.method!r} is not known; available: 'uniform'")
+        check(problems)
+
+    def kept_middle_count(self, middle: int) -> int:
+        """K for a middle block of `middle` layers."""
+        if self.emulator_layers is not None:
+            return self.emulator_layers
+        if self.drop_ratio is not None:
+            return max(1, math.ceil(middle * (1 - self.drop_ratio) - 1e-9))
+        return middle
+
+
+@dataclass
+class EmulateConfig(JsonConfig):
+    """Model owner: build a bundle (adapter + emulator + frozen rest) from a full model."""
+
+    model: str
+    output: str
+    split: SplitConfig = field(default_factory=SplitConfig)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, dict):
+            self.split = SplitConfig.from_dict(self.split)
+
+
+@dataclass
+class TuneConfig(JsonConfig):
+    """Data owner: train the adapter of a bundle on private data."""
+
+    bundle: str
+    data: str
+    output: str
+    eval_data: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    eval_every: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.epochs is not None and self.max_steps is not None:
+            problems.append("--epochs and --max-steps both given; pass only one")
+        _positive(problems, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                  seq_len=self.seq_len, epochs=self.epochs, max_steps=self.max_steps,
+                  lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, eval_every=self.eval_every)
+        if self.lora_alpha is not None and self.lora_rank is None:
+            problems.append("--lora-alpha needs --lora-rank")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio={self.warmup_ratio} must be in [0, 1)")
+        _non_negative(problems, weight_decay=self.weight_decay)
+        check(problems)
+
+    @property
+    def epochs_or_default(self) -> float:
+        return 1.0 if self.epochs is None and self.max_steps is None else (self.epochs or 0.0)
+
+
+@dataclass
+class PlugConfig(JsonConfig):
+    """Model owner: put a returned adapter into the full model."""
+
+    model: str
+    adapter: str
+    output: str
+    overwrite: bool = False
+
+
+@dataclass
+class EvalConfig(JsonConfig):
+    """Score a full model, bundle or plugged model (optionally with an adapter) on a data file."""
+
+    model: str
+    data: str
+    adapter: str | None = None
+    seq_len: int = 512
+    batch_size: int = 8
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit)
+        check(problems)

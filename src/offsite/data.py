@@ -1,0 +1,114 @@
+"""Reading training and evaluation data: plain text, or jsonl for language modelling and choice tasks.
+
+Formats:
+- `.txt`: one document of plain text (language modelling).
+- `.jsonl`, one object per line, all lines of one kind:
+  - `{"text": "..."}`: language modelling;
+  - `{"context": "...", "choices": ["...", ...], "label": 0}`: a choice task. A choice is
+    appended to the context verbatim, so it usually starts with a space (" sport").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from offsite.errors import OffsiteError
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Documents for language modelling."""
+
+    texts: list[str]
+    source: str
+    task = "lm"
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    context: str
+    choices: tuple[str, ...]
+    label: int
+
+
+@dataclass(frozen=True)
+class ChoiceData:
+    """Multiple-choice examples: the model should prefer `choices[label]` after `context`."""
+
+    examples: list[ChoiceExample]
+    source: str
+    task = "choice"
+
+
+Data = Union[TextData, ChoiceData]
+
+
+def read_data(source: str | Path, flag: str = "--data") -> Data:
+    """Read a `.txt` or `.jsonl` file (see the module docstring for the formats)."""
+    path = Path(source)
+    if not path.is_file():
+        raise OffsiteError(f"{flag} {source}: no such file; pass a .txt or .jsonl file")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise OffsiteError(f"{flag} {path} is empty")
+        return TextData([text], str(path))
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, flag)
+    raise OffsiteError(f"{flag} {path}: unknown file type '{path.suffix}'; use .txt or .jsonl")
+
+
+def _read_jsonl(path: Path, flag: str) -> Data:
+    texts: list[str] = []
+    examples: list[ChoiceExample] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            record = _parse_line(line, where)
+            if "text" in record:
+                texts.append(_text_record(record, where))
+            else:
+                examples.append(_choice_record(record, where))
+            if texts and examples:
+                raise OffsiteError(f"{where}: mixes text lines with choice lines; use one kind per file")
+    if texts:
+        return TextData(texts, str(path))
+    if examples:
+        return ChoiceData(examples, str(path))
+    raise OffsiteError(f"{flag} {path} holds no examples")
+
+
+def _parse_line(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise OffsiteError(f"{where}: invalid JSON ({error.msg}); each line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise OffsiteError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _text_record(record: dict, where: str) -> str:
+    if not isinstance(record["text"], str):
+        raise OffsiteError(f"{where}: field 'text' must be a string")
+    return record["text"]
+
+
+def _choice_record(record: dict, where: str) -> ChoiceExample:
+    missing = [key for key in ("context", "choices", "label") if key not in record]
+    if missing:
+        raise OffsiteError(f"{where}: missing field(s) {missing}; a line is either "
+                           '{"text": ...} or {"context": ..., "choices": [...], "label": int}')
+    context, choices, label = record["context"], record["choices"], record["label"]
+    if not isinstance(context, str):
+        raise OffsiteError(f"{where}: field 'context' must be a string")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise OffsiteError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        raise OffsiteError(f"{where}: field 'label' must be an integer from 0 to {len(choices) - 1}, got {label!r}")
+    return ChoiceExample(context, tuple(choices), label)

@@ -1,0 +1,66 @@
+"""Loading full models and tokenizers by local path or hub id, with errors a user can act on."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from offsite.errors import OffsiteError
+
+log = logging.getLogger(__name__)
+
+
+def resolve(name_or_path: str) -> str:
+    """A local directory for a built-in alias, else the argument unchanged."""
+    try:
+        from offsite.assets import resolve_model
+    except ImportError:
+        return name_or_path
+    return resolve_model(name_or_path)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code."""
+    source = resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source))
+    except (OSError, ValueError, KeyError) as error:
+        raise OffsiteError(
+            f"could not load model '{name_or_path}': {_first_line(error)}. "
+            "Pass a local model directory, a built-in alias (smollm2-135m) or a reachable hub id"
+        ) from error
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    source = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise OffsiteError(f"could not load the tokenizer of '{name_or_path}': {_first_line(error)}") from error
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss and score, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _has_safetensors(source: str) -> bool | None:
+    """True for local dirs with safetensors (so a stray pickle is never read); None lets hub ids decide."""
+    path = Path(source)
+    if path.is_dir():
+        if any(path.glob("*.safetensors")):
+            return True
+        raise OffsiteError(
+            f"{path} holds no *.safetensors weights; offsite never loads pickled weights. "
+            "Convert it with `model.save_pretrained(dir, safe_serialization=True)`"
+        )
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,173 @@
+"""Data owner: train the adapter layers of a bundle through its frozen emulator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers.pytorch_utils import Conv1D
+
+from offsite.adapter import Adapter, extract
+from offsite.arch import get_layers, layer_paths
+from offsite.bundle import bundle_index, load_bundle
+from offsite.config import TuneConfig
+from offsite.data import ChoiceData, Data, read_data
+from offsite.errors import OffsiteError
+from offsite.evaluate import mean_loss, score
+from offsite.files import atomic_dir, check_output_dir
+from offsite.loading import load_tokenizer
+from offsite.tokens import Sequence, collate, lm_sequences, train_choice_sequence
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+
+
+def freeze_all_but(model: nn.Module, positions: list[int]) -> list[nn.Parameter]:
+    """Make only the blocks at `positions` trainable; return their parameters."""
+    model.requires_grad_(False)
+    layers = get_layers(model)
+    for position in positions:
+        layers[position].requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def add_lora(model: PreTrainedModel, positions: list[int], rank: int, alpha: float | None) -> nn.Module:
+    """Wrap the linear maps of the adapter blocks (and only those) with peft LoRA."""
+    prefix = layer_paths(model).layers
+    targets = [
+        name for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+        and any(name.startswith(f"{prefix}.{p}.") for p in positions)
+    ]
+    lora = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=isinstance(model.get_submodule(targets[0]), Conv1D))
+    return get_peft_model(model, lora)
+
+
+def training_sequences(data: Data, tokenizer, seq_len: int) -> list[Sequence]:
+    if isinstance(data, ChoiceData):
+        return [train_choice_sequence(tokenizer, ex, seq_len) for ex in data.examples]
+    return lm_sequences(tokenizer, data.texts, seq_len)
+
+
+@dataclass
+class Best:
+    """Best validation result so far and the trainable weights that produced it."""
+
+    metric: float | None = None
+    step: int | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, result: dict[str, Any], step: int, model: nn.Module) -> None:
+        # Higher accuracy is better; lower perplexity is better: compare on one scale.
+        value = result["accuracy"] if result["task"] == "choice" else -result["perplexity"]
+        if self.metric is None or value > self.metric:
+            self.metric, self.step = value, step
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def restore(self, model: nn.Module) -> None:
+        if self.weights is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.weights.items():
+                    params[name].copy_(value)
+
+
+def tune(config: TuneConfig) -> Path:
+    """Train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`."""
+    check_output_dir(config.output, config.overwrite)
+    data = read_data(config.data)
+    eval_data = read_data(config.eval_data, "--eval-data") if config.eval_data else None
+    torch.manual_seed(config.seed)
+    model, manifest = load_bundle(config.bundle)
+    tokenizer = load_tokenizer(config.bundle)
+    positions = bundle_index(manifest)
+    adapter_positions = [positions[i] for i in manifest.plan.adapter]
+    sequences = training_sequences(data, tokenizer, config.seq_len)
+    if not sequences:
+        raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
+    freeze_all_but(model, adapter_positions)
+    trained = add_lora(model, adapter_positions, config.lora_rank, config.lora_alpha) if config.lora_rank else model
+    with atomic_dir(config.output, config.overwrite) as tmp:
+        summary = _train(trained, tokenizer, sequences, eval_data, config, tmp / METRICS)
+        if config.lora_rank:
+            model = trained.merge_and_unload()
+        adapter = Adapter(
+            tensors=extract(model, {i: positions[i] for i in manifest.plan.adapter}),
+            fingerprint=manifest.fingerprint,
+            base_model=manifest.base_model,
+            training={"settings": config.to_dict(), "summary": summary},
+        )
+        adapter.save(tmp)
+    return Path(config.output)
+
+
+def _schedule(config: TuneConfig, num_sequences: int) -> tuple[int, int]:
+    """(total optimizer steps, validation interval)."""
+    per_step = config.batch_size * config.grad_accum
+    steps = config.max_steps or max(1, math.ceil(config.epochs_or_default * num_sequences / per_step))
+    return steps, config.eval_every or max(1, steps // 5)
+
+
+def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
+           config: TuneConfig, metrics_path: Path) -> dict[str, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps, eval_every = _schedule(config, len(sequences))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    batches = _batch_stream(sequences, config, tokenizer.pad_token_id)
+    best, start, loss = Best(), time.perf_counter(), float("nan")
+    model.train()
+    with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="tune", unit="step") as bar:
+        for step in range(1, steps + 1):
+            loss = _optimizer_step(model, batches, config.grad_accum, optimizer, scheduler)
+            _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if eval_data is not None and (step % eval_every == 0 or step == steps):
+                result = score(model, tokenizer, eval_data, config.seq_len, config.batch_size)
+                best.offer(result, step, model)
+                _log(metrics, {"step": step, "eval": result})
+                log.info("step %d validation %s", step, result)
+    seconds = time.perf_counter() - start
+    best.restore(model)
+    return {"steps": steps, "final_loss": loss, "best_step": best.step, "train_sequences": len(sequences),
+            "seconds": seconds, "seconds_per_step": seconds / steps}
+
+
+def _batch_stream(sequences: list[Sequence], config: TuneConfig, pad_id: int):
+    """Endless shuffled micro-batches, reshuffled every epoch with the run's seed."""
+    generator = torch.Generator().manual_seed(config.seed)
+    while True:
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        for start in range(0, len(order), config.batch_size):
+            yield collate([sequences[i] for i in order[start: start + config.batch_size]], pad_id)
+
+
+def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler) -> float:
+    total = 0.0
+    for _ in range(grad_accum):
+        batch = next(batches)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = mean_loss(logits, batch["labels"]) / grad_accum
+        loss.backward()
+        total += float(loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _log(handle, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
