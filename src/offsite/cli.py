@@ -138,8 +138,12 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="offsite: %(message)s", stream=sys.stderr)
     logging.getLogger("offsite").setLevel(level)
     if not debug:
+        # Our own messages and progress bars are enough; the libraries' repeat them.
+        from huggingface_hub.utils import logging as hub_logging
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hub_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

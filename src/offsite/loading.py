@@ -25,6 +25,7 @@ def resolve(name_or_path: str) -> str:
 def load_model(name_or_path: str, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code."""
     source = resolve(name_or_path)
+    _check_local(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source))
     except (OSError, ValueError, KeyError) as error:
@@ -38,6 +39,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto") -> PreTrain
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     source = resolve(name_or_path)
+    _check_local(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
@@ -61,6 +63,13 @@ def _has_safetensors(source: str) -> bool | None:
     return None
 
 
+def _check_local(source: str) -> None:
+    """A path that can only be local (./x, /x, ~/x) and is missing is an error, not a hub lookup."""
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+        raise OffsiteError(f"model directory {source} does not exist; pass an existing directory, "
+                           "a built-in alias (smollm2-135m) or a hub id")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0].rstrip(".")

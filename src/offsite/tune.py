@@ -161,7 +161,7 @@ def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, sched
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = mean_loss(logits, batch["labels"]) / grad_accum
         loss.backward()
-        total += float(loss)
+        total += loss.item()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,64 @@
+"""Scoring agrees with straightforward reference computations."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from offsite.data import ChoiceExample, TextData
+from offsite.evaluate import choice_accuracy, perplexity
+from offsite.loading import load_tokenizer
+from offsite.tokens import encode_pair
+from tiny_models import SAMPLE_TEXT
+
+
+@pytest.fixture
+def llama(model_dirs):
+    return AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval(), load_tokenizer(str(model_dirs["llama"]))
+
+
+def naive_loglik(model, tokenizer, context, continuation):
+    """One forward per choice, no batching or padding."""
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    picked = log_probs[torch.arange(len(targets)), targets]
+    return float(picked[-len(continuation_ids):].sum())
+
+
+def test_choice_accuracy_matches_one_forward_per_choice(llama):
+    model, tok = llama
+    examples = [
+        ChoiceExample("The old lighthouse stood at the edge of the", (" harbour", " market", " tea kettle"), 0),
+        ChoiceExample("Boil fresh water, warm the", (" pot", " river"), 1),
+        ChoiceExample("A heron waited in the shallow", (" water", " soup", " city", " road"), 2),
+    ]
+    result = choice_accuracy(model, tok, examples, seq_len=128, batch_size=3)
+    expected = expected_norm = 0
+    for ex in examples:
+        ll = [naive_loglik(model, tok, ex.context, c) for c in ex.choices]
+        norm = [v / len(c.encode()) for v, c in zip(ll, ex.choices)]
+        expected += ll.index(max(ll)) == ex.label
+        expected_norm += norm.index(max(norm)) == ex.label
+    assert result == {"task": "choice", "n": 3, "accuracy": expected / 3, "accuracy_norm": expected_norm / 3}
+
+
+def test_perplexity_matches_transformers_loss(llama):
+    model, tok = llama
+    ids = tok(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    result = perplexity(model, tok, TextData([SAMPLE_TEXT], "sample"), seq_len=len(ids) - 1, batch_size=1)
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert result["n"] == len(ids) - 1
+    assert math.isclose(result["perplexity"], math.exp(float(reference)), rel_tol=1e-4)
+
+
+def test_blocked_windows_are_token_weighted(llama):
+    model, tok = llama
+    whole = perplexity(model, tok, TextData([SAMPLE_TEXT], "s"), seq_len=64, batch_size=4)
+    one_by_one = perplexity(model, tok, TextData([SAMPLE_TEXT], "s"), seq_len=64, batch_size=1)
+    assert whole["n"] == one_by_one["n"]
+    assert math.isclose(whole["perplexity"], one_by_one["perplexity"], rel_tol=1e-4)  # padding changes nothing
