@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite.data import ChoiceExample, TextData
-from offsite.evaluate import choice_accuracy, perplexity
+from offsite.evaluate import choice_accuracy, choice_logliks, perplexity
 from offsite.loading import load_tokenizer
 from offsite.tokens import encode_pair
 from tiny_models import SAMPLE_TEXT
@@ -15,7 +15,11 @@ from tiny_models import SAMPLE_TEXT
 
 @pytest.fixture
 def llama(model_dirs):
-    return AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval(), load_tokenizer(str(model_dirs["llama"]))
+    return family_model(model_dirs, "llama")
+
+
+def family_model(model_dirs, family):
+    return AutoModelForCausalLM.from_pretrained(model_dirs[family]).eval(), load_tokenizer(str(model_dirs[family]))
 
 
 def naive_loglik(model, tokenizer, context, continuation):
@@ -36,7 +40,7 @@ def test_choice_accuracy_matches_one_forward_per_choice(llama):
         ChoiceExample("Boil fresh water, warm the", (" pot", " river"), 1),
         ChoiceExample("A heron waited in the shallow", (" water", " soup", " city", " road"), 2),
     ]
-    result = choice_accuracy(model, tok, examples, seq_len=128, batch_size=3)
+    result = choice_accuracy(model, tok, examples, seq_len=128)
     expected = expected_norm = 0
     for ex in examples:
         ll = [naive_loglik(model, tok, ex.context, c) for c in ex.choices]
@@ -44,6 +48,16 @@ def test_choice_accuracy_matches_one_forward_per_choice(llama):
         expected += ll.index(max(ll)) == ex.label
         expected_norm += norm.index(max(norm)) == ex.label
     assert result == {"task": "choice", "n": 3, "accuracy": expected / 3, "accuracy_norm": expected_norm / 3}
+
+
+def test_shared_context_scores_equal_one_forward_per_choice(family, model_dirs):
+    """Every family's KV cache (sliding windows, ALiBi, ...) gives the naive scores; context > window of 8."""
+    model, tok = family_model(model_dirs, family)
+    example = ChoiceExample("Boil fresh water, warm the pot, and add one spoon of leaves for each",
+                            (" cup", " tea kettle", " river was quiet that morning"), 0)
+    shared = choice_logliks(model, tok, example, seq_len=128)
+    naive = [naive_loglik(model, tok, example.context, c) for c in example.choices]
+    assert shared == pytest.approx(naive, abs=2e-4)
 
 
 def test_perplexity_matches_transformers_loss(llama):
@@ -62,3 +76,15 @@ def test_blocked_windows_are_token_weighted(llama):
     one_by_one = perplexity(model, tok, TextData([SAMPLE_TEXT], "s"), seq_len=64, batch_size=1)
     assert whole["n"] == one_by_one["n"]
     assert math.isclose(whole["perplexity"], one_by_one["perplexity"], rel_tol=1e-4)  # padding changes nothing
+
+
+def test_loss_with_logits_only_at_scored_positions_is_exact(family, model_dirs):
+    from offsite.evaluate import batch_loss, mean_loss
+    from offsite.tokens import choice_sequence, collate
+    model, tok = family_model(model_dirs, family)
+    batch = collate([choice_sequence(tok, "The river was quiet that", " morning", 64),
+                     choice_sequence(tok, "Boil fresh water, warm the pot", " and add leaves", 64)], tok.pad_token_id)
+    with torch.no_grad():
+        full = mean_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"])
+        assert float(batch_loss(model, batch)) == pytest.approx(float(full), abs=1e-5)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from conftest import input_batch
-from offsite import TuneConfig, tune
+from offsite import TrainConfig, TuneConfig, tune
 from offsite.adapter import load_adapter
 from offsite.arch import get_layers, layer_paths
 from offsite.bundle import bundle_index, load_bundle
@@ -38,9 +38,10 @@ def train_perplexity(bundle, adapter=None):
     return score(model, load_tokenizer(str(bundle)), TextData([SAMPLE_TEXT], "sample"), 64, 8)["perplexity"]
 
 
-def run_tune(bundle, data, out, **settings):
+def run_tune(bundle, data, out, eval_data=None, **settings):
     settings = {"max_steps": 8, "lr": 3e-3, "batch_size": 4, "seq_len": 64, "warmup_ratio": 0.0, **settings}
-    return tune(TuneConfig(bundle=str(bundle), data=str(data), output=str(out), **settings))
+    return tune(TuneConfig(bundle=str(bundle), data=str(data), output=str(out), eval_data=eval_data,
+                           train=TrainConfig(**settings)))
 
 
 def test_a_few_steps_lower_the_training_loss(model_dirs, sample_text_file, tmp_path):
@@ -52,7 +53,7 @@ def test_a_few_steps_lower_the_training_loss(model_dirs, sample_text_file, tmp_p
     assert [r["step"] for r in records] == list(range(1, 9))
     meta = json.loads((adapter / "adapter.json").read_text())
     assert meta["layers"] == [0, 1, 6, 7]
-    assert meta["training"]["settings"]["lr"] == 3e-3
+    assert meta["training"]["settings"]["train"]["lr"] == 3e-3
     assert meta["training"]["summary"]["steps"] == 8
 
 

@@ -8,7 +8,7 @@ adapter into the full model.
 __version__ = "0.1.0"
 
 from offsite.bundle import emulate  # noqa: E402
-from offsite.config import EmulateConfig, EvalConfig, PlugConfig, SplitConfig, TuneConfig  # noqa: E402
+from offsite.config import EmulateConfig, EvalConfig, PlugConfig, SplitConfig, TrainConfig, TuneConfig  # noqa: E402
 from offsite.errors import OffsiteError  # noqa: E402
 from offsite.evaluate import evaluate  # noqa: E402
 from offsite.info import describe  # noqa: E402
@@ -16,6 +16,6 @@ from offsite.plug import plug  # noqa: E402
 from offsite.tune import tune  # noqa: E402
 
 __all__ = [
-    "EmulateConfig", "EvalConfig", "OffsiteError", "PlugConfig", "SplitConfig", "TuneConfig",
+    "EmulateConfig", "EvalConfig", "OffsiteError", "PlugConfig", "SplitConfig", "TrainConfig", "TuneConfig",
     "describe", "emulate", "evaluate", "plug", "tune",
 ]

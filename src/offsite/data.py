@@ -11,6 +11,7 @@ Formats:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -46,11 +47,15 @@ class ChoiceData:
 Data = Union[TextData, ChoiceData]
 
 
-def read_data(source: str | Path, flag: str = "--data") -> Data:
-    """Read a `.txt` or `.jsonl` file (see the module docstring for the formats)."""
+def read_data(source: str | Path, flag: str = "--data", default_split: str = "train") -> Data:
+    """Read a `.txt` or `.jsonl` file (see the module docstring), or a built-in dataset `NAME[:SPLIT]`."""
+    from offsite import tasks
     path = Path(source)
+    if not path.exists() and tasks.is_builtin(str(source)):
+        return tasks.load_builtin(str(source), default_split)
     if not path.is_file():
-        raise OffsiteError(f"{flag} {source}: no such file; pass a .txt or .jsonl file")
+        raise OffsiteError(f"{flag} {source}: no such file; pass a .txt or .jsonl file or a built-in dataset "
+                           f"({', '.join(tasks.BUILTIN)})")
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
@@ -112,3 +117,19 @@ def _choice_record(record: dict, where: str) -> ChoiceExample:
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
         raise OffsiteError(f"{where}: field 'label' must be an integer from 0 to {len(choices) - 1}, got {label!r}")
     return ChoiceExample(context, tuple(choices), label)
+
+
+def write_jsonl(data: Data, path: str | Path) -> Path:
+    """Write data in the jsonl format `read_data` reads (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, ChoiceData):
+        records = [{"context": e.context, "choices": list(e.choices), "label": e.label} for e in data.examples]
+    else:
+        records = [{"text": text} for text in data.texts]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

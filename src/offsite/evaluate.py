@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.adapter import apply, load_adapter
@@ -19,7 +20,7 @@ from offsite.data import ChoiceData, ChoiceExample, Data, TextData, read_data
 from offsite.errors import OffsiteError
 from offsite.loading import load_model, load_tokenizer
 from offsite.plug import plug_into
-from offsite.tokens import IGNORE, Sequence, choice_sequence, collate, lm_sequences, token_log_probs
+from offsite.tokens import IGNORE, Sequence, collate, encode_pair, lm_sequences, token_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,38 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data:
     return {"task": "lm", "n": count, "perplexity": math.exp(-total / count), "loss": -total / count}
 
 
+@torch.no_grad()
+def choice_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example: ChoiceExample,
+                   seq_len: int) -> list[float]:
+    """Summed log-likelihood of each choice after the context.
+
+    The shared context runs once; its KV cache is copied for each choice and all
+    continuations run as one batch. (lm-eval runs context + choice once per choice.)
+    """
+    pairs = [encode_pair(tokenizer, example.context, choice) for choice in example.choices]
+    continuations = [continuation for _, continuation in pairs]
+    width = max(len(c) for c in continuations)
+    context = pairs[0][0][-max(1, seq_len - width):]
+    out = model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each choice's first token
+    scores = [float(first[c[0]]) for c in continuations]
+    if width == 1:
+        return scores
+    cache = out.cache
+    cache.batch_repeat_interleave(len(continuations))
+    batch = collate([Sequence(c[:-1], c[1:]) for c in continuations], tokenizer.pad_token_id)
+    mask = torch.cat([torch.ones(len(continuations), len(context), dtype=torch.long), batch["attention_mask"]], 1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, cache=cache).logits
+    rest = token_log_probs(logits, batch["labels"]).sum(-1)
+    return [head + float(tail) for head, tail in zip(scores, rest)]
+
+
 def choice_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[ChoiceExample],
-                    seq_len: int, batch_size: int) -> dict[str, Any]:
+                    seq_len: int) -> dict[str, Any]:
     """Accuracy by summed continuation log-likelihood, and by log-likelihood per byte (acc_norm)."""
-    pairs = [(ex, choice) for ex in examples for choice in ex.choices]
-    sequences = [choice_sequence(tokenizer, ex.context, choice, seq_len) for ex, choice in pairs]
-    scores = iter(sequence_scores(model, sequences, tokenizer.pad_token_id, batch_size, "choices"))
     correct = correct_norm = 0
-    for ex in examples:
-        loglik = [next(scores)[0] for _ in ex.choices]
+    for ex in tqdm(examples, desc="choices", leave=False, unit="example"):
+        loglik = choice_logliks(model, tokenizer, ex, seq_len)
         per_byte = [ll / max(len(c.encode()), 1) for ll, c in zip(loglik, ex.choices)]
         correct += int(max(range(len(loglik)), key=loglik.__getitem__) == ex.label)
         correct_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == ex.label)
@@ -78,7 +102,7 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Data
     model.eval()
     try:
         if isinstance(data, ChoiceData):
-            return choice_accuracy(model, tokenizer, data.examples, seq_len, batch_size)
+            return choice_accuracy(model, tokenizer, data.examples, seq_len)
         return perplexity(model, tokenizer, data, seq_len, batch_size)
     finally:
         model.train(was_training)
@@ -86,7 +110,19 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Data
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the scored positions; labels are already shifted (see tokens.Sequence)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean loss of a batch, with logits computed only where a label is scored.
+
+    The head is the most expensive layer of a small model with a large
+    vocabulary; a choice task scores one or two positions of each sequence.
+    """
+    scored = batch["labels"] != IGNORE  # (B, T)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=scored).logits  # (number scored, V)
+    return mean_loss(logits, batch["labels"][scored])
 
 
 def load_for_eval(model_path: str, adapter_path: str | None) -> PreTrainedModel:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from transformers.pytorch_utils import Conv1D
 from offsite.adapter import Adapter, extract
 from offsite.arch import get_layers, layer_paths
 from offsite.bundle import bundle_index, load_bundle
-from offsite.config import TuneConfig
+from offsite.config import TrainConfig, TuneConfig
 from offsite.data import ChoiceData, Data, read_data
 from offsite.errors import OffsiteError
-from offsite.evaluate import mean_loss, score
+from offsite.evaluate import batch_loss, score
 from offsite.files import atomic_dir, check_output_dir
 from offsite.loading import load_tokenizer
 from offsite.tokens import Sequence, collate, lm_sequences, train_choice_sequence
@@ -66,13 +65,14 @@ class Best:
 
     metric: float | None = None
     step: int | None = None
+    result: dict[str, Any] | None = None
     weights: dict[str, torch.Tensor] | None = None
 
     def offer(self, result: dict[str, Any], step: int, model: nn.Module) -> None:
         # Higher accuracy is better; lower perplexity is better: compare on one scale.
         value = result["accuracy"] if result["task"] == "choice" else -result["perplexity"]
         if self.metric is None or value > self.metric:
-            self.metric, self.step = value, step
+            self.metric, self.step, self.result = value, step, result
             self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def restore(self, model: nn.Module) -> None:
@@ -83,83 +83,94 @@ class Best:
                     params[name].copy_(value)
 
 
+def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], positions: list[int],
+                 settings: TrainConfig, metrics_path: Path, eval_data: Data | None = None) -> PreTrainedModel:
+    """Train the blocks at `positions` of `model` (everything else frozen) and return the trained model.
+
+    With LoRA the adapters are merged back, so the result has plain weights.
+    The training summary (steps, losses, timing; `seconds_per_step` excludes
+    validation) is stored in `model.offsite_training_summary`.
+    """
+    freeze_all_but(model, positions)
+    trained = add_lora(model, positions, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else model
+    summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path)
+    if settings.lora_rank:
+        model = trained.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    model.offsite_training_summary = summary
+    return model
+
+
 def tune(config: TuneConfig) -> Path:
     """Train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`."""
     check_output_dir(config.output, config.overwrite)
     data = read_data(config.data)
-    eval_data = read_data(config.eval_data, "--eval-data") if config.eval_data else None
-    torch.manual_seed(config.seed)
+    eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
+    torch.manual_seed(config.train.seed)
     model, manifest = load_bundle(config.bundle)
     tokenizer = load_tokenizer(config.bundle)
     positions = bundle_index(manifest)
-    adapter_positions = [positions[i] for i in manifest.plan.adapter]
-    sequences = training_sequences(data, tokenizer, config.seq_len)
+    sequences = training_sequences(data, tokenizer, config.train.seq_len)
     if not sequences:
         raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
-    freeze_all_but(model, adapter_positions)
-    trained = add_lora(model, adapter_positions, config.lora_rank, config.lora_alpha) if config.lora_rank else model
     with atomic_dir(config.output, config.overwrite) as tmp:
-        summary = _train(trained, tokenizer, sequences, eval_data, config, tmp / METRICS)
-        if config.lora_rank:
-            model = trained.merge_and_unload()
+        model = train_layers(model, tokenizer, sequences, [positions[i] for i in manifest.plan.adapter],
+                             config.train, tmp / METRICS, eval_data)
         adapter = Adapter(
             tensors=extract(model, {i: positions[i] for i in manifest.plan.adapter}),
             fingerprint=manifest.fingerprint,
             base_model=manifest.base_model,
-            training={"settings": config.to_dict(), "summary": summary},
+            training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
         )
         adapter.save(tmp)
     return Path(config.output)
 
 
-def _schedule(config: TuneConfig, num_sequences: int) -> tuple[int, int]:
-    """(total optimizer steps, validation interval)."""
-    per_step = config.batch_size * config.grad_accum
-    steps = config.max_steps or max(1, math.ceil(config.epochs_or_default * num_sequences / per_step))
-    return steps, config.eval_every or max(1, steps // 5)
-
-
 def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
-           config: TuneConfig, metrics_path: Path) -> dict[str, Any]:
+           settings: TrainConfig, metrics_path: Path) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps, eval_every = _schedule(config, len(sequences))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-    batches = _batch_stream(sequences, config, tokenizer.pad_token_id)
-    best, start, loss = Best(), time.perf_counter(), float("nan")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.total_steps(len(sequences))
+    eval_every = settings.eval_every or max(1, steps // 5)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
+    batches = _batch_stream(sequences, settings, tokenizer.pad_token_id)
+    best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
     model.train()
-    with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="tune", unit="step") as bar:
+    with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="train", unit="step") as bar:
         for step in range(1, steps + 1):
-            loss = _optimizer_step(model, batches, config.grad_accum, optimizer, scheduler)
+            step_start = time.perf_counter()
+            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler)
+            step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
             if eval_data is not None and (step % eval_every == 0 or step == steps):
-                result = score(model, tokenizer, eval_data, config.seq_len, config.batch_size)
+                result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
                 best.offer(result, step, model)
                 _log(metrics, {"step": step, "eval": result})
                 log.info("step %d validation %s", step, result)
     seconds = time.perf_counter() - start
     best.restore(model)
-    return {"steps": steps, "final_loss": loss, "best_step": best.step, "train_sequences": len(sequences),
-            "seconds": seconds, "seconds_per_step": seconds / steps}
+    return {"steps": steps, "final_loss": loss, "best_step": best.step, "best_eval": best.result,
+            "train_sequences": len(sequences), "trainable_params": sum(p.numel() for p in params),
+            "seconds": seconds, "seconds_per_step": step_seconds / steps}
 
 
-def _batch_stream(sequences: list[Sequence], config: TuneConfig, pad_id: int):
+def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int):
     """Endless shuffled micro-batches, reshuffled every epoch with the run's seed."""
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     while True:
         order = torch.randperm(len(sequences), generator=generator).tolist()
-        for start in range(0, len(order), config.batch_size):
-            yield collate([sequences[i] for i in order[start: start + config.batch_size]], pad_id)
+        for start in range(0, len(order), settings.batch_size):
+            yield collate([sequences[i] for i in order[start: start + settings.batch_size]], pad_id)
 
 
 def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler) -> float:
     total = 0.0
     for _ in range(grad_accum):
         batch = next(batches)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = mean_loss(logits, batch["labels"]) / grad_accum
+        loss = batch_loss(model, batch) / grad_accum
         loss.backward()
         total += loss.item()
     optimizer.step()

@@ -1,0 +1,243 @@
+"""`offsite demo`: the paper's Table 1 on a real model, offline, in one command.
+
+For each task it measures the full model zero-shot, the emulator zero-shot,
+full fine-tuning, offsite-tuning seen through the emulator, and the plug-in
+(full model + returned adapter). Every stage's result is cached under
+`output/stages/` by a hash of its inputs, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from offsite import __version__
+from offsite.bundle import MANIFEST, emulate, read_manifest
+from offsite.config import EmulateConfig, JsonConfig, SplitConfig, TrainConfig
+from offsite.data import ChoiceData, Data, TextData
+from offsite.errors import check
+from offsite.evaluate import load_for_eval, score
+from offsite.files import write_json
+from offsite.loading import load_model, load_tokenizer
+from offsite.tune import training_sequences, train_layers
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in")
+
+
+@dataclass(frozen=True)
+class TaskBudget:
+    """How much of a task is trained and scored."""
+
+    train_examples: int  # choice examples, or LM training windows
+    eval_examples: int  # choice examples, or LM test windows
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float  # offsite-tuning (adapter only)
+    full_lr: float  # full fine-tuning, tuned separately: it moves every block
+
+
+BUDGETS: dict[str, dict[str, TaskBudget]] = {
+    "quick": {
+        "bbc-news": TaskBudget(160, 60, 20, 8, 160, 1e-4, 3e-5),
+        "wordnet": TaskBudget(320, 100, 20, 16, 64, 1e-4, 3e-5),
+        "austen": TaskBudget(40, 24, 15, 2, 256, 1e-4, 3e-5),
+    },
+    "default": {
+        "bbc-news": TaskBudget(1200, 334, 150, 8, 160, 1e-4, 3e-5),
+        "wordnet": TaskBudget(2400, 500, 150, 16, 64, 1e-4, 3e-5),
+        "austen": TaskBudget(600, 120, 150, 4, 256, 1e-4, 3e-5),
+    },
+}
+
+
+@dataclass
+class DemoConfig(JsonConfig):
+    """What the demo runs: model, split, tasks and budget."""
+
+    model: str = "smollm2-135m"
+    output: str = "offsite-demo"
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(emulator_layers=8))
+    tasks: list[str] = field(default_factory=lambda: ["bbc-news", "wordnet", "austen"])
+    quick: bool = False
+    seed: int = 0
+    isolate: bool = True  # train in a fresh process, so its peak memory is its own
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, dict):
+            self.split = SplitConfig.from_dict(self.split)
+        from offsite.tasks import BUILTIN
+        check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
+
+    @property
+    def budget_name(self) -> str:
+        return "quick" if self.quick else "default"
+
+
+def task_data(task: str, budget: TaskBudget) -> tuple[Data, Data]:
+    """(training data, test data) of a built-in task, cut to the budget."""
+    from offsite.tasks import load_builtin
+    train, test = load_builtin(task, "train"), load_builtin(task, "test")
+    if isinstance(train, ChoiceData) and isinstance(test, ChoiceData):
+        return (ChoiceData(train.examples[: budget.train_examples], train.source),
+                ChoiceData(test.examples[: budget.eval_examples], test.source))
+    return _cut_text(train, budget.train_examples, budget.seq_len), _cut_text(test, budget.eval_examples, budget.seq_len)
+
+
+def _cut_text(data: TextData, windows: int, seq_len: int) -> TextData:
+    """About `windows` windows of text (5 characters a token is generous for English)."""
+    budget, texts = windows * seq_len * 5, []
+    for text in data.texts:
+        texts.append(text[:budget])
+        budget -= len(texts[-1])
+        if budget <= 0:
+            break
+    return TextData(texts, data.source)
+
+
+class StageCache:
+    """Results of finished stages, keyed by a hash of everything that determines them."""
+
+    def __init__(self, root: Path, inputs: dict[str, Any]):
+        self.root = root / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.inputs = inputs
+
+    def key(self, name: str, **extra: Any) -> str:
+        blob = json.dumps({"stage": name, **self.inputs, **extra}, sort_keys=True, default=str)
+        return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def run(self, name: str, compute: Callable[[], dict[str, Any]], needs: Path | None = None,
+            **extra: Any) -> dict[str, Any]:
+        """The cached result of stage `name`, or compute it; `needs` is a file the stage leaves behind."""
+        path = self.root / f"{self.key(name, **extra)}.json"
+        if path.is_file() and (needs is None or needs.exists()):
+            log.info("%s: cached (%s)", name, path.name)
+            return json.loads(path.read_text())
+        log.info("%s: running", name)
+        result = compute()
+        write_json(path, result)
+        return result
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _in_fresh_process(isolate: bool, function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    if not isolate:
+        return function(*args)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _train_settings(budget: TaskBudget, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(max_steps=budget.steps, lr=lr, batch_size=budget.batch_size, seq_len=budget.seq_len,
+                       seed=seed)
+
+
+def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Data owner's side, exactly as a user runs it: `offsite tune` on the bundle."""
+    from offsite.config import TuneConfig
+    from offsite.tune import tune
+    tune(TuneConfig(bundle=bundle, data=train_file, output=adapter, train=TrainConfig(**settings), overwrite=True))
+    summary = json.loads((Path(adapter) / "adapter.json").read_text())["training"]["summary"]
+    return {"summary": summary, "peak_rss_mb": _peak_rss_mb()}
+
+
+def full_finetune_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
+                        metrics: str) -> dict[str, Any]:
+    """Baseline: every transformer block of the full model trained on the same data and steps."""
+    from offsite.arch import get_layers
+    from offsite.data import read_data
+    import torch
+    train = TrainConfig(**settings)
+    torch.manual_seed(train.seed)
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    sequences = training_sequences(read_data(train_file), tokenizer, train.seq_len)
+    model = train_layers(model, tokenizer, sequences, list(range(len(get_layers(model)))), train, Path(metrics))
+    peak = _peak_rss_mb()
+    result = score(model, tokenizer, read_data(test_file), train.seq_len, train.batch_size)
+    return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
+
+
+def _evaluate(model: str, adapter: str | None, test_file: str, budget: TaskBudget) -> dict[str, Any]:
+    from offsite.data import read_data
+    return score(load_for_eval(model, adapter), load_tokenizer(model), read_data(test_file),
+                 budget.seq_len, budget.batch_size)
+
+
+def run_task(config: DemoConfig, cache: StageCache, task: str, bundle: Path) -> dict[str, Any]:
+    """All five settings of one task."""
+    from offsite.data import write_jsonl
+    budget = BUDGETS[config.budget_name][task]
+    out = Path(config.output)
+    train_file, test_file = out / "data" / f"{task}.train.jsonl", out / "data" / f"{task}.test.jsonl"
+    train, test = task_data(task, budget)
+    write_jsonl(train, train_file)
+    write_jsonl(test, test_file)
+    offsite_settings = asdict(_train_settings(budget, budget.lr, config.seed))
+    full_settings = asdict(_train_settings(budget, budget.full_lr, config.seed))
+    adapter = out / "adapters" / task
+    inputs = {"task": task, "budget": asdict(budget)}
+    results = {
+        "zero_shot": cache.run("zero_shot", lambda: _evaluate(config.model, None, str(test_file), budget), **inputs),
+        "emulator_zero_shot": cache.run(
+            "emulator_zero_shot", lambda: _evaluate(str(bundle), None, str(test_file), budget), **inputs),
+    }
+    tuned = cache.run("offsite_tune", lambda: _in_fresh_process(
+        config.isolate, offsite_tune_stage, str(bundle), str(train_file), str(adapter), offsite_settings),
+        needs=adapter / "adapter.safetensors", **inputs)
+    results["emulator_finetune"] = cache.run(
+        "emulator_finetune", lambda: _evaluate(str(bundle), str(adapter), str(test_file), budget),
+        adapter=tuned["summary"], **inputs)
+    results["plug_in"] = cache.run(
+        "plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget),
+        adapter=tuned["summary"], **inputs)
+    full = cache.run("full_finetune", lambda: _in_fresh_process(
+        config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file), full_settings,
+        str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **inputs)
+    results["full_finetune"] = full["result"]
+    timing = {"full_finetune": _timing(full), "emulator_finetune": _timing(tuned)}
+    sizes = {"train": _size(train), "test": _size(test)}
+    return {"results": results, "timing": timing, "budget": asdict(budget), "sizes": sizes}
+
+
+def _timing(stage: dict[str, Any]) -> dict[str, Any]:
+    summary = stage["summary"]
+    return {"seconds_per_step": summary["seconds_per_step"], "peak_rss_mb": stage["peak_rss_mb"],
+            "trainable_params": summary["trainable_params"], "steps": summary["steps"]}
+
+
+def _size(data: Data) -> int:
+    return len(data.examples) if isinstance(data, ChoiceData) else sum(len(t) for t in data.texts)
+
+
+def demo(config: DemoConfig) -> Path:
+    """Run every stage (skipping finished ones) and write report.md, report.json and report.png."""
+    from offsite.report import write_report
+    start = time.perf_counter()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out, {"model": config.model, "split": config.split.to_dict(), "seed": config.seed,
+                             "offsite": __version__})
+    bundle = out / "bundle"
+    cache.run("bundle", lambda: _make_bundle(config, bundle), needs=bundle / MANIFEST)
+    per_task = {task: run_task(config, cache, task, bundle) for task in config.tasks}
+    return write_report(config, per_task, read_manifest(bundle), time.perf_counter() - start)
+
+
+def _make_bundle(config: DemoConfig, bundle: Path) -> dict[str, Any]:
+    emulate(EmulateConfig(model=config.model, output=str(bundle), split=config.split, overwrite=True))
+    return {"bundle": str(bundle)}
