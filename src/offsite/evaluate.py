@@ -147,7 +147,7 @@ def load_for_eval(model_path: str, adapter_path: str | None) -> PreTrainedModel:
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Score `config.model` (optionally with `config.adapter`) on `config.data`."""
-    data = read_data(config.data)
+    data = read_data(config.data, default_split="test")
     if config.limit is not None:
         data = _limit(data, config.limit)
     model = load_for_eval(config.model, config.adapter)
