@@ -31,7 +31,7 @@ from offsite.tune import training_sequences, train_layers
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in")
+EVAL_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,9 @@ class TaskBudget:
 
 BUDGETS: dict[str, dict[str, TaskBudget]] = {
     "quick": {
-        "bbc-news": TaskBudget(160, 60, 20, 8, 160, 1e-4, 3e-5),
-        "wordnet": TaskBudget(320, 100, 20, 16, 64, 1e-4, 3e-5),
-        "austen": TaskBudget(40, 24, 15, 2, 256, 1e-4, 3e-5),
+        "bbc-news": TaskBudget(160, 40, 20, 4, 160, 1e-4, 3e-5),
+        "wordnet": TaskBudget(320, 60, 20, 8, 64, 1e-4, 3e-5),
+        "austen": TaskBudget(20, 16, 10, 2, 256, 1e-4, 3e-5),
     },
     "default": {
         "bbc-news": TaskBudget(1200, 334, 150, 8, 160, 1e-4, 3e-5),
@@ -168,14 +168,14 @@ def full_finetune_stage(model_name: str, train_file: str, test_file: str, settin
     sequences = training_sequences(read_data(train_file), tokenizer, train.seq_len)
     model = train_layers(model, tokenizer, sequences, list(range(len(get_layers(model)))), train, Path(metrics))
     peak = _peak_rss_mb()
-    result = score(model, tokenizer, read_data(test_file), train.seq_len, train.batch_size)
+    result = score(model, tokenizer, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
     return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
 
 
 def _evaluate(model: str, adapter: str | None, test_file: str, budget: TaskBudget) -> dict[str, Any]:
     from offsite.data import read_data
     return score(load_for_eval(model, adapter), load_tokenizer(model), read_data(test_file),
-                 budget.seq_len, budget.batch_size)
+                 budget.seq_len, EVAL_BATCH_SIZE)
 
 
 def run_task(config: DemoConfig, cache: StageCache, task: str, bundle: Path) -> dict[str, Any]:
