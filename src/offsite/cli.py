@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -35,15 +36,20 @@ def _build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    # The same flags after the command name; SUPPRESS keeps them from resetting the ones given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_command = functools.partial(commands.add_parser, parents=[common])
 
-    emulate = commands.add_parser("emulate", help="model owner: build a bundle (adapter + emulator)")
+    emulate = add_command("emulate", help="model owner: build a bundle (adapter + emulator)")
     emulate.add_argument("model", help="full model: local directory, hub id or built-in alias")
     emulate.add_argument("-o", "--output", required=True, help="bundle directory to write")
     _split_flags(emulate)
     emulate.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
-    tune = commands.add_parser("tune", help="data owner: train the adapter of a bundle")
+    tune = add_command("tune", help="data owner: train the adapter of a bundle")
     tune.add_argument("bundle", help="bundle directory from `offsite emulate`")
     tune.add_argument("--data", required=True, help="training data (.txt or .jsonl)")
     tune.add_argument("-o", "--output", required=True, help="adapter directory to write")
@@ -63,13 +69,13 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
-    plug = commands.add_parser("plug", help="model owner: put a returned adapter into the full model")
+    plug = add_command("plug", help="model owner: put a returned adapter into the full model")
     plug.add_argument("model", help="the full model the bundle was made from")
     plug.add_argument("adapter", help="adapter directory from `offsite tune`")
     plug.add_argument("-o", "--output", required=True, help="plugged model directory to write")
     plug.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
-    evaluate = commands.add_parser("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
+    evaluate = add_command("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
     evaluate.add_argument("model", help="full model, bundle or plugged model")
     evaluate.add_argument("--data", required=True, help="evaluation data (.txt or .jsonl)")
     evaluate.add_argument("--adapter", help="apply this adapter file in memory first")
@@ -78,10 +84,10 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="score only the first N examples (or documents)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    info = commands.add_parser("info", help="describe a bundle, adapter or model directory")
+    info = add_command("info", help="describe a bundle, adapter or model directory")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    demo = commands.add_parser("demo", help="the paper's Table 1 on the built-in model, with a report")
+    demo = add_command("demo", help="the paper's Table 1 on the built-in model, with a report")
     demo.add_argument("--model", default="smollm2-135m", help="full model (default: the built-in smollm2-135m)")
     demo.add_argument("--out", default="offsite-demo", help="report directory (default ./offsite-demo)")
     _split_flags(demo, default_emulator_layers=8)
@@ -89,13 +95,13 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="small budget: the whole run in under 10 minutes")
     demo.add_argument("--seed", type=int, default=0)
 
-    data = commands.add_parser("data", help="built-in datasets")
+    data = add_command("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     export = data_commands.add_parser("export", help="write a built-in dataset as jsonl")
     export.add_argument("name", help="bbc-news, wordnet or austen, optionally with :train, :validation or :test")
     export.add_argument("-o", "--output", required=True, help="jsonl file to write")
 
-    commands.add_parser("setup-assets", help="build the built-in model cache and fetch the built-in data")
+    add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
     return parser
 
 
