@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import copy
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ class Manifest:
     plan: SplitPlan
     fingerprint: str
     files: dict[str, str]
+    emulator: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,7 @@ class Manifest:
                 {"bundle_index": position, "original_index": original, "role": role}
                 for position, (original, role) in enumerate(self.plan.roles())
             ],
+            "emulator": self.emulator,
             "fingerprint": self.fingerprint,
             "files": self.files,
         }
@@ -91,7 +95,7 @@ class Manifest:
             plan = SplitPlan(int(data["base_model"]["num_layers"]), tuple(roles["adapter_bottom"]),
                              tuple(roles["emulator"]), tuple(roles["adapter_top"]))
             return cls(data["base_model"], SplitConfig.from_dict(data["split"]), plan,
-                       str(data["fingerprint"]), dict(data["files"]))
+                       str(data["fingerprint"]), dict(data["files"]), dict(data.get("emulator", {})))
         except (KeyError, TypeError, ValueError) as error:
             raise OffsiteError(f"{source} is malformed: missing or invalid field {error}") from None
 
@@ -110,14 +114,23 @@ def emulate(config: EmulateConfig) -> Path:
         "model_type": model.config.model_type,
         "num_layers": plan.num_layers,
     }
-    keep_layers(model, plan.kept)
+    emulator_model = copy.deepcopy(model) if config.distill else model
+    keep_layers(emulator_model, plan.kept)
     log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
+    emulator: dict[str, Any] = {"method": config.split.method, "selection": config.split.method, "distill": None}
+    checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
+    if config.distill:
+        from offsite.distill import distill
+        emulator["distill"] = distill(model, emulator_model, tokenizer, plan, config.distill, checkpoint)
+        emulator["method"] = f"{config.split.method}+distill"
+    del model
     with atomic_dir(config.output, config.overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        emulator_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = Manifest(base_model, config.split, plan, base_fingerprint, files)
+        manifest = Manifest(base_model, config.split, plan, base_fingerprint, files, emulator)
         write_json(tmp / MANIFEST, manifest.to_dict())
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
 
 

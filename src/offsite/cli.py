@@ -47,6 +47,16 @@ def _build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("model", help="full model: local directory, hub id or built-in alias")
     emulate.add_argument("-o", "--output", required=True, help="bundle directory to write")
     _split_flags(emulate)
+    distill = emulate.add_argument_group("distillation (optional): train the emulator to match the full middle block")
+    distill.add_argument("--distill", metavar="CORPUS", help="text corpus: .txt/.jsonl file or built-in name (austen)")
+    distill.add_argument("--distill-steps", type=int, default=200)
+    distill.add_argument("--distill-lr", type=float, default=1e-4)
+    distill.add_argument("--distill-batch-size", type=int, default=4)
+    distill.add_argument("--distill-seq-len", type=int, default=256)
+    distill.add_argument("--kd-weight", type=float, default=1.0, help="weight of the normalised MSE to the full block")
+    distill.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modelling loss")
+    distill.add_argument("--align", choices=["final", "per-layer"], default="final",
+                         help="match only the emulator's output, or every kept layer's")
     emulate.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
@@ -133,9 +143,16 @@ def _run_setup_assets(args: argparse.Namespace) -> None:
 
 def _run_emulate(args: argparse.Namespace) -> None:
     from offsite import EmulateConfig, emulate
+    from offsite.config import DistillConfig
     split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
                         drop_ratio=args.drop_ratio)
-    path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, overwrite=args.overwrite))
+    distill = None
+    if args.distill:
+        distill = DistillConfig(corpus=args.distill, steps=args.distill_steps, lr=args.distill_lr,
+                                batch_size=args.distill_batch_size, seq_len=args.distill_seq_len,
+                                kd_weight=args.kd_weight, lm_weight=args.lm_weight, align=args.align)
+    path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, distill=distill,
+                                 overwrite=args.overwrite))
     print(f"bundle written to {path}; send it to the data owner")
 
 

@@ -18,7 +18,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _non_negative(problems: list[str], **values: int | None) -> None:
+def _non_negative(problems: list[str], **values: float | int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 0:
             problems.append(f"{flag(name)}={value} is negative; use 0 or more")
@@ -85,17 +85,55 @@ class SplitConfig(JsonConfig):
 
 
 @dataclass
+class DistillConfig(JsonConfig):
+    """Model owner: train the emulator layers to reproduce the full middle block.
+
+    Loss = kd_weight * MSE(emulator output, full middle block output) / mean square of the
+    latter (the paper's normalisation) + lm_weight * language-modelling loss of the
+    compressed model. `align="per-layer"` also matches every kept layer's output with
+    the full stack's at the position it stands for.
+    """
+
+    corpus: str
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 256
+    kd_weight: float = 1.0
+    lm_weight: float = 1.0
+    align: str = "final"
+    eval_every: int = 50
+    eval_windows: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _positive(problems, distill_steps=self.steps, distill_lr=self.lr, distill_batch_size=self.batch_size,
+                  distill_seq_len=self.seq_len, distill_eval_every=self.eval_every,
+                  distill_eval_windows=self.eval_windows)
+        _non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight)
+        if self.kd_weight == 0 and self.lm_weight == 0:
+            problems.append("--kd-weight and --lm-weight are both 0: nothing to train; set one above 0")
+        if self.align not in ("final", "per-layer"):
+            problems.append(f"--align={self.align!r} is not known; use 'final' or 'per-layer'")
+        check(problems)
+
+
+@dataclass
 class EmulateConfig(JsonConfig):
     """Model owner: build a bundle (adapter + emulator + frozen rest) from a full model."""
 
     model: str
     output: str
     split: SplitConfig = field(default_factory=SplitConfig)
+    distill: DistillConfig | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig.from_dict(self.distill)
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""Distillation of the emulator on tiny models."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import input_batch
+from offsite import EmulateConfig, SplitConfig, emulate
+from offsite.arch import get_layers
+from offsite.bundle import read_manifest
+from offsite.config import DistillConfig
+from offsite.distill import alignment_targets, distill, kd_loss
+from offsite.loading import load_tokenizer
+from offsite.split import keep_layers, plan_split
+
+
+def test_alignment_targets_match_each_kept_layer_with_the_end_of_its_span():
+    plan = plan_split(8, SplitConfig(emulator_layers=2))  # emulator keeps 2 and 5 of 2..5
+    assert alignment_targets(plan, "final") == [(4, 6)]
+    assert alignment_targets(plan, "per-layer") == [(3, 5), (4, 6)]
+
+
+def pair(model_dirs, family="llama", emulator_layers=2):
+    full = AutoModelForCausalLM.from_pretrained(model_dirs[family]).eval()
+    student = AutoModelForCausalLM.from_pretrained(model_dirs[family]).eval()
+    plan = plan_split(8, SplitConfig(emulator_layers=emulator_layers))
+    keep_layers(student, plan.kept)
+    return full, student, plan
+
+
+def kd_on(full, student, plan, ids, align="final"):
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        return float(kd_loss(student(input_ids=ids, output_hidden_states=True).hidden_states,
+                             full(input_ids=ids, output_hidden_states=True).hidden_states,
+                             alignment_targets(plan, align), mask))
+
+
+def test_kd_loss_is_zero_when_nothing_is_dropped(model_dirs):
+    full, student, plan = pair(model_dirs, emulator_layers=4)
+    assert kd_on(full, student, plan, input_batch(), "per-layer") == 0.0
+    full, student, plan = pair(model_dirs, emulator_layers=2)
+    assert kd_on(full, student, plan, input_batch()) > 0.01
+
+
+def run(model_dirs, tmp_path, checkpoint, steps, **settings):
+    full, student, plan = pair(model_dirs)
+    settings = {"corpus": str(tmp_path / "corpus.txt"), "steps": steps, "lr": 3e-3, "batch_size": 2, "seq_len": 32,
+                "eval_every": 2, **settings}
+    summary = distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, DistillConfig(**settings),
+                      checkpoint)
+    return full, student, plan, summary
+
+
+def test_distillation_trains_only_the_emulator_and_lowers_kd(model_dirs, sample_text_file, tmp_path):
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    full, student, plan, summary = run(model_dirs, tmp_path, tmp_path / "ckpt", steps=6, lm_weight=0.0)
+    ids = input_batch(length=32)
+    _, untouched, _ = pair(model_dirs)
+    assert kd_on(full, student, plan, ids) < kd_on(full, untouched, plan, ids)
+    before, after = get_layers(untouched), get_layers(student)
+    for position, original in enumerate(plan.kept):
+        same = all(torch.equal(a, b) for a, b in zip(before[position].state_dict().values(),
+                                                     after[position].state_dict().values()))
+        assert same == (original in plan.adapter)
+    assert torch.equal(student.get_input_embeddings().weight, untouched.get_input_embeddings().weight)
+    assert summary["steps"] == 6 and summary["final_lm"] == 0.0 and len(summary["corpus_sha256"]) == 64
+
+
+def test_interrupted_distillation_resumes_to_the_same_weights(model_dirs, sample_text_file, tmp_path):
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    _, straight, _, _ = run(model_dirs, tmp_path, tmp_path / "a", steps=4)
+    run(model_dirs, tmp_path, tmp_path / "b", steps=2)  # "interrupted" after its checkpoint at step 2
+    _, resumed, _, summary = run(model_dirs, tmp_path, tmp_path / "b", steps=4)
+    assert summary["steps"] == 4
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_emulate_with_distill_records_it_and_plugging_still_works(model_dirs, sample_text_file, tmp_path):
+    split = SplitConfig(emulator_layers=2)
+    plain = emulate(EmulateConfig(model=str(model_dirs["qwen2"]), output=str(tmp_path / "plain"), split=split))
+    distilled = emulate(EmulateConfig(
+        model=str(model_dirs["qwen2"]), output=str(tmp_path / "distilled"), split=split,
+        distill=DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_every=1)))
+    manifest = read_manifest(distilled)
+    assert manifest.emulator["method"] == "uniform+distill" and manifest.emulator["distill"]["steps"] == 2
+    assert manifest.fingerprint == read_manifest(plain).fingerprint  # adapter layers are untouched
+    assert json.loads((tmp_path / "plain" / "offsite.json").read_text())["emulator"]["distill"] is None
+    assert not (tmp_path / ".distilled.distill").exists()  # the checkpoint is removed once the bundle is written
