@@ -30,6 +30,28 @@ def _split_flags(parser: argparse.ArgumentParser, default_emulator_layers: int |
     size.add_argument("--drop-ratio", type=float, help="fraction of middle layers to drop")
 
 
+def _distill_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distillation (optional): train the emulator to match the full middle block")
+    group.add_argument("--distill", metavar="CORPUS", help="text corpus: .txt/.jsonl file or built-in name (austen)")
+    group.add_argument("--distill-steps", type=int, default=200)
+    group.add_argument("--distill-lr", type=float, default=1e-4)
+    group.add_argument("--distill-batch-size", type=int, default=4)
+    group.add_argument("--distill-seq-len", type=int, default=256)
+    group.add_argument("--kd-weight", type=float, default=1.0, help="weight of the normalised MSE to the full block")
+    group.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modelling loss")
+    group.add_argument("--align", choices=["final", "per-layer"], default="final",
+                       help="match only the emulator's output, or every kept layer's")
+
+
+def _distill_config(args: argparse.Namespace):
+    from offsite.config import DistillConfig
+    if not args.distill:
+        return None
+    return DistillConfig(corpus=args.distill, steps=args.distill_steps, lr=args.distill_lr,
+                         batch_size=args.distill_batch_size, seq_len=args.distill_seq_len,
+                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, align=args.align)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-Tuning: transfer learning without "
                                      "sharing the full model or the private data.", epilog=EXAMPLE,
@@ -47,16 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("model", help="full model: local directory, hub id or built-in alias")
     emulate.add_argument("-o", "--output", required=True, help="bundle directory to write")
     _split_flags(emulate)
-    distill = emulate.add_argument_group("distillation (optional): train the emulator to match the full middle block")
-    distill.add_argument("--distill", metavar="CORPUS", help="text corpus: .txt/.jsonl file or built-in name (austen)")
-    distill.add_argument("--distill-steps", type=int, default=200)
-    distill.add_argument("--distill-lr", type=float, default=1e-4)
-    distill.add_argument("--distill-batch-size", type=int, default=4)
-    distill.add_argument("--distill-seq-len", type=int, default=256)
-    distill.add_argument("--kd-weight", type=float, default=1.0, help="weight of the normalised MSE to the full block")
-    distill.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modelling loss")
-    distill.add_argument("--align", choices=["final", "per-layer"], default="final",
-                         help="match only the emulator's output, or every kept layer's")
+    _distill_flags(emulate)
     emulate.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
@@ -103,6 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _split_flags(demo, default_emulator_layers=8)
     demo.add_argument("--tasks", nargs="+", default=["bbc-news", "wordnet", "austen"], help="built-in tasks")
     demo.add_argument("--quick", action="store_true", help="small budget: the whole run in under 10 minutes")
+    _distill_flags(demo)
     demo.add_argument("--seed", type=int, default=0)
 
     data = add_command("data", help="built-in datasets")
@@ -120,7 +134,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
     split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio)
     out = demo(DemoConfig(model=args.model, output=args.out, split=split, tasks=args.tasks, quick=args.quick,
-                          seed=args.seed))
+                          seed=args.seed, distill=_distill_config(args)))
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
 
@@ -143,15 +157,9 @@ def _run_setup_assets(args: argparse.Namespace) -> None:
 
 def _run_emulate(args: argparse.Namespace) -> None:
     from offsite import EmulateConfig, emulate
-    from offsite.config import DistillConfig
     split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
                         drop_ratio=args.drop_ratio)
-    distill = None
-    if args.distill:
-        distill = DistillConfig(corpus=args.distill, steps=args.distill_steps, lr=args.distill_lr,
-                                batch_size=args.distill_batch_size, seq_len=args.distill_seq_len,
-                                kd_weight=args.kd_weight, lm_weight=args.lm_weight, align=args.align)
-    path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, distill=distill,
+    path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, distill=_distill_config(args),
                                  overwrite=args.overwrite))
     print(f"bundle written to {path}; send it to the data owner")
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from offsite import __version__
 from offsite.bundle import MANIFEST, emulate, read_manifest
-from offsite.config import EmulateConfig, JsonConfig, SplitConfig, TrainConfig
+from offsite.config import DistillConfig, EmulateConfig, JsonConfig, SplitConfig, TrainConfig
 from offsite.data import ChoiceData, Data, TextData
 from offsite.errors import check
 from offsite.evaluate import load_for_eval, score
@@ -54,9 +54,9 @@ BUDGETS: dict[str, dict[str, TaskBudget]] = {
         "austen": TaskBudget(20, 16, 10, 2, 256, 1e-4, 3e-5),
     },
     "default": {
-        "bbc-news": TaskBudget(1200, 334, 150, 8, 160, 1e-4, 3e-5),
-        "wordnet": TaskBudget(2400, 500, 150, 16, 64, 1e-4, 3e-5),
-        "austen": TaskBudget(600, 120, 150, 4, 256, 1e-4, 3e-5),
+        "bbc-news": TaskBudget(640, 150, 80, 8, 160, 1e-4, 3e-5),
+        "wordnet": TaskBudget(1280, 300, 80, 16, 64, 1e-4, 3e-5),
+        "austen": TaskBudget(160, 64, 80, 2, 256, 1e-4, 3e-5),
     },
 }
 
@@ -71,11 +71,14 @@ class DemoConfig(JsonConfig):
     tasks: list[str] = field(default_factory=lambda: ["bbc-news", "wordnet", "austen"])
     quick: bool = False
     seed: int = 0
+    distill: DistillConfig | None = None
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig.from_dict(self.distill)
         from offsite.tasks import BUILTIN
         check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
 
@@ -178,8 +181,53 @@ def _evaluate(model: str, adapter: str | None, test_file: str, budget: TaskBudge
                  budget.seq_len, EVAL_BATCH_SIZE)
 
 
-def run_task(config: DemoConfig, cache: StageCache, task: str, bundle: Path) -> dict[str, Any]:
-    """All five settings of one task."""
+@dataclass(frozen=True)
+class Emulator:
+    """One emulator the demo measures, and the bundle it lives in."""
+
+    name: str
+    split: SplitConfig
+    distill: DistillConfig | None
+    bundle: Path
+
+    def key(self) -> dict[str, Any]:
+        return {"split": self.split.to_dict(), "distill": self.distill.to_dict() if self.distill else None}
+
+
+def emulators(config: DemoConfig) -> list[Emulator]:
+    """The demo's emulator first; with distillation, the plain uniform one too, so its effect shows."""
+    wanted = [config.distill, None] if config.distill else [None]
+    found = []
+    for distill in wanted:
+        name = f"{config.split.method}+distill" if distill else config.split.method
+        blob = json.dumps({"model": config.model, "split": config.split.to_dict(),
+                           "distill": distill.to_dict() if distill else None}, sort_keys=True)
+        folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+        found.append(Emulator(name, config.split, distill, Path(config.output) / "bundles" / folder))
+    return found
+
+
+def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator,
+                 files: tuple[Path, Path], budget: TaskBudget) -> dict[str, Any]:
+    """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in."""
+    train_file, test_file = files
+    bundle, adapter = str(emulator.bundle), emulator.bundle.parent.parent / "adapters" / f"{task}-{emulator.bundle.name}"
+    inputs = {"task": task, "budget": asdict(budget), "emulator": emulator.key()}
+    settings = asdict(_train_settings(budget, budget.lr, config.seed))
+    zero = cache.run("emulator_zero_shot", lambda: _evaluate(bundle, None, str(test_file), budget), **inputs)
+    tuned = cache.run("offsite_tune", lambda: _in_fresh_process(
+        config.isolate, offsite_tune_stage, bundle, str(train_file), str(adapter), settings),
+        needs=adapter / "adapter.safetensors", **inputs)
+    emulated = cache.run("emulator_finetune", lambda: _evaluate(bundle, str(adapter), str(test_file), budget),
+                         adapter=tuned["summary"], **inputs)
+    plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget),
+                        adapter=tuned["summary"], **inputs)
+    return {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
+            "timing": _timing(tuned)}
+
+
+def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator]) -> dict[str, Any]:
+    """All five settings of one task, for every emulator."""
     from offsite.data import write_jsonl
     budget = BUDGETS[config.budget_name][task]
     out = Path(config.output)
@@ -187,31 +235,20 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, bundle: Path) -> 
     train, test = task_data(task, budget)
     write_jsonl(train, train_file)
     write_jsonl(test, test_file)
-    offsite_settings = asdict(_train_settings(budget, budget.lr, config.seed))
-    full_settings = asdict(_train_settings(budget, budget.full_lr, config.seed))
-    adapter = out / "adapters" / task
     inputs = {"task": task, "budget": asdict(budget)}
-    results = {
-        "zero_shot": cache.run("zero_shot", lambda: _evaluate(config.model, None, str(test_file), budget), **inputs),
-        "emulator_zero_shot": cache.run(
-            "emulator_zero_shot", lambda: _evaluate(str(bundle), None, str(test_file), budget), **inputs),
-    }
-    tuned = cache.run("offsite_tune", lambda: _in_fresh_process(
-        config.isolate, offsite_tune_stage, str(bundle), str(train_file), str(adapter), offsite_settings),
-        needs=adapter / "adapter.safetensors", **inputs)
-    results["emulator_finetune"] = cache.run(
-        "emulator_finetune", lambda: _evaluate(str(bundle), str(adapter), str(test_file), budget),
-        adapter=tuned["summary"], **inputs)
-    results["plug_in"] = cache.run(
-        "plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget),
-        adapter=tuned["summary"], **inputs)
+    zero = cache.run("zero_shot", lambda: _evaluate(config.model, None, str(test_file), budget), **inputs)
     full = cache.run("full_finetune", lambda: _in_fresh_process(
-        config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file), full_settings,
+        config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
+        asdict(_train_settings(budget, budget.full_lr, config.seed)),
         str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **inputs)
-    results["full_finetune"] = full["result"]
-    timing = {"full_finetune": _timing(full), "emulator_finetune": _timing(tuned)}
-    sizes = {"train": _size(train), "test": _size(test)}
-    return {"results": results, "timing": timing, "budget": asdict(budget), "sizes": sizes}
+    per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget) for e in measured}
+    primary = per_emulator[measured[0].name]
+    return {
+        "results": {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]},
+        "timing": {"full_finetune": _timing(full), "emulator_finetune": primary["timing"]},
+        "other_emulators": {name: r for name, r in per_emulator.items() if name != measured[0].name},
+        "budget": asdict(budget), "sizes": {"train": _size(train), "test": _size(test)},
+    }
 
 
 def _timing(stage: dict[str, Any]) -> dict[str, Any]:
@@ -230,14 +267,17 @@ def demo(config: DemoConfig) -> Path:
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(out, {"model": config.model, "split": config.split.to_dict(), "seed": config.seed,
-                             "offsite": __version__})
-    bundle = out / "bundle"
-    cache.run("bundle", lambda: _make_bundle(config, bundle), needs=bundle / MANIFEST)
-    per_task = {task: run_task(config, cache, task, bundle) for task in config.tasks}
-    return write_report(config, per_task, read_manifest(bundle), time.perf_counter() - start)
+    cache = StageCache(out, {"model": config.model, "seed": config.seed, "offsite": __version__})
+    measured = emulators(config)
+    for emulator in measured:
+        cache.run("bundle", lambda: _make_bundle(config, emulator), needs=emulator.bundle / MANIFEST,
+                  emulator=emulator.key())
+    per_task = {task: run_task(config, cache, task, measured) for task in config.tasks}
+    manifests = {e.name: read_manifest(e.bundle) for e in measured}
+    return write_report(config, per_task, manifests, time.perf_counter() - start)
 
 
-def _make_bundle(config: DemoConfig, bundle: Path) -> dict[str, Any]:
-    emulate(EmulateConfig(model=config.model, output=str(bundle), split=config.split, overwrite=True))
-    return {"bundle": str(bundle)}
+def _make_bundle(config: DemoConfig, emulator: Emulator) -> dict[str, Any]:
+    emulate(EmulateConfig(model=config.model, output=str(emulator.bundle), split=emulator.split,
+                          distill=emulator.distill, overwrite=True))
+    return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator}

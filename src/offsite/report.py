@@ -47,17 +47,28 @@ def claims(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-def build(config, per_task: dict[str, Any], manifest: Manifest, wall_seconds: float) -> dict[str, Any]:
+EMULATOR_SETTINGS = ("emulator_zero_shot", "emulator_finetune", "plug_in")
+
+
+def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], wall_seconds: float) -> dict[str, Any]:
     import torch
     import transformers
     from offsite.tasks import split_definition
+    primary, *others = manifests
     settings = {name: {task: r["results"][name] for task, r in per_task.items()} for name in LABELS}
+    other_emulators = {
+        method: {name: {task: r["other_emulators"][method]["results"][name] for task, r in per_task.items()}
+                 for name in EMULATOR_SETTINGS}
+        for method in others
+    }
     return {
         "model": config.model,
         "budget": config.budget_name,
-        "split": {**config.split.to_dict(), "layers": manifest.to_dict()["layers"]},
-        "emulator_method": config.split.method,
+        "split": {**config.split.to_dict(), "layers": manifests[primary].to_dict()["layers"]},
+        "emulator_method": primary,
+        "emulator": manifests[primary].emulator,
         "settings": settings,
+        "other_emulators": other_emulators,
         "timing": {task: r["timing"] for task, r in per_task.items()},
         "claims": claims(settings),
         "data": {task: {"sizes": r["sizes"], "budget": r["budget"]} for task, r in per_task.items()},
@@ -83,7 +94,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# offsite demo: {report['model']}",
         "",
         f"Split: bottom {report['split']['bottom']}, top {report['split']['top']}, emulator keeps "
-        f"{len(kept)} middle layers {kept} ({report['emulator_method']}). Budget: {report['budget']}. "
+        f"{len(kept)} middle layers {kept}, emulator method: {report['emulator_method']}. "
+        f"Budget: {report['budget']}. "
         f"Wall time: {report['wall_seconds'] / 60:.1f} min.",
         "",
         "| setting | " + " | ".join(f"{t} ({u})" for t, u in zip(tasks, units)) + " |",
@@ -91,6 +103,10 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, label in LABELS.items():
         lines.append(f"| {label} | " + " | ".join(_cell(report["settings"][name][t]) for t in tasks) + " |")
+    for method, rows in report.get("other_emulators", {}).items():
+        for name in EMULATOR_SETTINGS:
+            label = LABELS[name].replace("emulator", f"{method} emulator").replace("adapter)", f"{method} adapter)")
+            lines.append(f"| {label} | " + " | ".join(_cell(rows[name][t]) for t in tasks) + " |")
     lines += ["", "Training cost per task (same data, steps and batch shape):", "",
               "| task | full FT s/step | offsite s/step | speed-up | full FT peak RSS MB | offsite peak RSS MB "
               "| memory ratio | trainable params (full / offsite) |", "|---|---|---|---|---|---|---|---|"]
@@ -128,9 +144,10 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(config, per_task: dict[str, Any], manifest: Manifest, wall_seconds: float) -> Path:
+def write_report(config, per_task: dict[str, Any], manifests: dict[str, Manifest], wall_seconds: float) -> Path:
+    """`manifests` maps emulator method -> bundle manifest, the demo's own emulator first."""
     out = Path(config.output)
-    report = build(config, per_task, manifest, wall_seconds)
+    report = build(config, per_task, manifests, wall_seconds)
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     chart(report, out / "report.png")
