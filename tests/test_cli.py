@@ -58,6 +58,9 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     (["eval", "{model}", "--data", "train.txt", "--seq-len", "0"], "--seq-len=0 must be greater than 0"),
     (["plug", "{model}", "missing-adapter", "-o", "p"], "adapter missing-adapter does not exist"),
     (["info", "train.txt"], "is not a directory"),
+    (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--kd-weight", "0", "--lm-weight", "0"],
+     "--kd-weight and --lm-weight are both 0"),
+    (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs text"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_code(workdir, capsys, argv, message):
     tmp, model = workdir

@@ -10,7 +10,7 @@ from offsite import EmulateConfig, SplitConfig, emulate
 from offsite.arch import get_layers
 from offsite.bundle import read_manifest
 from offsite.config import DistillConfig
-from offsite.distill import alignment_targets, distill, kd_loss
+from offsite.distill import alignment_targets, distill, kd_loss, read_corpus
 from offsite.loading import load_tokenizer
 from offsite.split import keep_layers, plan_split
 
@@ -48,8 +48,9 @@ def run(model_dirs, tmp_path, checkpoint, steps, **settings):
     full, student, plan = pair(model_dirs)
     settings = {"corpus": str(tmp_path / "corpus.txt"), "steps": steps, "lr": 3e-3, "batch_size": 2, "seq_len": 32,
                 "eval_every": 2, **settings}
-    summary = distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, DistillConfig(**settings),
-                      checkpoint)
+    settings = DistillConfig(**settings)
+    summary = distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, settings,
+                      read_corpus(settings), checkpoint)
     return full, student, plan, summary
 
 

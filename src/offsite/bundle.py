@@ -103,6 +103,9 @@ class Manifest:
 def emulate(config: EmulateConfig) -> Path:
     """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
     check_output_dir(config.output, config.overwrite)
+    if config.distill:
+        from offsite.distill import distill, read_corpus
+        corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading the model
     log.info("loading full model %s", config.model)
     model = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
@@ -120,8 +123,7 @@ def emulate(config: EmulateConfig) -> Path:
     emulator: dict[str, Any] = {"method": config.split.method, "selection": config.split.method, "distill": None}
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
     if config.distill:
-        from offsite.distill import distill
-        emulator["distill"] = distill(model, emulator_model, tokenizer, plan, config.distill, checkpoint)
+        emulator["distill"] = distill(model, emulator_model, tokenizer, plan, config.distill, corpus, checkpoint)
         emulator["method"] = f"{config.split.method}+distill"
     del model
     with atomic_dir(config.output, config.overwrite) as tmp:

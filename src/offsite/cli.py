@@ -37,6 +37,8 @@ def _distill_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distill-lr", type=float, default=1e-4)
     group.add_argument("--distill-batch-size", type=int, default=4)
     group.add_argument("--distill-seq-len", type=int, default=256)
+    group.add_argument("--distill-eval-every", type=int, default=50,
+                       help="steps between held-out checks and checkpoints")
     group.add_argument("--kd-weight", type=float, default=1.0, help="weight of the normalised MSE to the full block")
     group.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modelling loss")
     group.add_argument("--align", choices=["final", "per-layer"], default="final",
@@ -49,7 +51,8 @@ def _distill_config(args: argparse.Namespace):
         return None
     return DistillConfig(corpus=args.distill, steps=args.distill_steps, lr=args.distill_lr,
                          batch_size=args.distill_batch_size, seq_len=args.distill_seq_len,
-                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, align=args.align)
+                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, align=args.align,
+                         eval_every=args.distill_eval_every)
 
 
 def _build_parser() -> argparse.ArgumentParser:

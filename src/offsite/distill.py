@@ -73,16 +73,20 @@ def _heldout(corpus: str) -> TextData | None:
     return None
 
 
+def read_corpus(settings: DistillConfig) -> TextData:
+    corpus = read_data(settings.corpus, "--distill")
+    if not isinstance(corpus, TextData):
+        raise OffsiteError(f"--distill {settings.corpus} is a choice dataset; distillation needs text")
+    return corpus
+
+
 def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
-            settings: DistillConfig, checkpoint_dir: Path) -> dict[str, Any]:
+            settings: DistillConfig, corpus: TextData, checkpoint_dir: Path) -> dict[str, Any]:
     """Train `student`'s emulator layers in place; return a summary for the manifest.
 
     `checkpoint_dir` holds the run's state every `eval_every` steps (safetensors and
     JSON), so a rerun after an interruption resumes from there.
     """
-    corpus = read_data(settings.corpus, "--distill")
-    if not isinstance(corpus, TextData):
-        raise OffsiteError(f"--distill {settings.corpus} is a choice dataset; distillation needs text")
     heldout = _heldout(settings.corpus)
     sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
     if not sequences:
