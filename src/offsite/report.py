@@ -135,6 +135,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
         axis.set_xticks(range(len(LABELS)), [LABELS[n].split(" (")[0].replace(", ", "\n") for n in LABELS],
                         rotation=35, ha="right", fontsize=7)
         is_choice = report["settings"]["zero_shot"][task]["task"] == "choice"
+        if not is_choice:
+            axis.set_yscale("log")  # a broken emulator's perplexity is orders of magnitude off
         axis.set_title(f"{task} ({'accuracy' if is_choice else 'perplexity, lower is better'})", fontsize=9)
         for x, value in enumerate(values):
             axis.text(x, value, f"{value:.3g}", ha="center", va="bottom", fontsize=7)
