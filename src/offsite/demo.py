@@ -115,6 +115,7 @@ class StageCache:
         self.root = root / "stages"
         self.root.mkdir(parents=True, exist_ok=True)
         self.inputs = inputs
+        self.computed = self.reused = 0
 
     def key(self, name: str, **extra: Any) -> str:
         blob = json.dumps({"stage": name, **self.inputs, **extra}, sort_keys=True, default=str)
@@ -126,14 +127,26 @@ class StageCache:
         path = self.root / f"{self.key(name, **extra)}.json"
         if path.is_file() and (needs is None or needs.exists()):
             log.info("%s: cached (%s)", name, path.name)
+            self.reused += 1
             return json.loads(path.read_text())
         log.info("%s: running", name)
+        self.computed += 1
         result = compute()
         write_json(path, result)
         return result
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory.
+
+    VmHWM belongs to the address space, which exec replaces; getrusage's ru_maxrss
+    survives exec, so a spawned child would report its parent's peak if that was higher.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -274,7 +287,9 @@ def demo(config: DemoConfig) -> Path:
                   emulator=emulator.key())
     per_task = {task: run_task(config, cache, task, measured) for task in config.tasks}
     manifests = {e.name: read_manifest(e.bundle) for e in measured}
-    return write_report(config, per_task, manifests, time.perf_counter() - start)
+    run = {"wall_seconds": time.perf_counter() - start, "stages_computed": cache.computed,
+           "stages_reused": cache.reused}
+    return write_report(config, per_task, manifests, run)
 
 
 def _make_bundle(config: DemoConfig, emulator: Emulator) -> dict[str, Any]:

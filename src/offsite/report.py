@@ -50,7 +50,7 @@ def claims(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 EMULATOR_SETTINGS = ("emulator_zero_shot", "emulator_finetune", "plug_in")
 
 
-def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], wall_seconds: float) -> dict[str, Any]:
+def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
     from offsite.tasks import split_definition
@@ -74,7 +74,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], wall
         "data": {task: {"sizes": r["sizes"], "budget": r["budget"]} for task, r in per_task.items()},
         "split_definition": split_definition(),
         "seed": config.seed,
-        "wall_seconds": wall_seconds,
+        **run,
         "versions": {"offsite": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
@@ -95,8 +95,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Split: bottom {report['split']['bottom']}, top {report['split']['top']}, emulator keeps "
         f"{len(kept)} middle layers {kept}, emulator method: {report['emulator_method']}. "
-        f"Budget: {report['budget']}. "
-        f"Wall time: {report['wall_seconds'] / 60:.1f} min.",
+        f"Budget: {report['budget']}. Wall time of this run: {report['wall_seconds'] / 60:.1f} min "
+        f"({report['stages_computed']} stages computed, {report['stages_reused']} reused from earlier runs).",
         "",
         "| setting | " + " | ".join(f"{t} ({u})" for t, u in zip(tasks, units)) + " |",
         "|---|" + "---|" * len(tasks),
@@ -146,10 +146,10 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(config, per_task: dict[str, Any], manifests: dict[str, Manifest], wall_seconds: float) -> Path:
-    """`manifests` maps emulator method -> bundle manifest, the demo's own emulator first."""
+def write_report(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run: dict[str, Any]) -> Path:
+    """`manifests` maps emulator method -> bundle manifest, the demo's own emulator first; `run` has the timings."""
     out = Path(config.output)
-    report = build(config, per_task, manifests, wall_seconds)
+    report = build(config, per_task, manifests, run)
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     chart(report, out / "report.png")
