@@ -14,11 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve(name_or_path: str) -> str:
-    """A local directory for a built-in alias, else the argument unchanged."""
-    try:
-        from offsite.assets import resolve_model
-    except ImportError:
-        return name_or_path
+    """A local directory for a built-in alias (built on first use), else the argument unchanged."""
+    from offsite.assets import resolve_model  # imported late: it is only needed for aliases
     return resolve_model(name_or_path)
 
 
