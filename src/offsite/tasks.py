@@ -5,7 +5,8 @@ machine, so a split is defined by its name, its seed and the rules below, and
 `offsite data export` shows exactly what is trained and scored on.
 
 - bbc-news: 5-way topic classification of BBC articles (a choice task). The
-  context is the article's first `BBC_WORDS` words; split stratified by topic.
+  context is the article's first `BBC_WORDS` words; articles with the same
+  context are kept once; split stratified by topic.
 - wordnet: "definition -> word" with 4 choices (a knowledge task). Split by
   lemma, so no answer word of the test split is ever trained on.
 - austen: language modelling, split by novel: train on four novels, validate
@@ -60,13 +61,16 @@ def _split_stratified(items: list[Any], key: Callable[[Any], str], rng: random.R
 def bbc_news() -> dict[str, ChoiceData]:
     from offsite.assets import read_bbc_news
     topics = list(BBC_TOPICS)
-    articles = read_bbc_news()
-    splits = _split_stratified(articles, key=lambda article: article[0], rng=random.Random(SEED))
     choices = tuple(BBC_TOPICS[t] for t in topics)
+    # The corpus repeats some articles; a context seen in training must never be scored in test.
+    unique: dict[str, str] = {}
+    for label, text in read_bbc_news():
+        unique.setdefault(" ".join(text.split()[:BBC_WORDS]), label)
+    articles = [(label, words) for words, label in unique.items()]
+    splits = _split_stratified(articles, key=lambda article: article[0], rng=random.Random(SEED))
 
     def example(article: tuple[str, str]) -> ChoiceExample:
-        label, text = article
-        words = " ".join(text.split()[:BBC_WORDS])
+        label, words = article
         return ChoiceExample(f"Article: {words}\nTopic:", choices, topics.index(label))
 
     return {name: ChoiceData([example(a) for a in members], f"bbc-news:{name}") for name, members in splits.items()}
