@@ -25,7 +25,7 @@ from offsite.config import DistillConfig, EmulateConfig, JsonConfig, SplitConfig
 from offsite.data import ChoiceData, Data, TextData
 from offsite.errors import check
 from offsite.evaluate import load_for_eval, score
-from offsite.files import write_json
+from offsite.files import sha256_file, write_json
 from offsite.loading import load_model, load_tokenizer
 from offsite.tune import training_sequences, train_layers
 
@@ -221,11 +221,11 @@ def emulators(config: DemoConfig) -> list[Emulator]:
 
 
 def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator,
-                 files: tuple[Path, Path], budget: TaskBudget) -> dict[str, Any]:
+                 files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any]) -> dict[str, Any]:
     """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in."""
     train_file, test_file = files
     bundle, adapter = str(emulator.bundle), emulator.bundle.parent.parent / "adapters" / f"{task}-{emulator.bundle.name}"
-    inputs = {"task": task, "budget": asdict(budget), "emulator": emulator.key()}
+    inputs = {**task_inputs, "emulator": emulator.key()}
     settings = asdict(_train_settings(budget, budget.lr, config.seed))
     zero = cache.run("emulator_zero_shot", lambda: _evaluate(bundle, None, str(test_file), budget), **inputs)
     tuned = cache.run("offsite_tune", lambda: _in_fresh_process(
@@ -248,13 +248,15 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     train, test = task_data(task, budget)
     write_jsonl(train, train_file)
     write_jsonl(test, test_file)
-    inputs = {"task": task, "budget": asdict(budget)}
+    # The data's hash is part of every key, so a changed dataset never reuses a stale result.
+    inputs = {"task": task, "budget": asdict(budget), "data": [sha256_file(train_file), sha256_file(test_file)]}
     zero = cache.run("zero_shot", lambda: _evaluate(config.model, None, str(test_file), budget), **inputs)
     full = cache.run("full_finetune", lambda: _in_fresh_process(
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
         asdict(_train_settings(budget, budget.full_lr, config.seed)),
         str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **inputs)
-    per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget) for e in measured}
+    per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs)
+                    for e in measured}
     primary = per_emulator[measured[0].name]
     return {
         "results": {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]},
