@@ -102,7 +102,3 @@ def get_layers(model: nn.Module) -> nn.ModuleList:
     assert isinstance(layers, nn.ModuleList)
     return layers
 
-
-def layer_prefix(model: nn.Module, index: int) -> str:
-    """State-dict key prefix of block `index`, e.g. 'model.layers.3.'."""
-    return f"{layer_paths(model).layers}.{index}."

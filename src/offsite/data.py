@@ -133,3 +133,14 @@ def write_jsonl(data: Data, path: str | Path) -> Path:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def truncate_text(data: TextData, windows: int, seq_len: int) -> TextData:
+    """About `windows` windows of `seq_len` tokens of text (5 characters a token is generous for English)."""
+    budget, texts = windows * seq_len * 5, []
+    for text in data.texts:
+        texts.append(text[:budget])
+        budget -= len(texts[-1])
+        if budget <= 0:
+            break
+    return TextData(texts, data.source)

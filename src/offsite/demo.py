@@ -22,7 +22,7 @@ from typing import Any, Callable
 from offsite import __version__
 from offsite.bundle import MANIFEST, emulate, read_manifest
 from offsite.config import DistillConfig, EmulateConfig, JsonConfig, SplitConfig, TrainConfig
-from offsite.data import ChoiceData, Data, TextData
+from offsite.data import ChoiceData, Data, TextData, truncate_text
 from offsite.errors import check
 from offsite.evaluate import load_for_eval, score
 from offsite.files import sha256_file, write_json
@@ -94,18 +94,7 @@ def task_data(task: str, budget: TaskBudget) -> tuple[Data, Data]:
     if isinstance(train, ChoiceData) and isinstance(test, ChoiceData):
         return (ChoiceData(train.examples[: budget.train_examples], train.source),
                 ChoiceData(test.examples[: budget.eval_examples], test.source))
-    return _cut_text(train, budget.train_examples, budget.seq_len), _cut_text(test, budget.eval_examples, budget.seq_len)
-
-
-def _cut_text(data: TextData, windows: int, seq_len: int) -> TextData:
-    """About `windows` windows of text (5 characters a token is generous for English)."""
-    budget, texts = windows * seq_len * 5, []
-    for text in data.texts:
-        texts.append(text[:budget])
-        budget -= len(texts[-1])
-        if budget <= 0:
-            break
-    return TextData(texts, data.source)
+    return truncate_text(train, budget.train_examples, budget.seq_len), truncate_text(test, budget.eval_examples, budget.seq_len)
 
 
 class StageCache:

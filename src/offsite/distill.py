@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.arch import get_layers
 from offsite.config import DistillConfig
-from offsite.data import TextData, read_data
+from offsite.data import TextData, read_data, truncate_text
 from offsite.errors import OffsiteError
 from offsite.evaluate import perplexity
 from offsite.split import SplitPlan
@@ -91,7 +91,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
     if not sequences:
         raise OffsiteError(f"--distill {settings.corpus} gives no training window; it needs more text")
-    heldout_data = _cut(heldout, tokenizer, settings) if heldout else None
+    heldout_data = truncate_text(heldout, settings.eval_windows, settings.seq_len) if heldout else None
     emulator = [get_layers(student)[len(plan.bottom) + i] for i in range(len(plan.emulator))]
     student.requires_grad_(False)
     for layer in emulator:
@@ -130,11 +130,6 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         "heldout_perplexity_before": state.get("before"), "heldout_perplexity_best": state.get("best"),
         "best_step": state.get("best_step"),
     }
-
-
-def _cut(data: TextData, tokenizer, settings: DistillConfig) -> TextData:
-    budget = settings.eval_windows * settings.seq_len * 5  # characters; a token is under 5 on average
-    return TextData([data.texts[0][:budget]], data.source)
 
 
 def _score(model: PreTrainedModel, tokenizer, data: TextData) -> float:
