@@ -22,7 +22,7 @@ from typing import Any, Callable
 from offsite import __version__
 from offsite.bundle import MANIFEST, emulate, read_manifest
 from offsite.config import DistillConfig, EmulateConfig, JsonConfig, SplitConfig, TrainConfig
-from offsite.data import ChoiceData, Data, TextData, truncate_text
+from offsite.data import ChoiceData, Data, truncate_text
 from offsite.errors import check
 from offsite.evaluate import load_for_eval, score
 from offsite.files import sha256_file, write_json
