@@ -93,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seq-len", type=int, default=256, help="maximum tokens per sequence")
     tune.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times per run)")
     tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--cache-emulator", action="store_true",
+                      help="top-only adapter (bundle made with --bottom 0): run the emulator once per sequence "
+                           "and reuse its output in later epochs")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     plug = add_command("plug", help="model owner: put a returned adapter into the full model")
@@ -122,6 +125,24 @@ def _build_parser() -> argparse.ArgumentParser:
     _distill_flags(demo)
     demo.add_argument("--seed", type=int, default=0)
 
+    bench = add_command("bench", help="training speed and memory: full fine-tuning against offsite-tuning")
+    bench.add_argument("model", nargs="?", help="full model: local directory, hub id or built-in alias")
+    bench.add_argument("--random-shape", help="instead of MODEL, a random-weight model of this shape: gpt2-large")
+    bench.add_argument("--task", default="choice", help="choice (loss on the answer token) or lm (every token)")
+    _split_flags(bench, default_emulator_layers=8)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--seq-len", type=int, default=160, help="tokens per sequence (default 160)")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps per setting (default 10)")
+    bench.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
+    bench.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA settings (default 8)")
+    bench.add_argument("--epochs", type=int, default=3, help="epochs of offsite_top_cached (default 3)")
+    bench.add_argument("--settings", nargs="+", help="run only these settings (default: all five)")
+    bench.add_argument("--eval-examples", type=int, default=20, help="choice-scoring benchmark size; 0 skips it")
+    bench.add_argument("--threads", type=int, help="torch threads per measuring process (default: torch's)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="run every setting in this process (faster start; peak memory is then not per setting)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     data = add_command("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     export = data_commands.add_parser("export", help="write a built-in dataset as jsonl")
@@ -150,6 +171,18 @@ def _run_data(args: argparse.Namespace) -> None:
         raise OffsiteError(f"'{args.name}' is not a built-in dataset; available: {', '.join(BUILTIN)}")
     data = read_data(args.name, flag="NAME")
     print(f"wrote {write_jsonl(data, args.output)} ({data.source})")
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from offsite.bench import SETTINGS, BenchConfig, bench, format_bench
+    emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
+    split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio)
+    result = bench(BenchConfig(
+        model=args.model, random_shape=args.random_shape, task=args.task, split=split, batch_size=args.batch_size,
+        seq_len=args.seq_len, steps=args.steps, warmup_steps=args.warmup_steps, lora_rank=args.lora_rank,
+        epochs=args.epochs, settings=args.settings or list(SETTINGS), eval_examples=args.eval_examples,
+        threads=args.threads, isolate=not args.in_process))
+    print(json.dumps(result) if args.json else format_bench(result))
 
 
 def _run_setup_assets(args: argparse.Namespace) -> None:
@@ -207,7 +240,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "plug": _run_plug, "eval": _run_eval, "info": _run_info,
-    "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets,
+    "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
 }
 
 

@@ -152,6 +152,10 @@ class TrainConfig(JsonConfig):
     seq_len: int = 256
     eval_every: int | None = None
     seed: int = 0
+    # Top-only adapters (bundles made with --bottom 0): run the emulator once per training sequence
+    # and reuse its output in every later step (offsite.emulator_cache). Off by default: the cache
+    # costs seq_len x hidden values per sequence.
+    cache_emulator: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []

@@ -21,6 +21,7 @@ from offsite.arch import get_layers, layer_paths
 from offsite.bundle import bundle_index, load_bundle
 from offsite.config import TrainConfig, TuneConfig
 from offsite.data import ChoiceData, Data, read_data
+from offsite.emulator_cache import EmulatorCache
 from offsite.errors import OffsiteError
 from offsite.evaluate import batch_loss, score
 from offsite.files import atomic_dir, check_output_dir
@@ -89,11 +90,19 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
 
     With LoRA the adapters are merged back, so the result has plain weights.
     The training summary (steps, losses, timing; `seconds_per_step` excludes
-    validation) is stored in `model.offsite_training_summary`.
+    validation) is stored in `model.offsite_training_summary`. With
+    `settings.cache_emulator`, the frozen blocks below the lowest trainable one
+    run once per sequence and are replayed (see offsite.emulator_cache).
     """
     freeze_all_but(model, positions)
+    start = time.perf_counter()
+    cache = (EmulatorCache.build(model, sequences, positions, tokenizer.pad_token_id, settings.batch_size)
+             if settings.cache_emulator else None)
+    cache_seconds = time.perf_counter() - start
     trained = add_lora(model, positions, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else model
-    summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path)
+    summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache)
+    if cache is not None:
+        summary["cache_seconds"] = cache_seconds
     if settings.lora_rank:
         model = trained.merge_and_unload()
     model.requires_grad_(False)
@@ -128,19 +137,19 @@ def tune(config: TuneConfig) -> Path:
 
 
 def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
-           settings: TrainConfig, metrics_path: Path) -> dict[str, Any]:
+           settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.total_steps(len(sequences))
     eval_every = settings.eval_every or max(1, steps // 5)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    batches = _batch_stream(sequences, settings, tokenizer.pad_token_id)
+    batches = _batch_stream(sequences, settings, tokenizer.pad_token_id, cache)
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
     model.train()
     with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="train", unit="step") as bar:
         for step in range(1, steps + 1):
             step_start = time.perf_counter()
-            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler)
+            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache)
             step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
@@ -157,20 +166,25 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
             "seconds": seconds, "seconds_per_step": step_seconds / steps}
 
 
-def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int):
+def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int, cache: EmulatorCache | None = None):
     """Endless shuffled micro-batches, reshuffled every epoch with the run's seed."""
     generator = torch.Generator().manual_seed(settings.seed)
     while True:
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
-            yield collate([sequences[i] for i in order[start: start + settings.batch_size]], pad_id)
+            indices = order[start: start + settings.batch_size]
+            batch = collate([sequences[i] for i in indices], pad_id)
+            if cache is not None:
+                batch["frozen_output"] = cache.batch(indices)
+            yield batch
 
 
-def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler) -> float:
+def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
+                    cache: EmulatorCache | None = None) -> float:
     total = 0.0
     for _ in range(grad_accum):
         batch = next(batches)
-        loss = batch_loss(model, batch) / grad_accum
+        loss = (cache.loss if cache is not None else batch_loss)(model, batch) / grad_accum
         loss.backward()
         total += loss.item()
     optimizer.step()
