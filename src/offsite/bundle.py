@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import copy
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from offsite.config import EmulateConfig, SplitConfig
 from offsite.errors import OffsiteError
 from offsite.files import atomic_dir, check_output_dir, read_json, sha256_file, write_json
 from offsite.loading import load_model, load_tokenizer
-from offsite.split import SplitPlan, keep_layers, plan_split
+from offsite.emulator import build, calibration_corpus, executed_layers, load_emulator
+from offsite.split import SplitPlan, plan_split
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,12 @@ class Manifest:
 def emulate(config: EmulateConfig) -> Path:
     """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
     check_output_dir(config.output, config.overwrite)
-    if config.distill:
-        from offsite.distill import distill, read_corpus
-        corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading the model
+    corpus = None
+    if config.distill:  # a bad corpus fails now, not after loading the model
+        from offsite.distill import read_corpus
+        corpus = read_corpus(config.distill)
+    if config.split.selection == "similarity":
+        calibration_corpus(config)
     log.info("loading full model %s", config.model)
     model = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
@@ -117,14 +120,8 @@ def emulate(config: EmulateConfig) -> Path:
         "model_type": model.config.model_type,
         "num_layers": plan.num_layers,
     }
-    emulator_model = copy.deepcopy(model) if config.distill else model
-    keep_layers(emulator_model, plan.kept)
-    log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
-    emulator: dict[str, Any] = {"method": config.split.method, "selection": config.split.method, "distill": None}
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
-    if config.distill:
-        emulator["distill"] = distill(model, emulator_model, tokenizer, plan, config.distill, corpus, checkpoint)
-        emulator["method"] = f"{config.split.method}+distill"
+    emulator_model, plan, emulator = build(model, tokenizer, plan, config, corpus, checkpoint)
     del model
     with atomic_dir(config.output, config.overwrite) as tmp:
         emulator_model.save_pretrained(tmp, safe_serialization=True)
@@ -159,17 +156,14 @@ def verify_files(bundle: str | Path, manifest: Manifest) -> None:
 
 
 def load_bundle(bundle: str | Path, verify: bool = True) -> tuple[PreTrainedModel, Manifest]:
-    """Load a bundle as a causal LM, after checking its files against the manifest."""
+    """Load a bundle as the causal LM the data owner trains, after checking its files against the manifest."""
     manifest = read_manifest(bundle)
     if verify:
         verify_files(bundle, manifest)
-    model = load_model(str(bundle))
-    if model.config.num_hidden_layers != len(manifest.plan.kept):
-        raise OffsiteError(f"bundle {bundle}: config.json has {model.config.num_hidden_layers} layers but "
-                           f"{MANIFEST} lists {len(manifest.plan.kept)}")
-    return model, manifest
+    return load_emulator(Path(bundle), manifest.emulator, manifest.plan), manifest
 
 
 def bundle_index(manifest: Manifest) -> dict[int, int]:
-    """Original layer index -> position in the bundle."""
-    return {original: position for position, original in enumerate(manifest.plan.kept)}
+    """Original index of each adapter layer -> its position in the model `load_bundle` returns."""
+    executed = executed_layers(manifest.plan, manifest.emulator)
+    return {original: executed.index(original) for original in manifest.plan.adapter}

@@ -28,6 +28,18 @@ def _split_flags(parser: argparse.ArgumentParser, default_emulator_layers: int |
     size.add_argument("--emulator-layers", type=int, default=default_emulator_layers,
                       help="middle layers the emulator keeps (K; default: all, or 8 in the demo)")
     size.add_argument("--drop-ratio", type=float, help="fraction of middle layers to drop")
+    group.add_argument("--method", default="uniform",
+                       help="how the emulator is made: uniform or similarity, optionally +share and +lowrank or "
+                            "+int8 (e.g. similarity+share; default uniform)")
+    group.add_argument("--rank-fraction", type=float, default=0.5,
+                       help="lowrank: share of each emulator weight's parameters the factors keep (default 0.5)")
+    group.add_argument("--calibration", metavar="CORPUS",
+                       help="similarity: text the layer similarities are measured on (default: the --distill corpus)")
+
+
+def _split_config(args: argparse.Namespace, emulator_layers: int | None) -> SplitConfig:
+    return SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio,
+                       method=args.method, rank_fraction=args.rank_fraction, calibration=args.calibration)
 
 
 def _distill_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +136,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="small budget: the whole run in under 10 minutes")
     _distill_flags(demo)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--lr", type=float, help="adapter learning rate for every task (default: the budget's)")
+    demo.add_argument("--lora-rank", type=int, help="train the adapter through LoRA of this rank")
+    demo.add_argument("--weight-decay", type=float, help="AdamW weight decay of the adapter")
 
     bench = add_command("bench", help="training speed and memory: full fine-tuning against offsite-tuning")
     bench.add_argument("model", nargs="?", help="full model: local directory, hub id or built-in alias")
@@ -156,9 +171,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_demo(args: argparse.Namespace) -> None:
     from offsite.demo import DemoConfig, demo
     emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
-    split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio)
+    split = _split_config(args, emulator_layers)
+    overrides = {name: value for name, value in
+                 {"lr": args.lr, "lora_rank": args.lora_rank, "weight_decay": args.weight_decay}.items()
+                 if value is not None}
     out = demo(DemoConfig(model=args.model, output=args.out, split=split, tasks=args.tasks, quick=args.quick,
-                          seed=args.seed, distill=_distill_config(args)))
+                          seed=args.seed, distill=_distill_config(args), adapter_training=overrides))
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
 
@@ -193,8 +211,7 @@ def _run_setup_assets(args: argparse.Namespace) -> None:
 
 def _run_emulate(args: argparse.Namespace) -> None:
     from offsite import EmulateConfig, emulate
-    split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
-                        drop_ratio=args.drop_ratio)
+    split = _split_config(args, args.emulator_layers)
     path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, distill=_distill_config(args),
                                  overwrite=args.overwrite))
     print(f"bundle written to {path}; send it to the data owner")

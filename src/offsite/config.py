@@ -44,6 +44,10 @@ class JsonConfig:
         return cls(**data)
 
 
+SELECTIONS = ("uniform", "similarity")
+METHOD_PARTS = SELECTIONS + ("share", "lowrank", "int8")
+
+
 @dataclass
 class SplitConfig(JsonConfig):
     """How the full model's layers are divided between adapter and emulator.
@@ -58,7 +62,11 @@ class SplitConfig(JsonConfig):
     top: int = 2
     emulator_layers: int | None = None
     drop_ratio: float | None = None
+    # How the emulator is made: a selection (uniform | similarity), optionally joined with '+' to
+    # share (kept layers also run in place of the dropped ones) and one of lowrank | int8.
     method: str = "uniform"
+    rank_fraction: float = 0.5  # lowrank: share of each weight's parameters its factors keep
+    calibration: str | None = None  # similarity: text corpus the layer similarities are measured on
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -71,9 +79,29 @@ class SplitConfig(JsonConfig):
             problems.append(f"--emulator-layers={self.emulator_layers} must be at least 1")
         if self.drop_ratio is not None and not 0 <= self.drop_ratio < 1:
             problems.append(f"--drop-ratio={self.drop_ratio} must be in [0, 1)")
-        if self.method != "uniform":
-            problems.append(f"--method={self.method!r} is not known; available: 'uniform'")
+        parts = self.method.split("+")
+        unknown = [p for p in parts if p not in METHOD_PARTS]
+        if unknown or len(set(parts)) != len(parts):
+            problems.append(f"--method={self.method!r} is not known; join with '+' at most one selection "
+                            f"(uniform, similarity) and any of share, lowrank or int8, e.g. 'similarity+share'")
+        elif len([p for p in parts if p in SELECTIONS]) > 1 or {"lowrank", "int8"} <= set(parts):
+            problems.append(f"--method={self.method!r} combines alternatives: pick one of uniform/similarity "
+                            "and at most one of lowrank/int8")
+        if not 0 < self.rank_fraction < 1:
+            problems.append(f"--rank-fraction={self.rank_fraction} must be between 0 and 1 (exclusive)")
         check(problems)
+
+    @property
+    def selection(self) -> str:
+        return next((p for p in self.method.split("+") if p in SELECTIONS), "uniform")
+
+    @property
+    def shares(self) -> bool:
+        return "share" in self.method.split("+")
+
+    @property
+    def compression(self) -> str | None:
+        return next((p for p in self.method.split("+") if p in ("lowrank", "int8")), None)
 
     def kept_middle_count(self, middle: int) -> int:
         """K for a middle block of `middle` layers."""

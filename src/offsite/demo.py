@@ -72,6 +72,9 @@ class DemoConfig(JsonConfig):
     quick: bool = False
     seed: int = 0
     distill: DistillConfig | None = None
+    # TrainConfig fields that replace the budget's for the adapter (e.g. lr, lora_rank), for studies.
+    adapter_training: dict[str, Any] = field(default_factory=dict)
+    compare_uniform: bool = True  # with distillation, also measure the plain uniform emulator
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
 
     def __post_init__(self) -> None:
@@ -80,6 +83,7 @@ class DemoConfig(JsonConfig):
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
         from offsite.tasks import BUILTIN
+        TrainConfig(**self.adapter_training)  # validates the overrides before any work starts
         check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
 
     @property
@@ -198,7 +202,7 @@ class Emulator:
 
 def emulators(config: DemoConfig) -> list[Emulator]:
     """The demo's emulator first; with distillation, the plain uniform one too, so its effect shows."""
-    wanted = [config.distill, None] if config.distill else [None]
+    wanted = [config.distill, None] if config.distill and config.compare_uniform else [config.distill]
     found = []
     for distill in wanted:
         name = f"{config.split.method}+distill" if distill else config.split.method
@@ -213,10 +217,15 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
                  files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any]) -> dict[str, Any]:
     """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in."""
     train_file, test_file = files
-    bundle, adapter = str(emulator.bundle), emulator.bundle.parent.parent / "adapters" / f"{task}-{emulator.bundle.name}"
+    settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
     inputs = {**task_inputs, "emulator": emulator.key()}
-    settings = asdict(_train_settings(budget, budget.lr, config.seed))
+    bundle, name = str(emulator.bundle), f"{task}-{emulator.bundle.name}"
     zero = cache.run("emulator_zero_shot", lambda: _evaluate(bundle, None, str(test_file), budget), **inputs)
+    if config.adapter_training:
+        # Only overridden runs carry the overrides in their keys, so default runs keep their cache.
+        inputs["adapter_training"] = config.adapter_training
+        name += "-" + hashlib.sha256(json.dumps(config.adapter_training, sort_keys=True).encode()).hexdigest()[:8]
+    adapter = emulator.bundle.parent.parent / "adapters" / name
     tuned = cache.run("offsite_tune", lambda: _in_fresh_process(
         config.isolate, offsite_tune_stage, bundle, str(train_file), str(adapter), settings),
         needs=adapter / "adapter.safetensors", **inputs)

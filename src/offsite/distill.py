@@ -92,7 +92,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     if not sequences:
         raise OffsiteError(f"--distill {settings.corpus} gives no training window; it needs more text")
     heldout_data = truncate_text(heldout, settings.eval_windows, settings.seq_len) if heldout else None
-    emulator = [get_layers(student)[len(plan.bottom) + i] for i in range(len(plan.emulator))]
+    emulator = _distinct([get_layers(student)[len(plan.bottom) + i] for i in range(len(plan.emulator))])
     student.requires_grad_(False)
     for layer in emulator:
         layer.requires_grad_(True)
@@ -130,6 +130,14 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         "heldout_perplexity_before": state.get("before"), "heldout_perplexity_best": state.get("best"),
         "best_step": state.get("best_step"),
     }
+
+
+def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Layers with distinct weights: with layer sharing one stored layer runs at several positions."""
+    found: dict[int, torch.nn.Module] = {}
+    for layer in layers:
+        found.setdefault(id(next(layer.parameters())), layer)
+    return list(found.values())
 
 
 def _score(model: PreTrainedModel, tokenizer, data: TextData) -> float:

@@ -74,6 +74,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
         "data": {task: {"sizes": r["sizes"], "budget": r["budget"]} for task, r in per_task.items()},
         "split_definition": split_definition(),
         "seed": config.seed,
+        "adapter_training": config.adapter_training,
         **run,
         "versions": {"offsite": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
@@ -96,7 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Split: bottom {report['split']['bottom']}, top {report['split']['top']}, emulator keeps "
         f"{len(kept)} middle layers {kept}, emulator method: {report['emulator_method']}. "
         f"Budget: {report['budget']}. Wall time of this run: {report['wall_seconds'] / 60:.1f} min "
-        f"({report['stages_computed']} stages computed, {report['stages_reused']} reused from earlier runs).",
+        f"({report['stages_computed']} stages computed, {report['stages_reused']} reused from earlier runs)."
+        + (f" Adapter training overrides: {report['adapter_training']}." if report.get("adapter_training") else ""),
         "",
         "| setting | " + " | ".join(f"{t} ({u})" for t, u in zip(tasks, units)) + " |",
         "|---|" + "---|" * len(tasks),

@@ -93,10 +93,11 @@ def keep_layers(model: nn.Module, kept: tuple[int, ...]) -> None:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
     set_submodule(model, layer_paths(model).layers, new_layers)
-    _slice_config(model.config, kept)
+    slice_config(model.config, kept)
 
 
-def _slice_config(config, kept: tuple[int, ...]) -> None:
+def slice_config(config, kept: tuple[int, ...]) -> None:
+    """Make per-layer config entries describe the blocks `kept` (indices may repeat)."""
     num_layers = config.num_hidden_layers
     for key, value in list(config.__dict__.items()):
         if key != "architectures" and isinstance(value, (list, tuple)) and len(value) == num_layers:
