@@ -255,6 +255,5 @@ def machine() -> dict[str, Any]:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
             "platform": platform.platform(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
