@@ -115,6 +115,7 @@ def test_cli_prints_one_json_object(model_dirs, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["bench"], "pass either MODEL or --random-shape"),
     (["bench", "--random-shape", "gpt5"], "--random-shape='gpt5' is not known; available: gpt2-large"),
+    (["bench", "--random-shape", "gpt2-large", "--method", "uniform+int8"], "--random-shape builds uniform emulators"),
     (["bench", "{model}", "--steps", "0"], "--steps=0 must be greater than 0"),
     (["bench", "{model}", "--settings", "offsite", "fast"], "--settings offsite fast: give each once"),
     (["bench", "{model}", "--task", "qa"], "--task='qa' is not known"),

@@ -78,6 +78,9 @@ class BenchConfig(JsonConfig):
             problems.append("pass either MODEL or --random-shape (one of them)")
         if self.random_shape is not None and self.random_shape not in RANDOM_SHAPES:
             problems.append(f"--random-shape={self.random_shape!r} is not known; available: {', '.join(RANDOM_SHAPES)}")
+        if self.random_shape is not None and self.split.method != "uniform":
+            problems.append(f"--method={self.split.method!r}: --random-shape builds uniform emulators from the "
+                            "config; pass a real MODEL to measure other emulator methods")
         if self.task not in TASKS:
             problems.append(f"--task={self.task!r} is not known; use 'choice' or 'lm'")
         _positive(problems, batch_size=self.batch_size, seq_len=self.seq_len, steps=self.steps,
@@ -201,8 +204,17 @@ def summarise(config: BenchConfig, rows: list[dict[str, Any]], evaluation: dict[
         "flop_ratio_limit": {name: costs["full_ft"] / cost for name, cost in costs.items()},
         "flop_cost_per_token": costs,
         "flop_formula": FORMULA,
+        "flop_note": _flop_note(config.split),
         "evaluation": evaluation,
     }
+
+
+def _flop_note(split: SplitConfig) -> str | None:
+    """The formula counts each kept emulator block once at the full model's shapes; some methods change that."""
+    if split.shares or split.compression:
+        return (f"--method={split.method}: the limit counts each kept emulator block once, at the full model's "
+                "shapes; shared or compressed emulator blocks cost otherwise, so the limit is only indicative")
+    return None
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -229,6 +241,8 @@ def format_bench(result: dict[str, Any]) -> str:
             f"{_times(result['memory_reduction'].get(name))} | {_mb(row['peak_tensor_mb'])} | "
             f"{row['trainable_params'] / 1e6:.2f}M |")
     lines += ["", f"FLOP limit: {result['flop_formula']}"]
+    if result.get("flop_note"):
+        lines.append(f"Note: {result['flop_note']}")
     evaluation = result["evaluation"]
     if evaluation:
         lines.append(

@@ -67,8 +67,12 @@ def _random_model(config: BenchConfig, num_layers: int | None) -> nn.Module:
 
 
 def setting_model(config: BenchConfig, name: str, bundle: str | None) -> tuple[nn.Module, list[int], tuple[int, ...]]:
-    """The model a setting trains, the positions of its trainable blocks, and each position's original index."""
+    """The model a setting trains, the positions of its trainable blocks, and the original layer run at each position.
+
+    A bundle whose emulator shares layers runs some stored blocks at several positions.
+    """
     from offsite.bundle import bundle_index, load_bundle
+    from offsite.emulator import executed_layers
     from offsite.loading import load_model
     plan = config.plans(model_config(config).num_hidden_layers)[name]
     if name.startswith("full_ft"):
@@ -76,8 +80,8 @@ def setting_model(config: BenchConfig, name: str, bundle: str | None) -> tuple[n
         return model, list(range(plan.num_layers)), plan.kept
     if bundle is not None:
         model, manifest = load_bundle(bundle)
-        plan = manifest.plan
-        return model, [bundle_index(manifest)[i] for i in plan.adapter], plan.kept
+        originals = tuple(executed_layers(manifest.plan, manifest.emulator))
+        return model, [bundle_index(manifest)[i] for i in manifest.plan.adapter], originals
     return _random_model(config, len(plan.kept)), [plan.kept.index(i) for i in plan.adapter], plan.kept
 
 

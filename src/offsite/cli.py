@@ -193,8 +193,7 @@ def _run_data(args: argparse.Namespace) -> None:
 
 def _run_bench(args: argparse.Namespace) -> None:
     from offsite.bench import SETTINGS, BenchConfig, bench, format_bench
-    emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
-    split = SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio)
+    split = _split_config(args, None if args.drop_ratio is not None else args.emulator_layers)
     result = bench(BenchConfig(
         model=args.model, random_shape=args.random_shape, task=args.task, split=split, batch_size=args.batch_size,
         seq_len=args.seq_len, steps=args.steps, warmup_steps=args.warmup_steps, lora_rank=args.lora_rank,
