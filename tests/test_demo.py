@@ -8,7 +8,8 @@ import pytest
 
 from offsite import tasks
 from offsite.data import ChoiceData, ChoiceExample, TextData
-from offsite.demo import BUDGETS, DemoConfig, TaskBudget, demo
+from offsite.config import DistillConfig
+from offsite.demo import BUDGETS, DISTILL_BUDGETS, DemoConfig, TaskBudget, demo
 from offsite.report import claims
 from tiny_models import SAMPLE_TEXT
 
@@ -24,9 +25,10 @@ def tiny_tasks(monkeypatch):
     monkeypatch.setitem(BUDGETS, "quick", {"quiz": budget, "text": budget})
 
 
-def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, tmp_path, caplog):
+def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, tmp_path, caplog, sample_text_file):
+    distill = DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_windows=2)
     config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz", "text"],
-                        quick=True, isolate=False)
+                        quick=True, isolate=False, distill=distill)
     config.split.emulator_layers = 2
     out = demo(config)
     report = json.loads((out / "report.json").read_text())
@@ -36,12 +38,20 @@ def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, t
     assert "perplexity" in report["settings"]["plug_in"]["text"]
     assert report["timing"]["quiz"]["full_finetune"]["trainable_params"] > \
         report["timing"]["quiz"]["emulator_finetune"]["trainable_params"]
-    assert report["emulator_method"] == "uniform" and report["budget"] == "quick"
+    assert report["emulator_method"] == "uniform+distill" and report["budget"] == "quick"
+    assert set(report["other_emulators"]) == {"uniform"}  # the plain emulator is measured beside the distilled one
+    assert set(report["other_emulators"]["uniform"]["plug_in"]) == {"quiz", "text"}
     assert (out / "report.png").stat().st_size > 0 and "| plug-in" in (out / "report.md").read_text()
     caplog.clear()
     with caplog.at_level("INFO", logger="offsite"):
         demo(config)
-    assert ": running" not in caplog.text and caplog.text.count(": cached") == 13  # bundle + 6 stages per task
+    assert ": running" not in caplog.text and caplog.text.count(": cached") == 22  # 2 bundles + per task 2 + 4 per emulator
+
+
+def test_demo_distils_by_default_with_the_budget_s_settings():
+    assert DemoConfig().distill == DISTILL_BUDGETS["default"]
+    assert DemoConfig(quick=True).distill == DISTILL_BUDGETS["quick"]
+    assert DemoConfig(distill=None).distill is None
 
 
 def test_claims_are_judged_in_the_right_direction():

@@ -28,7 +28,7 @@ def _split_flags(parser: argparse.ArgumentParser, default_emulator_layers: int |
     size.add_argument("--emulator-layers", type=int, default=default_emulator_layers,
                       help="middle layers the emulator keeps (K; default: all, or 8 in the demo)")
     size.add_argument("--drop-ratio", type=float, help="fraction of middle layers to drop")
-    group.add_argument("--method", default="uniform",
+    group.add_argument("--method", "--emulator-method", default="uniform",
                        help="how the emulator is made: uniform or similarity, optionally +share and +lowrank or "
                             "+int8 (e.g. similarity+share; default uniform)")
     group.add_argument("--rank-fraction", type=float, default=0.5,
@@ -55,6 +55,10 @@ def _distill_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modelling loss")
     group.add_argument("--align", choices=["final", "per-layer"], default="final",
                        help="match only the emulator's output, or every kept layer's")
+
+
+_DISTILL_FLAG_DEFAULTS = {"distill_steps": None, "distill_lr": 1e-4, "distill_batch_size": 4, "distill_seq_len": 256,
+                          "distill_eval_every": 50, "kd_weight": 1.0, "lm_weight": 1.0, "align": "final"}
 
 
 def _distill_config(args: argparse.Namespace):
@@ -135,10 +139,30 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tasks", nargs="+", default=["bbc-news", "wordnet", "austen"], help="built-in tasks")
     demo.add_argument("--quick", action="store_true", help="small budget: the whole run in under 10 minutes")
     _distill_flags(demo)
+    demo.set_defaults(distill_steps=None)  # None: the budget's distillation (see README)
+    demo.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--lr", type=float, help="adapter learning rate for every task (default: the budget's)")
     demo.add_argument("--lora-rank", type=int, help="train the adapter through LoRA of this rank")
     demo.add_argument("--weight-decay", type=float, help="AdamW weight decay of the adapter")
+
+    ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")
+    ablate.add_argument("--model", default="smollm2-135m", help="full model (default: the built-in smollm2-135m)")
+    ablate.add_argument("--task", default="wordnet", help="built-in task (default wordnet)")
+    ablate.add_argument("--methods", nargs="+",
+                        default=["uniform", "uniform+distill", "similarity", "share", "lowrank", "int8"],
+                        help="emulator methods (as --method of emulate), '+distill' to distil with --distill")
+    ablate.add_argument("--out", default="offsite-ablate", help="report directory (default ./offsite-ablate)")
+    ablate.add_argument("--bottom", type=int, default=2)
+    ablate.add_argument("--top", type=int, default=2)
+    ablate.add_argument("--emulator-layers", type=int, default=8,
+                        help="the byte budget: a uniform emulator with this many layers (default 8)")
+    ablate.add_argument("--rank-fraction", type=float, default=0.5)
+    ablate.add_argument("--calibration", default="austen", help="similarity: corpus (default austen)")
+    _distill_flags(ablate)
+    ablate.set_defaults(distill="austen")  # the '+distill' methods need a corpus
+    ablate.add_argument("--quick", action="store_true", help="the demo's small budget")
+    ablate.add_argument("--seed", type=int, default=0)
 
     bench = add_command("bench", help="training speed and memory: full fine-tuning against offsite-tuning")
     bench.add_argument("model", nargs="?", help="full model: local directory, hub id or built-in alias")
@@ -176,9 +200,36 @@ def _run_demo(args: argparse.Namespace) -> None:
                  {"lr": args.lr, "lora_rank": args.lora_rank, "weight_decay": args.weight_decay}.items()
                  if value is not None}
     out = demo(DemoConfig(model=args.model, output=args.out, split=split, tasks=args.tasks, quick=args.quick,
-                          seed=args.seed, distill=_distill_config(args), adapter_training=overrides))
+                          seed=args.seed, distill=_demo_distill(args), adapter_training=overrides))
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
+
+
+def _demo_distill(args: argparse.Namespace):
+    """None with --no-distill; the budget's distillation unless a distillation flag was given."""
+    from offsite.demo import DISTILL_BUDGETS
+    if args.no_distill:
+        return None
+    budget = DISTILL_BUDGETS["quick" if args.quick else "default"]
+    given = {name: getattr(args, name) for name in ("distill_steps", "distill_lr", "distill_batch_size",
+                                                      "distill_seq_len", "distill_eval_every", "kd_weight",
+                                                      "lm_weight", "align")}
+    if args.distill is None and given == _DISTILL_FLAG_DEFAULTS:
+        return "budget"
+    args.distill = args.distill or budget.corpus
+    args.distill_steps = args.distill_steps or budget.steps
+    return _distill_config(args)
+
+
+def _run_ablate(args: argparse.Namespace) -> None:
+    from offsite.ablate import AblateConfig, ablate
+    out = ablate(AblateConfig(model=args.model, task=args.task, methods=args.methods, output=args.out,
+                              bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
+                              rank_fraction=args.rank_fraction, calibration=args.calibration,
+                              distill=_distill_config(args), quick=args.quick,
+                              seed=args.seed))
+    print((out / "ablate.md").read_text())
+    print(f"report written to {out / 'ablate.md'}, {out / 'ablate.json'} and {out / 'ablate.png'}")
 
 
 def _run_data(args: argparse.Namespace) -> None:
@@ -257,6 +308,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "plug": _run_plug, "eval": _run_eval, "info": _run_info,
     "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
+    "ablate": _run_ablate,
 }
 
 

@@ -91,6 +91,15 @@ class SplitConfig(JsonConfig):
             problems.append(f"--rank-fraction={self.rank_fraction} must be between 0 and 1 (exclusive)")
         check(problems)
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the emulator: a method's parameters only when that method is used."""
+        fields = self.to_dict()
+        if self.compression != "lowrank":
+            del fields["rank_fraction"]
+        if self.selection != "similarity":
+            del fields["calibration"]
+        return fields
+
     @property
     def selection(self) -> str:
         return next((p for p in self.method.split("+") if p in SELECTIONS), "uniform")

@@ -61,6 +61,13 @@ BUDGETS: dict[str, dict[str, TaskBudget]] = {
 }
 
 
+# The demo's emulator is distilled (the paper's Table 1 emulators are); the quick budget distils briefly.
+DISTILL_BUDGETS: dict[str, DistillConfig] = {
+    "quick": DistillConfig(corpus="austen", steps=24, batch_size=4, seq_len=128, eval_every=12, eval_windows=16),
+    "default": DistillConfig(corpus="austen"),
+}
+
+
 @dataclass
 class DemoConfig(JsonConfig):
     """What the demo runs: model, split, tasks and budget."""
@@ -71,7 +78,7 @@ class DemoConfig(JsonConfig):
     tasks: list[str] = field(default_factory=lambda: ["bbc-news", "wordnet", "austen"])
     quick: bool = False
     seed: int = 0
-    distill: DistillConfig | None = None
+    distill: DistillConfig | str | None = "budget"  # "budget": the budget's distillation; None: none
     # TrainConfig fields that replace the budget's for the adapter (e.g. lr, lora_rank), for studies.
     adapter_training: dict[str, Any] = field(default_factory=dict)
     compare_uniform: bool = True  # with distillation, also measure the plain uniform emulator
@@ -82,6 +89,10 @@ class DemoConfig(JsonConfig):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+        if self.distill == "budget":
+            self.distill = DISTILL_BUDGETS[self.budget_name]
+        check([] if self.distill is None or isinstance(self.distill, DistillConfig) else
+              [f"distill={self.distill!r}: pass a DistillConfig, 'budget' or None"])
         from offsite.tasks import BUILTIN
         TrainConfig(**self.adapter_training)  # validates the overrides before any work starts
         check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
@@ -197,20 +208,32 @@ class Emulator:
     bundle: Path
 
     def key(self) -> dict[str, Any]:
-        return {"split": self.split.to_dict(), "distill": self.distill.to_dict() if self.distill else None}
+        return {"split": self.split.identity(), "distill": self.distill.to_dict() if self.distill else None}
+
+
+def make_emulator(config: DemoConfig, split: SplitConfig, distill: DistillConfig | None) -> Emulator:
+    """An emulator of `config.model`, its bundle folder named by everything that determines it."""
+    name = f"{split.method}+distill" if distill else split.method
+    blob = json.dumps({"model": config.model, "split": split.identity(),
+                       "distill": distill.to_dict() if distill else None}, sort_keys=True)
+    folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder)
 
 
 def emulators(config: DemoConfig) -> list[Emulator]:
     """The demo's emulator first; with distillation, the plain uniform one too, so its effect shows."""
-    wanted = [config.distill, None] if config.distill and config.compare_uniform else [config.distill]
-    found = []
-    for distill in wanted:
-        name = f"{config.split.method}+distill" if distill else config.split.method
-        blob = json.dumps({"model": config.model, "split": config.split.to_dict(),
-                           "distill": distill.to_dict() if distill else None}, sort_keys=True)
-        folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-        found.append(Emulator(name, config.split, distill, Path(config.output) / "bundles" / folder))
+    found = [make_emulator(config, config.split, config.distill)]
+    if config.distill and config.compare_uniform:
+        found.append(make_emulator(config, SplitConfig(bottom=config.split.bottom, top=config.split.top,
+                                                       emulator_layers=config.split.emulator_layers,
+                                                       drop_ratio=config.split.drop_ratio), None))
     return found
+
+
+def build_bundles(config: DemoConfig, cache: "StageCache", measured: list[Emulator]) -> None:
+    for emulator in measured:
+        cache.run("bundle", lambda: _make_bundle(config, emulator), needs=emulator.bundle / MANIFEST,
+                  emulator=emulator.key())
 
 
 def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator,
@@ -237,8 +260,17 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
             "timing": _timing(tuned)}
 
 
-def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator]) -> dict[str, Any]:
-    """All five settings of one task, for every emulator."""
+@dataclass(frozen=True)
+class TaskRun:
+    """A task's data written out for the stages, and the inputs every one of its stage keys holds."""
+
+    budget: TaskBudget
+    files: tuple[Path, Path]  # (train, test) jsonl
+    inputs: dict[str, Any]
+    sizes: dict[str, int]
+
+
+def prepare_task(config: DemoConfig, task: str) -> TaskRun:
     from offsite.data import write_jsonl
     budget = BUDGETS[config.budget_name][task]
     out = Path(config.output)
@@ -248,7 +280,18 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     write_jsonl(test, test_file)
     # The data's hash is part of every key, so a changed dataset never reuses a stale result.
     inputs = {"task": task, "budget": asdict(budget), "data": [sha256_file(train_file), sha256_file(test_file)]}
-    zero = cache.run("zero_shot", lambda: _evaluate(config.model, None, str(test_file), budget), **inputs)
+    return TaskRun(budget, (train_file, test_file), inputs, {"train": _size(train), "test": _size(test)})
+
+
+def zero_shot(config: DemoConfig, cache: StageCache, run: TaskRun) -> dict[str, Any]:
+    return cache.run("zero_shot", lambda: _evaluate(config.model, None, str(run.files[1]), run.budget), **run.inputs)
+
+
+def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator]) -> dict[str, Any]:
+    """All five settings of one task, for every emulator."""
+    run = prepare_task(config, task)
+    budget, inputs, (train_file, test_file), out = run.budget, run.inputs, run.files, Path(config.output)
+    zero = zero_shot(config, cache, run)
     full = cache.run("full_finetune", lambda: _in_fresh_process(
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
         asdict(_train_settings(budget, budget.full_lr, config.seed)),
@@ -260,7 +303,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
         "results": {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]},
         "timing": {"full_finetune": _timing(full), "emulator_finetune": primary["timing"]},
         "other_emulators": {name: r for name, r in per_emulator.items() if name != measured[0].name},
-        "budget": asdict(budget), "sizes": {"train": _size(train), "test": _size(test)},
+        "budget": asdict(budget), "sizes": run.sizes,
     }
 
 
@@ -274,17 +317,19 @@ def _size(data: Data) -> int:
     return len(data.examples) if isinstance(data, ChoiceData) else sum(len(t) for t in data.texts)
 
 
+def stage_cache(config: DemoConfig) -> StageCache:
+    return StageCache(Path(config.output), {"model": config.model, "seed": config.seed, "offsite": __version__})
+
+
 def demo(config: DemoConfig) -> Path:
     """Run every stage (skipping finished ones) and write report.md, report.json and report.png."""
     from offsite.report import write_report
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(out, {"model": config.model, "seed": config.seed, "offsite": __version__})
+    cache = stage_cache(config)
     measured = emulators(config)
-    for emulator in measured:
-        cache.run("bundle", lambda: _make_bundle(config, emulator), needs=emulator.bundle / MANIFEST,
-                  emulator=emulator.key())
+    build_bundles(config, cache, measured)
     per_task = {task: run_task(config, cache, task, measured) for task in config.tasks}
     manifests = {e.name: read_manifest(e.bundle) for e in measured}
     run = {"wall_seconds": time.perf_counter() - start, "stages_computed": cache.computed,
