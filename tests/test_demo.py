@@ -28,7 +28,8 @@ def tiny_tasks(monkeypatch):
 def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, tmp_path, caplog, sample_text_file):
     distill = DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_windows=2)
     config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz", "text"],
-                        quick=True, isolate=False, distill=distill)
+                        quick=True, isolate=False, distill=distill,
+                        compare_uniform=True)
     config.split.emulator_layers = 2
     out = demo(config)
     report = json.loads((out / "report.json").read_text())

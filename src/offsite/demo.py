@@ -81,7 +81,8 @@ class DemoConfig(JsonConfig):
     distill: DistillConfig | str | None = "budget"  # "budget": the budget's distillation; None: none
     # TrainConfig fields that replace the budget's for the adapter (e.g. lr, lora_rank), for studies.
     adapter_training: dict[str, Any] = field(default_factory=dict)
-    compare_uniform: bool = True  # with distillation, also measure the plain uniform emulator
+    # With distillation, also measure the plain uniform emulator (default: not in the quick budget, to fit 10 min).
+    compare_uniform: bool | None = None
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
 
     def __post_init__(self) -> None:
@@ -89,6 +90,8 @@ class DemoConfig(JsonConfig):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+        if self.compare_uniform is None:
+            self.compare_uniform = not self.quick
         if self.distill == "budget":
             self.distill = DISTILL_BUDGETS[self.budget_name]
         check([] if self.distill is None or isinstance(self.distill, DistillConfig) else
