@@ -42,6 +42,7 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     code, out, _ = run(capsys, "info", "bundle", "--json")
     info = json.loads(out)
     assert info["kind"] == "bundle" and [e["original_index"] for e in info["layers"]] == [0, 1, 2, 5, 6, 7]
+    assert info["emulator_method"] == "uniform" and info["loads_with"] == "from_pretrained or offsite"
     code, out, _ = run(capsys, "info", "adapter", "--json")
     assert json.loads(out)["kind"] == "adapter" and json.loads(out)["layers"] == [0, 1, 6, 7]
     code, out, _ = run(capsys, "info", "plugged")

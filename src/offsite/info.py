@@ -29,6 +29,11 @@ def describe(path: str | Path) -> dict[str, Any]:
             "split": manifest.split.to_dict(),
             "layers": manifest.to_dict()["layers"],
             "fingerprint": manifest.fingerprint,
+            "emulator_method": manifest.emulator.get("method", manifest.split.method),
+            "emulator_bytes": manifest.emulator.get("bytes"),
+            # Compressed or shared emulators need offsite's loader; plain ones load with from_pretrained too.
+            "loads_with": "offsite" if manifest.emulator.get("compression") or manifest.emulator.get("share")
+            else "from_pretrained or offsite",
             "bytes": _size(root),
         }
     if (root / METADATA).is_file():
