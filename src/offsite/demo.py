@@ -286,8 +286,14 @@ def prepare_task(config: DemoConfig, task: str) -> TaskRun:
     return TaskRun(budget, (train_file, test_file), inputs, {"train": _size(train), "test": _size(test)})
 
 
+def full_model_inputs(run: TaskRun) -> dict[str, Any]:
+    """Stage inputs of the settings without an adapter: the adapter's learning rate does not change them."""
+    return {**run.inputs, "budget": {k: v for k, v in run.inputs["budget"].items() if k != "lr"}}
+
+
 def zero_shot(config: DemoConfig, cache: StageCache, run: TaskRun) -> dict[str, Any]:
-    return cache.run("zero_shot", lambda: _evaluate(config.model, None, str(run.files[1]), run.budget), **run.inputs)
+    return cache.run("zero_shot", lambda: _evaluate(config.model, None, str(run.files[1]), run.budget),
+                     **full_model_inputs(run))
 
 
 def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator]) -> dict[str, Any]:
@@ -298,7 +304,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     full = cache.run("full_finetune", lambda: _in_fresh_process(
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
         asdict(_train_settings(budget, budget.full_lr, config.seed)),
-        str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **inputs)
+        str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **full_model_inputs(run))
     per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs)
                     for e in measured}
     primary = per_emulator[measured[0].name]
