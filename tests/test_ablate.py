@@ -40,3 +40,17 @@ def test_ablate_measures_every_method_and_reports_the_gap(tiny_tasks, model_dirs
     for row in rows.values():
         assert {"emulator_zero_shot", "emulator_finetune", "plug_in"} <= set(row)
     assert "| int8 | 4 |" in (out / "ablate.md").read_text() and (out / "ablate.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ablate_on_the_built_in_model(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "ablate"
+    result = subprocess.run([sys.executable, "-m", "offsite.cli", "ablate", "--quick", "--task", "wordnet",
+                             "--methods", "uniform", "share", "int8", "--out", str(out)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "ablate.json").read_text())
+    assert list(report["methods"]) == ["uniform", "share", "int8"]
+    assert report["methods"]["int8"]["emulator_layers"] == 26
