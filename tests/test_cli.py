@@ -87,3 +87,18 @@ def test_argparse_rejects_conflicting_flags(workdir, capsys):
         main(["emulate", model, "-o", "b", "--emulator-layers", "2", "--drop-ratio", "0.5"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--quick"], "budget"),
+    (["--no-distill"], None),
+    (["--distill-steps", "50"], {"corpus": "austen", "steps": 50}),
+    (["--quick", "--distill", "notes.txt"], {"corpus": "notes.txt", "steps": 24}),
+])
+def test_demo_distils_with_the_budget_unless_told_otherwise(flags, expected):
+    from offsite.cli import _build_parser, _demo_distill
+    distill = _demo_distill(_build_parser().parse_args(["demo", *flags]))
+    if isinstance(expected, dict):
+        assert {k: getattr(distill, k) for k in expected} == expected
+    else:
+        assert distill == expected
