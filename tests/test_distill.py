@@ -44,8 +44,8 @@ def test_kd_loss_is_zero_when_nothing_is_dropped(model_dirs):
     assert kd_on(full, student, plan, input_batch()) > 0.01
 
 
-def run(model_dirs, tmp_path, checkpoint, steps, **settings):
-    full, student, plan = pair(model_dirs)
+def run(model_dirs, tmp_path, checkpoint, steps, emulator_layers=2, **settings):
+    full, student, plan = pair(model_dirs, emulator_layers=emulator_layers)
     settings = {"corpus": str(tmp_path / "corpus.txt"), "steps": steps, "lr": 3e-3, "batch_size": 2, "seq_len": 32,
                 "eval_every": 2, **settings}
     settings = DistillConfig(**settings)
@@ -77,6 +77,17 @@ def test_interrupted_distillation_resumes_to_the_same_weights(model_dirs, sample
     assert summary["steps"] == 4
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_emulator_is_ignored_not_half_loaded(model_dirs, sample_text_file, tmp_path,
+                                                                     caplog):
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    run(model_dirs, tmp_path, tmp_path / "ckpt", steps=2)
+    with caplog.at_level("WARNING", logger="offsite"):
+        _, student, plan, summary = run(model_dirs, tmp_path, tmp_path / "ckpt", steps=2, emulator_layers=3)
+    assert "another emulator" in caplog.text and summary["steps"] == 2 and len(plan.emulator) == 3
+    _, untouched, _ = pair(model_dirs, emulator_layers=3)
+    assert not torch.equal(get_layers(student)[2].mlp.up_proj.weight, get_layers(untouched)[2].mlp.up_proj.weight)
 
 
 def test_emulate_with_distill_records_it_and_plugging_still_works(model_dirs, sample_text_file, tmp_path):

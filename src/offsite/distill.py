@@ -187,7 +187,13 @@ def _resume(checkpoint_dir: Path, emulator, optimizer, settings: DistillConfig) 
     if _resumable(state.get("settings", {})) != _resumable(settings.to_dict()):
         log.warning("ignoring checkpoint %s: it was made with other distillation settings", checkpoint_dir)
         return fresh
-    _load_emulator_weights(emulator, load_file(str(checkpoint_dir / "emulator.safetensors")))
+    saved = load_file(str(checkpoint_dir / "emulator.safetensors"))
+    expected = {name: tensor.shape for name, tensor in _emulator_weights(emulator).items()}
+    if {name: tensor.shape for name, tensor in saved.items()} != expected:
+        # The same settings but another emulator (e.g. another --method) was distilled for this output.
+        log.warning("ignoring checkpoint %s: it holds another emulator's layers", checkpoint_dir)
+        return fresh
+    _load_emulator_weights(emulator, saved)
     flat = load_file(str(checkpoint_dir / "optimizer.safetensors"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
