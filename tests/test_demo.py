@@ -81,3 +81,15 @@ def test_quick_demo_on_the_built_in_model(tmp_path):
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     assert set(report["settings"]["plug_in"]) == {"bbc-news", "wordnet", "austen"}
     assert (tmp_path / "d" / "report.png").is_file()
+
+
+def test_an_edited_corpus_file_changes_the_emulator_s_stage_keys(tmp_path, sample_text_file):
+    from offsite.config import SplitConfig
+    from offsite.demo import make_emulator
+    config = DemoConfig(output=str(tmp_path), distill=None)
+    distill = DistillConfig(corpus=str(sample_text_file))
+    before = make_emulator(config, SplitConfig(emulator_layers=2), distill).key()
+    sample_text_file.write_text(sample_text_file.read_text() + " One more sentence.")
+    after = make_emulator(config, SplitConfig(emulator_layers=2), distill).key()
+    assert before != after and before["distill"] == after["distill"]
+    assert "corpora" not in make_emulator(config, SplitConfig(emulator_layers=2), None).key()

@@ -23,7 +23,7 @@ from offsite import __version__
 from offsite.bundle import MANIFEST, emulate, read_manifest
 from offsite.config import DistillConfig, EmulateConfig, JsonConfig, SplitConfig, TrainConfig
 from offsite.data import ChoiceData, Data, truncate_text
-from offsite.errors import check
+from offsite.errors import OffsiteError, check
 from offsite.evaluate import load_for_eval, score
 from offsite.files import sha256_file, write_json
 from offsite.loading import load_model, load_tokenizer
@@ -209,9 +209,27 @@ class Emulator:
     split: SplitConfig
     distill: DistillConfig | None
     bundle: Path
+    corpora: dict[str, str] = field(default_factory=dict)  # SHA-256 of the texts it is made from, by role
 
     def key(self) -> dict[str, Any]:
-        return {"split": self.split.identity(), "distill": self.distill.to_dict() if self.distill else None}
+        key = {"split": self.split.identity(), "distill": self.distill.to_dict() if self.distill else None}
+        if self.corpora:  # an edited corpus file must not reuse stages of the emulator made from the old one
+            key["corpora"] = self.corpora
+        return key
+
+
+def corpus_hashes(split: SplitConfig, distill: DistillConfig | None) -> dict[str, str]:
+    from offsite.data import TextData, read_data
+    from offsite.distill import corpus_hash, read_corpus
+    found = {}
+    if distill:
+        found["distill"] = corpus_hash(read_corpus(distill))
+    if split.selection == "similarity" and split.calibration:
+        calibration = read_data(split.calibration, "--calibration")
+        if not isinstance(calibration, TextData):
+            raise OffsiteError(f"--calibration {split.calibration} is a choice dataset; similarity needs plain text")
+        found["calibration"] = corpus_hash(calibration)
+    return found
 
 
 def make_emulator(config: DemoConfig, split: SplitConfig, distill: DistillConfig | None) -> Emulator:
@@ -220,7 +238,7 @@ def make_emulator(config: DemoConfig, split: SplitConfig, distill: DistillConfig
     blob = json.dumps({"model": config.model, "split": split.identity(),
                        "distill": distill.to_dict() if distill else None}, sort_keys=True)
     folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder)
+    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder, corpus_hashes(split, distill))
 
 
 def emulators(config: DemoConfig) -> list[Emulator]:
