@@ -93,7 +93,7 @@ def test_argparse_rejects_conflicting_flags(workdir, capsys):
     (["--quick"], "budget"),
     (["--no-distill"], None),
     (["--distill-steps", "50"], {"corpus": "austen", "steps": 50}),
-    (["--quick", "--distill", "notes.txt"], {"corpus": "notes.txt", "steps": 24}),
+    (["--quick", "--distill", "notes.txt"], {"corpus": "notes.txt", "steps": 16}),
 ])
 def test_demo_distils_with_the_budget_unless_told_otherwise(flags, expected):
     from offsite.cli import _build_parser, _demo_distill

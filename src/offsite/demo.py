@@ -49,7 +49,7 @@ class TaskBudget:
 
 BUDGETS: dict[str, dict[str, TaskBudget]] = {
     "quick": {
-        "bbc-news": TaskBudget(160, 40, 20, 4, 160, 1e-4, 3e-5),
+        "bbc-news": TaskBudget(160, 32, 20, 4, 160, 1e-4, 3e-5),
         "wordnet": TaskBudget(320, 60, 20, 8, 64, 1e-4, 3e-5),
         "austen": TaskBudget(20, 16, 10, 2, 256, 1e-4, 3e-5),
     },
@@ -63,7 +63,7 @@ BUDGETS: dict[str, dict[str, TaskBudget]] = {
 
 # The demo's emulator is distilled (the paper's Table 1 emulators are); the quick budget distils briefly.
 DISTILL_BUDGETS: dict[str, DistillConfig] = {
-    "quick": DistillConfig(corpus="austen", steps=24, batch_size=4, seq_len=128, eval_every=12, eval_windows=16),
+    "quick": DistillConfig(corpus="austen", steps=16, batch_size=4, seq_len=128, eval_every=8, eval_windows=8),
     "default": DistillConfig(corpus="austen"),
 }
 
