@@ -156,7 +156,7 @@ def check_fits(config: BenchConfig, shapes: Shapes) -> None:
 def bench(config: BenchConfig) -> dict[str, Any]:
     """Run every setting (each in a fresh process) and the evaluation benchmark; return one JSON-able dict."""
     from offsite.bench_run import prepare_bundles, run_evaluation, run_setting
-    from offsite.demo import _in_fresh_process
+    from offsite.processes import in_fresh_process
     shapes = model_shapes(config)
     check_fits(config, shapes)
     with _workspace() as work:
@@ -164,11 +164,11 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         rows = []
         for name in config.settings:
             log.info("bench: %s", name)
-            rows.append(_in_fresh_process(config.isolate, run_setting, config.to_dict(), name, bundles.get(name)))
+            rows.append(in_fresh_process(config.isolate, run_setting, config.to_dict(), name, bundles.get(name)))
         evaluation = None
         if config.eval_examples and config.model is not None:
             log.info("bench: choice evaluation")
-            evaluation = _in_fresh_process(config.isolate, run_evaluation, config.to_dict())
+            evaluation = in_fresh_process(config.isolate, run_evaluation, config.to_dict())
     return summarise(config, rows, evaluation, shapes)
 
 

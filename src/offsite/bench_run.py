@@ -23,7 +23,7 @@ from offsite.arch import get_layers
 from offsite.bench import BenchConfig, model_config
 from offsite.config import SplitConfig
 from offsite.data import ChoiceExample
-from offsite.demo import _in_fresh_process, _peak_rss_mb
+from offsite.processes import in_fresh_process, peak_rss_mb
 from offsite.emulator_cache import EmulatorCache
 from offsite.evaluate import batch_loss, choice_logliks, mean_loss
 from offsite.tensor_memory import TensorPeak, existing_tensors
@@ -55,7 +55,7 @@ def prepare_bundles(config: BenchConfig, work: Path) -> dict[str, str]:
             bottom = 0 if name == "offsite_top_cached" else config.split.bottom
             if bottom not in made:  # the two splits differ only in --bottom
                 split = {**config.split.to_dict(), "bottom": bottom}
-                made[bottom] = _in_fresh_process(config.isolate, make_bundle, config.model, split,
+                made[bottom] = in_fresh_process(config.isolate, make_bundle, config.model, split,
                                                  str(work / f"bundle-bottom{bottom}"))["bundle"]
             bundles[name] = made[bottom]
     return bundles
@@ -157,7 +157,7 @@ def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> d
         measured = _measure_steps(config, trained, all_positions_loss if name.startswith("full_ft") else batch_loss)
     return {"setting": name, **measured, "trained_layers": trained_layers, "model_blocks": len(originals),
             "logits": "all positions" if name.startswith("full_ft") else "scored positions",
-            "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
+            "torch_threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
 
 
 def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def run_evaluation(config_dict: dict[str, Any]) -> dict[str, Any]:
     return {"examples": len(examples), "choices": choices, "offsite_examples_per_s": rates["offsite"],
             "naive_examples_per_s": rates["naive"], "batched_examples_per_s": rates["batched"],
             "speedup": rates["offsite"] / rates["naive"], "speedup_vs_batched": rates["offsite"] / rates["batched"],
-            "max_abs_loglik_diff": diff, "peak_rss_mb": _peak_rss_mb()}
+            "max_abs_loglik_diff": diff, "peak_rss_mb": peak_rss_mb()}
 
 
 def machine() -> dict[str, Any]:

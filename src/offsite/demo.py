@@ -8,12 +8,9 @@ full fine-tuning, offsite-tuning seen through the emulator, and the plug-in
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
-import multiprocessing
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +23,7 @@ from offsite.data import ChoiceData, Data, truncate_text
 from offsite.errors import OffsiteError, check
 from offsite.evaluate import load_for_eval, score
 from offsite.files import sha256_file, write_json
+from offsite.processes import in_fresh_process, peak_rss_mb
 from offsite.loading import load_model, load_tokenizer
 from offsite.tune import training_sequences, train_layers
 
@@ -143,28 +141,6 @@ class StageCache:
         return result
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory.
-
-    VmHWM belongs to the address space, which exec replaces; getrusage's ru_maxrss
-    survives exec, so a spawned child would report its parent's peak if that was higher.
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _in_fresh_process(isolate: bool, function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    if not isolate:
-        return function(*args)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, *args).result()
-
-
 def _train_settings(budget: TaskBudget, lr: float, seed: int) -> TrainConfig:
     return TrainConfig(max_steps=budget.steps, lr=lr, batch_size=budget.batch_size, seq_len=budget.seq_len,
                        seed=seed)
@@ -176,7 +152,7 @@ def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dic
     from offsite.tune import tune
     tune(TuneConfig(bundle=bundle, data=train_file, output=adapter, train=TrainConfig(**settings), overwrite=True))
     summary = json.loads((Path(adapter) / "adapter.json").read_text())["training"]["summary"]
-    return {"summary": summary, "peak_rss_mb": _peak_rss_mb()}
+    return {"summary": summary, "peak_rss_mb": peak_rss_mb()}
 
 
 def full_finetune_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
@@ -190,7 +166,7 @@ def full_finetune_stage(model_name: str, train_file: str, test_file: str, settin
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
     sequences = training_sequences(read_data(train_file), tokenizer, train.seq_len)
     model = train_layers(model, tokenizer, sequences, list(range(len(get_layers(model)))), train, Path(metrics))
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     result = score(model, tokenizer, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
     return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
 
@@ -270,7 +246,7 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
         inputs["adapter_training"] = config.adapter_training
         name += "-" + hashlib.sha256(json.dumps(config.adapter_training, sort_keys=True).encode()).hexdigest()[:8]
     adapter = emulator.bundle.parent.parent / "adapters" / name
-    tuned = cache.run("offsite_tune", lambda: _in_fresh_process(
+    tuned = cache.run("offsite_tune", lambda: in_fresh_process(
         config.isolate, offsite_tune_stage, bundle, str(train_file), str(adapter), settings),
         needs=adapter / "adapter.safetensors", **inputs)
     emulated = cache.run("emulator_finetune", lambda: _evaluate(bundle, str(adapter), str(test_file), budget),
@@ -319,7 +295,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     run = prepare_task(config, task)
     budget, inputs, (train_file, test_file), out = run.budget, run.inputs, run.files, Path(config.output)
     zero = zero_shot(config, cache, run)
-    full = cache.run("full_finetune", lambda: _in_fresh_process(
+    full = cache.run("full_finetune", lambda: in_fresh_process(
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
         asdict(_train_settings(budget, budget.full_lr, config.seed)),
         str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **full_model_inputs(run))
