@@ -23,7 +23,7 @@ from pathlib import Path
 
 from offsite.config import DistillConfig
 from offsite.demo import DemoConfig, demo
-from offsite.report import LABELS, _cell
+from offsite.report import LABELS, format_metric
 
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in")
 
@@ -48,11 +48,11 @@ def table(reports: dict[str, dict]) -> str:
     tasks = list(first["timing"])
     lines = ["| variant | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for name in ("zero_shot", "full_finetune"):
-        lines.append(f"| (any) | {LABELS[name]} | " + " | ".join(_cell(first["settings"][name][t]) for t in tasks) + " |")
+        lines.append(f"| (any) | {LABELS[name]} | " + " | ".join(format_metric(first["settings"][name][t]) for t in tasks) + " |")
     for label, report in reports.items():
         for name in ROWS:
             lines.append(f"| {label} | {LABELS[name]} | "
-                         + " | ".join(_cell(report["settings"][name][t]) for t in tasks) + " |")
+                         + " | ".join(format_metric(report["settings"][name][t]) for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 
 

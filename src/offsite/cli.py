@@ -150,8 +150,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--model", default="smollm2-135m", help="full model (default: the built-in smollm2-135m)")
     ablate.add_argument("--task", default="wordnet", help="built-in task (default wordnet)")
     ablate.add_argument("--methods", nargs="+",
-                        default=["uniform", "uniform+distill", "similarity", "share", "lowrank", "int8"],
-                        help="emulator methods (as --method of emulate), '+distill' to distil with --distill")
+                        help="emulator methods as --method of emulate, '+distill' to distil with --distill "
+                             "(default: uniform uniform+distill similarity share lowrank int8)")
     ablate.add_argument("--out", default="offsite-ablate", help="report directory (default ./offsite-ablate)")
     ablate.add_argument("--bottom", type=int, default=2)
     ablate.add_argument("--top", type=int, default=2)
@@ -223,7 +223,8 @@ def _demo_distill(args: argparse.Namespace):
 
 def _run_ablate(args: argparse.Namespace) -> None:
     from offsite.ablate import AblateConfig, ablate
-    out = ablate(AblateConfig(model=args.model, task=args.task, methods=args.methods, output=args.out,
+    methods = args.methods or AblateConfig().methods
+    out = ablate(AblateConfig(model=args.model, task=args.task, methods=methods, output=args.out,
                               bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
                               rank_fraction=args.rank_fraction, calibration=args.calibration,
                               distill=_distill_config(args), quick=args.quick,

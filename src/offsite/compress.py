@@ -19,8 +19,6 @@ from transformers.pytorch_utils import Conv1D
 
 from offsite.arch import get_layers, layer_paths, set_submodule
 
-COMPRESSIONS = ("lowrank", "int8")
-
 
 def _dense(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight as (out, in), bias) of an nn.Linear or a GPT-2 Conv1D (which stores (in, out))."""

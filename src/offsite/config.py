@@ -45,7 +45,8 @@ class JsonConfig:
 
 
 SELECTIONS = ("uniform", "similarity")
-METHOD_PARTS = SELECTIONS + ("share", "lowrank", "int8")
+COMPRESSIONS = ("lowrank", "int8")  # at most one: both rewrite the same weights
+METHOD_PARTS = SELECTIONS + ("share",) + COMPRESSIONS
 
 
 @dataclass
@@ -84,7 +85,7 @@ class SplitConfig(JsonConfig):
         if unknown or len(set(parts)) != len(parts):
             problems.append(f"--method={self.method!r} is not known; join with '+' at most one selection "
                             f"(uniform, similarity) and any of share, lowrank or int8, e.g. 'similarity+share'")
-        elif len([p for p in parts if p in SELECTIONS]) > 1 or {"lowrank", "int8"} <= set(parts):
+        elif len([p for p in parts if p in SELECTIONS]) > 1 or set(COMPRESSIONS) <= set(parts):
             problems.append(f"--method={self.method!r} combines alternatives: pick one of uniform/similarity "
                             "and at most one of lowrank/int8")
         if not 0 < self.rank_fraction < 1:
@@ -110,7 +111,7 @@ class SplitConfig(JsonConfig):
 
     @property
     def compression(self) -> str | None:
-        return next((p for p in self.method.split("+") if p in ("lowrank", "int8")), None)
+        return next((p for p in self.method.split("+") if p in COMPRESSIONS), None)
 
     def kept_middle_count(self, middle: int) -> int:
         """K for a middle block of `middle` layers."""

@@ -8,6 +8,7 @@ full fine-tuning, offsite-tuning seen through the emulator, and the plug-in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -221,9 +222,7 @@ def emulators(config: DemoConfig) -> list[Emulator]:
     """The demo's emulator first; with distillation, the plain uniform one too, so its effect shows."""
     found = [make_emulator(config, config.split, config.distill)]
     if config.distill and config.compare_uniform:
-        found.append(make_emulator(config, SplitConfig(bottom=config.split.bottom, top=config.split.top,
-                                                       emulator_layers=config.split.emulator_layers,
-                                                       drop_ratio=config.split.drop_ratio), None))
+        found.append(make_emulator(config, dataclasses.replace(config.split, method="uniform"), None))
     return found
 
 

@@ -82,7 +82,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
     }
 
 
-def _cell(metrics: dict[str, Any]) -> str:
+def format_metric(metrics: dict[str, Any]) -> str:
     return f"{metrics['accuracy']:.3f}" if metrics["task"] == "choice" else f"{metrics['perplexity']:.2f}"
 
 
@@ -104,11 +104,11 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|" + "---|" * len(tasks),
     ]
     for name, label in LABELS.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(report["settings"][name][t]) for t in tasks) + " |")
+        lines.append(f"| {label} | " + " | ".join(format_metric(report["settings"][name][t]) for t in tasks) + " |")
     for method, rows in report.get("other_emulators", {}).items():
         for name in EMULATOR_SETTINGS:
             label = LABELS[name].replace("emulator", f"{method} emulator").replace("adapter)", f"{method} adapter)")
-            lines.append(f"| {label} | " + " | ".join(_cell(rows[name][t]) for t in tasks) + " |")
+            lines.append(f"| {label} | " + " | ".join(format_metric(rows[name][t]) for t in tasks) + " |")
     lines += ["", "Training cost per task (same data, steps and batch shape):", "",
               "| task | full FT s/step | offsite s/step | speed-up | full FT peak RSS MB | offsite peak RSS MB "
               "| memory ratio | trainable params (full / offsite) |", "|---|---|---|---|---|---|---|---|"]
@@ -171,15 +171,15 @@ def ablation_markdown(report: dict[str, Any]) -> str:
     zero = report["zero_shot"]
     unit = "accuracy ↑" if zero["task"] == "choice" else "perplexity ↓"
     lines = [f"# offsite ablate: {report['model']} on {report['task']} ({unit})", "",
-             f"Full model zero-shot: {_cell(zero)}. Budget: the bytes of a uniform emulator with "
+             f"Full model zero-shot: {format_metric(zero)}. Budget: the bytes of a uniform emulator with "
              f"{report['config']['emulator_layers']} layers. Wall time {report['wall_seconds'] / 60:.1f} min "
              f"({report['stages_computed']} stages computed, {report['stages_reused']} reused).", "",
              "| method | emulator layers | emulator MB | emulator zero-shot | emulator fine-tuned | plug-in "
              "| plug-in vs emulator fine-tuned | offsite s/step |", "|---|---|---|---|---|---|---|---|"]
     for method, row in report["methods"].items():
         lines.append(f"| {method} | {row['emulator_layers']} | {row['bytes'] / 2**20:.1f} | "
-                     f"{_cell(row['emulator_zero_shot'])} | {_cell(row['emulator_finetune'])} | "
-                     f"{_cell(row['plug_in'])} | {_gap(row['plug_in'], row['emulator_finetune'])} | "
+                     f"{format_metric(row['emulator_zero_shot'])} | {format_metric(row['emulator_finetune'])} | "
+                     f"{format_metric(row['plug_in'])} | {_gap(row['plug_in'], row['emulator_finetune'])} | "
                      f"{row['timing']['seconds_per_step']:.2f} |")
     lines += ["", "The last-but-one column is the model owner's protection: how much better the plug-in is than "
               "what the data owner can get from the emulator alone (accuracy points, or perplexity ratio).", ""]
