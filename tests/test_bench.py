@@ -83,6 +83,33 @@ def test_flop_limit_follows_the_documented_formula(llama_result):
     assert llama_result["flop_ratio_limit"]["offsite"] == pytest.approx(full / offsite)
 
 
+def test_variants_undo_one_optimisation_each(model_dirs):
+    variants = ["offsite", "offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_top"]
+    result = bench(BenchConfig(model=str(model_dirs["llama"]), settings=["full_ft", *variants], eval_examples=0,
+                               **TINY))
+    rows = {row["setting"]: row for row in result["rows"]}
+    block, _ = block_counts()
+    for name in variants[:4]:  # the same adapter trains; only how the step is computed differs
+        assert (rows[name]["trainable_params"], rows[name]["trained_layers"]) == (4 * block, [0, 1, 6, 7]), name
+    assert (rows["offsite_top"]["trainable_params"], rows["offsite_top"]["trained_layers"]) == (2 * block, [6, 7])
+    assert rows["offsite_all_logits"]["logits"] == "all positions" and rows["offsite"]["logits"] == "scored positions"
+    # Gradients of every frozen weight, or logits everywhere, cost tensor memory; the variants must really do that.
+    assert rows["offsite_emulator_grads"]["peak_tensor_mb"] > rows["offsite"]["peak_tensor_mb"]
+    assert rows["offsite_all_logits"]["peak_tensor_mb"] > rows["offsite"]["peak_tensor_mb"]
+    assert rows["offsite_checkpointed"]["peak_tensor_mb"] < rows["offsite"]["peak_tensor_mb"]
+    assert all(0 < row["runtime_rss_mb"] < row["peak_rss_mb"] for row in rows.values())
+    assert set(result["flop_ratio_limit"]) == {"full_ft", *variants}
+    weights = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # tiny llama, as below
+    attention, head = 64 * (16 + 1), 512 * 64
+    train, passes = 3 * (weights + attention), 2 * weights + 3 * attention
+    costs = result["flop_cost_per_token"]
+    assert costs["offsite_emulator_grads"] == 6 * train + 2 * head / 16
+    assert costs["offsite_all_logits"] == 4 * train + 2 * passes + 2 * head
+    assert costs["offsite_checkpointed"] == 4 * train + 2 * (3 * weights + 4 * attention) + 2 * head / 16
+    assert costs["offsite_top"] == 2 * train + 2 * (weights + attention) + 2 * head / 16
+    assert "Above it, the memory ratios are: offsite" in format_bench(result)
+
+
 def test_choice_evaluation_agrees_with_the_naive_loop(llama_result):
     evaluation = llama_result["evaluation"]
     assert evaluation["examples"] == 2 and evaluation["choices"] == 5

@@ -40,6 +40,17 @@ from offsite.split import SplitPlan, plan_split
 log = logging.getLogger(__name__)
 
 SETTINGS = ("full_ft", "full_ft_lora", "offsite", "offsite_lora", "offsite_top_cached")
+# `offsite` with one optimisation undone (or, for checkpointing, one memory trade-off made), to
+# measure each optimisation before and after in one run. Not run unless asked for (--settings).
+VARIANTS = {
+    "offsite_emulator_grads": "offsite, but every frozen weight still gets a gradient (requires_grad left on; "
+                              "the optimizer steps only the adapter)",
+    "offsite_all_logits": "offsite, with logits at every position, as plain transformers computes them",
+    "offsite_checkpointed": "offsite, with the emulator blocks' activations recomputed in the backward pass",
+    "offsite_top": "the top-only adapter of offsite_top_cached, trained without the emulator cache",
+}
+ALL_SETTINGS = SETTINGS + tuple(VARIANTS)
+TOP_ONLY = ("offsite_top_cached", "offsite_top")  # trained on the same split with --bottom 0
 TASKS = ("choice", "lm")
 # A choice task scores the continuation only; the built-in bbc-news topics are one token each.
 CHOICE_SCORED_TOKENS = 1
@@ -86,11 +97,12 @@ class BenchConfig(JsonConfig):
         _positive(problems, batch_size=self.batch_size, seq_len=self.seq_len, steps=self.steps,
                   lora_rank=self.lora_rank, epochs=self.epochs, threads=self.threads)
         _non_negative(problems, warmup_steps=self.warmup_steps, eval_examples=self.eval_examples)
-        unknown = [s for s in self.settings if s not in SETTINGS]
+        unknown = [s for s in self.settings if s not in ALL_SETTINGS]
         if unknown or not self.settings or len(set(self.settings)) != len(self.settings):
-            problems.append(f"--settings {' '.join(self.settings)}: give each once, from {', '.join(SETTINGS)}")
-        if "offsite_top_cached" in self.settings and self.split.top == 0:
-            problems.append("--top 0: offsite_top_cached trains the top adapter layers; use --top 1 or more")
+            problems.append(f"--settings {' '.join(self.settings)}: give each once, from {', '.join(ALL_SETTINGS)}")
+        for name in TOP_ONLY:
+            if name in self.settings and self.split.top == 0:
+                problems.append(f"--top 0: {name} trains the top adapter layers; use --top 1 or more")
         check(problems)
 
     def plans(self, num_layers: int) -> dict[str, SplitPlan]:
@@ -101,9 +113,11 @@ class BenchConfig(JsonConfig):
         everything = tuple(range(num_layers))
         full = SplitPlan(num_layers, everything, (), ())
         sandwich = plan_split(num_layers, self.split)
-        plans = {"full_ft": full, "full_ft_lora": full, "offsite": sandwich, "offsite_lora": sandwich}
+        plans = {"full_ft": full, "full_ft_lora": full, "offsite": sandwich, "offsite_lora": sandwich,
+                 "offsite_emulator_grads": sandwich, "offsite_all_logits": sandwich, "offsite_checkpointed": sandwich}
         if self.split.top:
-            plans["offsite_top_cached"] = plan_split(num_layers, replace(self.split, bottom=0))
+            top_only = plan_split(num_layers, replace(self.split, bottom=0))
+            plans.update({name: top_only for name in TOP_ONLY})
         return plans
 
     @property
@@ -137,9 +151,15 @@ def flop_costs(config: BenchConfig, shapes: Shapes) -> dict[str, float]:
     """MACs per training token of every setting (see offsite.flops)."""
     costs = {}
     for name, plan in config.plans(shapes.num_layers).items():
-        full = name.startswith("full_ft")
+        if name != "full_ft" and name not in config.settings:
+            continue
         modes = plan_modes(shapes.num_layers, plan.kept, plan.adapter, lora=name.endswith("lora"))
-        scored = 1.0 if full else config.scored_tokens / config.seq_len
+        if name == "offsite_emulator_grads":
+            modes = ["train" if mode == "pass" else mode for mode in modes]
+        if name == "offsite_checkpointed":
+            modes = ["recompute" if mode == "pass" else mode for mode in modes]
+        all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
+        scored = 1.0 if all_logits else config.scored_tokens / config.seq_len
         share = 1.0 / config.epochs if name == "offsite_top_cached" else 1.0
         costs[name] = token_cost(shapes, Plan(modes, scored, share), config.seq_len, config.lora_rank)
     return costs
@@ -186,6 +206,12 @@ def _ratios(rows: dict[str, dict[str, Any]], base: str, key: str, higher_is_bett
             for name, row in rows.items() if row.get(key)}
 
 
+def _above_runtime(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Peak RSS less what the process held before loading its model (interpreter and libraries)."""
+    return {name: {"peak_rss_mb": row["peak_rss_mb"] - row["runtime_rss_mb"]}
+            for name, row in rows.items() if row.get("runtime_rss_mb")}
+
+
 def summarise(config: BenchConfig, rows: list[dict[str, Any]], evaluation: dict[str, Any] | None,
               shapes: Shapes) -> dict[str, Any]:
     """Rows plus every ratio against full_ft, and the analytic limits."""
@@ -200,6 +226,7 @@ def summarise(config: BenchConfig, rows: list[dict[str, Any]], evaluation: dict[
         "speedup": _ratios(by_name, "full_ft", "tokens_per_s", True),
         "speedup_vs_full_ft_lora": _ratios(by_name, "full_ft_lora", "tokens_per_s", True),
         "memory_reduction": _ratios(by_name, "full_ft", "peak_rss_mb", False),
+        "memory_reduction_above_runtime": _ratios(_above_runtime(by_name), "full_ft", "peak_rss_mb", False),
         "tensor_memory_reduction": _ratios(by_name, "full_ft", "peak_tensor_mb", False),
         "flop_ratio_limit": {name: costs["full_ft"] / cost for name, cost in costs.items()},
         "flop_cost_per_token": costs,
@@ -240,6 +267,13 @@ def format_bench(result: dict[str, Any]) -> str:
             f"{_times(result['flop_ratio_limit'].get(name))} | {row['peak_rss_mb']:.0f} | "
             f"{_times(result['memory_reduction'].get(name))} | {_mb(row['peak_tensor_mb'])} | "
             f"{row['trainable_params'] / 1e6:.2f}M |")
+    runtime = [row["runtime_rss_mb"] for row in result["rows"] if row.get("runtime_rss_mb")]
+    if runtime and result["memory_reduction_above_runtime"]:
+        ratios = ", ".join(f"{name} {_times(value)}" for name, value in result["memory_reduction_above_runtime"].items()
+                           if name != "full_ft")
+        lines += ["", f"Peak RSS includes the runtime every process holds before it loads a model (Python, torch, "
+                      f"transformers, peft: {min(runtime):.0f}-{max(runtime):.0f} MB). Above it, the memory ratios "
+                      f"are: {ratios}."]
     lines += ["", f"FLOP limit: {result['flop_formula']}"]
     if result.get("flop_note"):
         lines.append(f"Note: {result['flop_note']}")

@@ -6,6 +6,7 @@ BenchConfig as a dict) and returns a JSON-able dict.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -20,10 +21,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from offsite.arch import get_layers
-from offsite.bench import BenchConfig, model_config
+from offsite.bench import TOP_ONLY, BenchConfig, model_config
+from offsite.checkpointing import checkpointed_blocks
 from offsite.config import SplitConfig
 from offsite.data import ChoiceExample
-from offsite.processes import in_fresh_process, peak_rss_mb
+from offsite.processes import current_rss_mb, in_fresh_process, peak_rss_mb
 from offsite.emulator_cache import EmulatorCache
 from offsite.evaluate import batch_loss, choice_logliks, mean_loss
 from offsite.tensor_memory import TensorPeak, existing_tensors
@@ -52,7 +54,7 @@ def prepare_bundles(config: BenchConfig, work: Path) -> dict[str, str]:
     bundles = {}
     for name in config.settings:
         if name.startswith("offsite"):
-            bottom = 0 if name == "offsite_top_cached" else config.split.bottom
+            bottom = 0 if name in TOP_ONLY else config.split.bottom
             if bottom not in made:  # the two splits differ only in --bottom
                 split = {**config.split.to_dict(), "bottom": bottom}
                 made[bottom] = in_fresh_process(config.isolate, make_bundle, config.model, split,
@@ -105,7 +107,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of: Loss
     start = time.perf_counter()
     loss_of(model, batch).backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # the model's: offsite_emulator_grads fills gradients the optimizer never steps
     return time.perf_counter() - start
 
 
@@ -146,31 +148,42 @@ def _start(config_dict: dict[str, Any]) -> BenchConfig:
 def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> dict[str, Any]:
     """Train one setting for warm-up + timed steps and measure it (runs in a fresh process)."""
     config = _start(config_dict)
+    runtime_rss = current_rss_mb()  # Python, torch, transformers, peft: what every setting pays before its model
     model, positions, originals = setting_model(config, name, bundle)
     freeze_all_but(model, positions)
     trained_layers = [originals[i] for i, block in enumerate(get_layers(model))
                       if any(p.requires_grad for p in block.parameters())]
+    all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
+    checkpointing = checkpointed_blocks(model, positions) if name == "offsite_checkpointed" else contextlib.nullcontext()
     if name == "offsite_top_cached":
         measured = _measure_cached(config, model, positions)
     else:
         trained = add_lora(model, positions, config.lora_rank, None) if name.endswith("lora") else model
-        measured = _measure_steps(config, trained, all_positions_loss if name.startswith("full_ft") else batch_loss)
+        stepped = [p for p in trained.parameters() if p.requires_grad]
+        if name == "offsite_emulator_grads":
+            trained.requires_grad_(True)
+        with checkpointing:
+            measured = _measure_steps(config, trained, all_positions_loss if all_logits else batch_loss, stepped)
     return {"setting": name, **measured, "trained_layers": trained_layers, "model_blocks": len(originals),
-            "logits": "all positions" if name.startswith("full_ft") else "scored positions",
-            "torch_threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
+            "logits": "all positions" if all_logits else "scored positions",
+            "torch_threads": torch.get_num_threads(), "runtime_rss_mb": runtime_rss, "peak_rss_mb": peak_rss_mb()}
 
 
-def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction) -> dict[str, Any]:
-    """Median step time over `steps` fresh batches after `warmup_steps`, then one tracked step."""
+def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction,
+                   stepped: list[nn.Parameter]) -> dict[str, Any]:
+    """Median step time over `steps` fresh batches after `warmup_steps`, then one tracked step.
+
+    The optimizer steps `stepped`; the trainable count is theirs.
+    """
     count = (config.warmup_steps + config.steps) * config.batch_size
     batches = _batches(bench_sequences(config, model.config.vocab_size, count), config.batch_size)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    optimizer = torch.optim.AdamW(stepped, lr=LR)
     seconds = [train_step(model, optimizer, loss_of, batch) for batch in batches][config.warmup_steps:]
     step = statistics.median(seconds)
     tensor = tensor_memory_mb(model, optimizer, loss_of, batches[-1], [])
     return {"tokens_per_s": config.batch_size * config.seq_len / step, "step_seconds": step,
-            "trainable_params": _trainable(model), "peak_tensor_mb": tensor["peak"], "tensor_mb_before_step": tensor["before_step"]}
+            "trainable_params": sum(p.numel() for p in stepped), "peak_tensor_mb": tensor["peak"], "tensor_mb_before_step": tensor["before_step"]}
 
 
 def _measure_cached(config: BenchConfig, model: nn.Module, positions: list[int]) -> dict[str, Any]:

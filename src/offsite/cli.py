@@ -112,6 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--cache-emulator", action="store_true",
                       help="top-only adapter (bundle made with --bottom 0): run the emulator once per sequence "
                            "and reuse its output in later epochs")
+    tune.add_argument("--checkpoint-emulator", action="store_true",
+                      help="recompute the emulator's activations in the backward pass instead of keeping them: "
+                           "less memory, about one more emulator forward per step")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     plug = add_command("plug", help="model owner: put a returned adapter into the full model")
@@ -175,7 +178,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
     bench.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA settings (default 8)")
     bench.add_argument("--epochs", type=int, default=3, help="epochs of offsite_top_cached (default 3)")
-    bench.add_argument("--settings", nargs="+", help="run only these settings (default: all five)")
+    bench.add_argument("--settings", nargs="+",
+                       help="run only these settings (default: the five main ones); the variants "
+                            "offsite_emulator_grads, offsite_all_logits, offsite_checkpointed and offsite_top each "
+                            "undo or add one optimisation of offsite, to measure it")
     bench.add_argument("--eval-examples", type=int, default=20, help="choice-scoring benchmark size; 0 skips it")
     bench.add_argument("--threads", type=int, help="torch threads per measuring process (default: torch's)")
     bench.add_argument("--in-process", action="store_true",

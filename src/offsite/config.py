@@ -194,6 +194,9 @@ class TrainConfig(JsonConfig):
     # and reuse its output in every later step (offsite.emulator_cache). Off by default: the cache
     # costs seq_len x hidden values per sequence.
     cache_emulator: bool = False
+    # Recompute the activations of the frozen blocks between adapter blocks in the backward
+    # pass instead of keeping them (offsite.checkpointing): less memory, one more forward.
+    checkpoint_emulator: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []

@@ -120,8 +120,9 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     vocabulary; a choice task scores one or two positions of each sequence.
     """
     scored = batch["labels"] != IGNORE  # (B, T)
+    # Training builds no KV cache: nothing reads it, and checkpointed blocks would fill it twice.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=scored).logits  # (number scored, V)
+                   logits_to_keep=scored, use_cache=False).logits  # (number scored, V)
     return mean_loss(logits, batch["labels"][scored])
 
 

@@ -7,6 +7,7 @@ the unit cancels. The formula (also in the README's Performance section):
                                              A = d_attn * (T + 1): QK^T and AV, averaged over causal positions
     block that trains    = 3 W_i + 3 A      forward, input gradient, weight gradient
     block gradients pass = 2 W_i + 3 A      frozen, but a trainable block lies below it
+    ... checkpointed     = 3 W_i + 4 A      the same, with its forward run again in the backward pass
     block with LoRA      = 2 W_i + 3 A + 3 R_i    R_i = rank * sum of (in + out) over its matmuls
     block below every trainable block = W_i + A   (forward only, no graph)
     head                 = 2 V C * s / T    frozen head: forward and input gradient at s scored positions
@@ -30,7 +31,8 @@ from transformers.pytorch_utils import Conv1D
 from offsite.arch import get_layers
 
 FORMULA = (
-    "MACs per training token, blocks i: trains 3(W_i+A), passes gradients 2W_i+3A, LoRA 2W_i+3A+3R_i, "
+    "MACs per training token, blocks i: trains 3(W_i+A), passes gradients 2W_i+3A (checkpointed 3W_i+4A), "
+    "LoRA 2W_i+3A+3R_i, "
     "forward only W_i+A (divided by the epochs E when cached); head 2VC*s/T; "
     "W_i = block matmul weights, A = d_attn*(T+1), R_i = rank*sum(in+out), s = scored positions per sequence; "
     "limit = cost(full_ft) / cost(setting)"
@@ -77,7 +79,7 @@ def read_shapes(model: nn.Module) -> Shapes:
 class Plan:
     """How a setting treats each block of the full model: which train, which run, and where logits are."""
 
-    modes: list[str]  # per original block: "train", "lora", "pass", "forward" or "skip" (dropped)
+    modes: list[str]  # per original block: "train", "lora", "pass", "recompute", "forward" or "skip" (dropped)
     scored_fraction: float  # s / T
     forward_share: float = 1.0  # 1/E for cached blocks, else 1
 
@@ -90,6 +92,7 @@ def token_cost(shapes: Shapes, plan: Plan, seq_len: int, lora_rank: int) -> floa
             "train": 3 * (weights + attention),
             "lora": 2 * weights + 3 * attention + 3 * lora_rank * width,
             "pass": 2 * weights + 3 * attention,
+            "recompute": 3 * weights + 4 * attention,
             "forward": (weights + attention) * plan.forward_share,
             "skip": 0.0,
         }[mode]

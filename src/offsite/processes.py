@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now (0 where /proc is missing)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+    return 0.0
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory.
 

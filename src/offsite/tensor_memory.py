@@ -60,10 +60,11 @@ class TensorPeak(TorchDispatchMode):
         return out
 
 
-def existing_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def existing_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
     """Weights, buffers, gradients and optimizer state: what lives before a training step starts."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [value for state in optimizer.state.values() for value in state.values()
-                if isinstance(value, torch.Tensor)]
+    if optimizer is not None:
+        tensors += [value for state in optimizer.state.values() for value in state.values()
+                    if isinstance(value, torch.Tensor)]
     return tensors

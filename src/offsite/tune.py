@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from offsite.adapter import Adapter, extract
 from offsite.arch import get_layers, layer_paths
 from offsite.bundle import bundle_index, load_bundle
+from offsite.checkpointing import checkpointed_blocks
 from offsite.config import TrainConfig, TuneConfig
 from offsite.data import ChoiceData, Data, read_data
 from offsite.emulator_cache import EmulatorCache
@@ -92,7 +94,9 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     The training summary (steps, losses, timing; `seconds_per_step` excludes
     validation) is stored in `model.offsite_training_summary`. With
     `settings.cache_emulator`, the frozen blocks below the lowest trainable one
-    run once per sequence and are replayed (see offsite.emulator_cache).
+    run once per sequence and are replayed (see offsite.emulator_cache); with
+    `settings.checkpoint_emulator`, the frozen blocks above it recompute their
+    activations in the backward pass (see offsite.checkpointing).
     """
     freeze_all_but(model, positions)
     start = time.perf_counter()
@@ -100,7 +104,9 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
              if settings.cache_emulator else None)
     cache_seconds = time.perf_counter() - start
     trained = add_lora(model, positions, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else model
-    summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache)
+    checkpointing = checkpointed_blocks(model, positions) if settings.checkpoint_emulator else contextlib.nullcontext()
+    with checkpointing:
+        summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache)
     if cache is not None:
         summary["cache_seconds"] = cache_seconds
     if settings.lora_rank:
