@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from offsite.arch import get_layers
+from offsite.chunked_loss import plain_head
 from offsite.errors import OffsiteError
 from offsite.evaluate import batch_loss
 from offsite.tokens import Sequence, collate
@@ -131,5 +132,6 @@ class EmulatorCache:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`batch_loss` with the frozen blocks replayed; `model` may be the peft-wrapped model."""
+        plain_head(model)  # its one-time check runs the real blocks, so it must come before the replay
         with self.replaying(batch["frozen_output"]):
             return batch_loss(model, batch)

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.adapter import apply, load_adapter
 from offsite.bundle import MANIFEST, bundle_index, load_bundle
+from offsite.chunked_loss import CHUNK_LOGITS, chunked_loss, plain_head
 from offsite.config import EvalConfig
 from offsite.data import ChoiceData, ChoiceExample, Data, TextData, read_data
 from offsite.errors import OffsiteError
@@ -120,6 +121,8 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     vocabulary; a choice task scores one or two positions of each sequence.
     """
     scored = batch["labels"] != IGNORE  # (B, T)
+    if int(scored.sum()) * model.config.vocab_size > CHUNK_LOGITS and plain_head(model):
+        return chunked_loss(model, batch, scored)  # e.g. language modelling: a loss on every token
     # Training builds no KV cache: nothing reads it, and checkpointed blocks would fill it twice.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    logits_to_keep=scored, use_cache=False).logits  # (number scored, V)
