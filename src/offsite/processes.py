@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def current_rss_mb() -> float:
-    """This process's resident memory now (0 where /proc is missing)."""
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status in MB, or None where /proc is missing."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024  # kB
-    return 0.0
+    return None
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now (0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def peak_rss_mb() -> float:
@@ -25,12 +30,8 @@ def peak_rss_mb() -> float:
     VmHWM belongs to the address space, which exec replaces; getrusage's ru_maxrss
     survives exec, so a spawned child would report its parent's peak if that was higher.
     """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def in_fresh_process(isolate: bool, function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -38,5 +39,11 @@ def in_fresh_process(isolate: bool, function: Callable[..., dict[str, Any]], *ar
     if not isolate:
         return function(*args)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_quiet_loading) as pool:
         return pool.submit(function, *args).result()
+
+
+def _quiet_loading() -> None:
+    """The parent has shown the model loading once; a stage's own process need not show it again."""
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
