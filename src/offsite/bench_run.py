@@ -12,6 +12,7 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -126,7 +127,7 @@ def tensor_memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of
     return {"before_step": before / 2**20, "peak": tracker.peak / 2**20}
 
 
-def _batches(sequences: list[Sequence], batch_size: int, cache: EmulatorCache | None = None) -> list[dict]:
+def step_batches(sequences: list[Sequence], batch_size: int, cache: EmulatorCache | None = None) -> list[dict]:
     batches = []
     for start in range(0, len(sequences), batch_size):
         batch = collate(sequences[start: start + batch_size], pad_id=0)  # equal lengths: no padding
@@ -145,6 +146,28 @@ def _start(config_dict: dict[str, Any]) -> BenchConfig:
     return config
 
 
+@dataclass
+class Trainee:
+    """A setting's model ready to train: what the optimizer steps, the loss, and the context steps run in."""
+
+    model: nn.Module  # peft-wrapped for the LoRA settings
+    stepped: list[nn.Parameter]
+    loss_of: LossFunction
+    all_logits: bool
+    context: contextlib.AbstractContextManager
+
+
+def prepare_trainee(config: BenchConfig, name: str, model: nn.Module, positions: list[int]) -> Trainee:
+    """Set a (non-cached) setting up on its loaded model, whose blocks at `positions` are the trainable ones."""
+    trained = add_lora(model, positions, config.lora_rank, None) if name.endswith("lora") else model
+    stepped = [p for p in trained.parameters() if p.requires_grad]
+    if name == "offsite_emulator_grads":
+        trained.requires_grad_(True)
+    all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
+    context = checkpointed_blocks(model, positions) if name == "offsite_checkpointed" else contextlib.nullcontext()
+    return Trainee(trained, stepped, all_positions_loss if all_logits else batch_loss, all_logits, context)
+
+
 def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> dict[str, Any]:
     """Train one setting for warm-up + timed steps and measure it (runs in a fresh process)."""
     config = _start(config_dict)
@@ -153,17 +176,13 @@ def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> d
     freeze_all_but(model, positions)
     trained_layers = [originals[i] for i, block in enumerate(get_layers(model))
                       if any(p.requires_grad for p in block.parameters())]
-    all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
-    checkpointing = checkpointed_blocks(model, positions) if name == "offsite_checkpointed" else contextlib.nullcontext()
     if name == "offsite_top_cached":
-        measured = _measure_cached(config, model, positions)
+        measured, all_logits = _measure_cached(config, model, positions), False
     else:
-        trained = add_lora(model, positions, config.lora_rank, None) if name.endswith("lora") else model
-        stepped = [p for p in trained.parameters() if p.requires_grad]
-        if name == "offsite_emulator_grads":
-            trained.requires_grad_(True)
-        with checkpointing:
-            measured = _measure_steps(config, trained, all_positions_loss if all_logits else batch_loss, stepped)
+        trainee = prepare_trainee(config, name, model, positions)
+        with trainee.context:
+            measured = _measure_steps(config, trainee.model, trainee.loss_of, trainee.stepped)
+        all_logits = trainee.all_logits
     return {"setting": name, **measured, "trained_layers": trained_layers, "model_blocks": len(originals),
             "logits": "all positions" if all_logits else "scored positions",
             "torch_threads": torch.get_num_threads(), "runtime_rss_mb": runtime_rss, "peak_rss_mb": peak_rss_mb()}
@@ -176,7 +195,7 @@ def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction,
     The optimizer steps `stepped`; the trainable count is theirs.
     """
     count = (config.warmup_steps + config.steps) * config.batch_size
-    batches = _batches(bench_sequences(config, model.config.vocab_size, count), config.batch_size)
+    batches = step_batches(bench_sequences(config, model.config.vocab_size, count), config.batch_size)
     model.train()
     optimizer = torch.optim.AdamW(stepped, lr=LR)
     seconds = [train_step(model, optimizer, loss_of, batch) for batch in batches][config.warmup_steps:]
@@ -192,7 +211,7 @@ def _measure_cached(config: BenchConfig, model: nn.Module, positions: list[int])
     start = time.perf_counter()
     cache = EmulatorCache.build(model, sequences, positions, pad_id=0, batch_size=config.batch_size)
     cache_seconds = time.perf_counter() - start
-    batches = _batches(sequences, config.batch_size, cache)
+    batches = step_batches(sequences, config.batch_size, cache)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     for step in range(config.warmup_steps):
