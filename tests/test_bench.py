@@ -1,8 +1,6 @@
 """`offsite bench`: the JSON it prints, what each setting trains, the FLOP formula and clean errors. No timings."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -158,13 +156,3 @@ def test_bad_input_gives_one_line_error(model_dirs, capsys, argv, message):
     assert code == 1
     assert err.count("error") == 1 and message in err and "Traceback" not in err, err
 
-
-def test_profile_script_breaks_a_step_down(model_dirs):
-    spec = importlib.util.spec_from_file_location("profile_step", Path(__file__).parents[1] / "benchmarks" / "profile_step.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    config = BenchConfig(model=str(model_dirs["llama"]), settings=["offsite_lora"], eval_examples=0, **TINY)
-    result = script.profile_setting(config, "offsite_lora", steps=2)
-    assert result["step_seconds"] > 0 and result["parts"]["matmul (linear, head)"] > 0
-    assert sum(result["parts"].values()) == pytest.approx(1.0)
-    assert "| part of the step |" in script.format_profile(result)

@@ -1,0 +1,46 @@
+"""The scripts in benchmarks/: they run on tiny models and tabulate what they claim."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from offsite import SplitConfig
+from offsite.bench import BenchConfig
+
+SCRIPTS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_profile_script_breaks_a_step_down(model_dirs):
+    script = load_script("profile_step")
+    config = BenchConfig(model=str(model_dirs["llama"]), settings=["offsite_lora"], eval_examples=0, batch_size=2,
+                         seq_len=16, warmup_steps=1, isolate=False, split=SplitConfig(bottom=2, top=2, emulator_layers=2))
+    result = script.profile_setting(config, "offsite_lora", steps=2)
+    assert result["step_seconds"] > 0 and result["parts"]["matmul (linear, head)"] > 0
+    assert sum(result["parts"].values()) == pytest.approx(1.0)
+    assert "| part of the step |" in script.format_profile(result)
+
+
+def report(emulator_layers, emulator_ft, plug_in, ppl):
+    def metrics(accuracy, perplexity):
+        return {"wordnet": {"task": "choice", "accuracy": accuracy}, "austen": {"task": "lm", "perplexity": perplexity}}
+
+    settings = {"zero_shot": metrics(0.6, 50.0), "full_finetune": metrics(0.8, 40.0),
+                "emulator_finetune": metrics(emulator_ft, ppl), "plug_in": metrics(plug_in, 44.0)}
+    timing = {"emulator_finetune": {"seconds_per_step": 1.5, "peak_rss_mb": 1400.0}}
+    return {"split": {"bottom": 2, "emulator_layers": emulator_layers, "top": 2}, "settings": settings,
+            "timing": {"wordnet": timing, "austen": timing}, "emulator": {"distill": {"heldout_perplexity_best": 150.0}}}
+
+
+def test_split_table_gives_both_gaps_per_split_and_task():
+    text = load_script("split_table").table([report(8, 0.4, 0.7, 160.0), report(10, 0.5, 0.75, 88.0)])
+    assert "| 2-8-2 | wordnet | 0.400 | 0.700 | -10.0 pts | +30.0 pts | 1.50 | 1400 | 150 |" in text
+    # austen: plug-in 44 against full FT 40 is 10% worse; against the emulator's 88, 100% better
+    assert "| 2-10-2 | austen | 88.00 | 44.00 | -9.1% | +100.0% |" in text
