@@ -41,15 +41,14 @@ log = logging.getLogger(__name__)
 
 SETTINGS = ("full_ft", "full_ft_lora", "offsite", "offsite_lora", "offsite_top_cached")
 # `offsite` with one optimisation undone (or, for checkpointing, one memory trade-off made), to
-# measure each optimisation before and after in one run. Not run unless asked for (--settings).
-VARIANTS = {
-    "offsite_emulator_grads": "offsite, but every frozen weight still gets a gradient (requires_grad left on; "
-                              "the optimizer steps only the adapter)",
-    "offsite_all_logits": "offsite, with logits at every position, as plain transformers computes them",
-    "offsite_checkpointed": "offsite, with the emulator blocks' activations recomputed in the backward pass",
-    "offsite_top": "the top-only adapter of offsite_top_cached, trained without the emulator cache",
-}
-ALL_SETTINGS = SETTINGS + tuple(VARIANTS)
+# measure each optimisation before and after in one run. Run only when asked for (--settings):
+# - offsite_emulator_grads: every frozen weight still gets a gradient (requires_grad left on; the
+#   optimizer steps only the adapter);
+# - offsite_all_logits: logits at every position, as plain transformers computes them;
+# - offsite_checkpointed: the emulator blocks recompute their activations in the backward pass;
+# - offsite_top: the top-only adapter of offsite_top_cached, trained without the emulator cache.
+VARIANTS = ("offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_top")
+ALL_SETTINGS = SETTINGS + VARIANTS
 TOP_ONLY = ("offsite_top_cached", "offsite_top")  # trained on the same split with --bottom 0
 TASKS = ("choice", "lm")
 # A choice task scores the continuation only; the built-in bbc-news topics are one token each.
