@@ -36,6 +36,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         count = labels.numel()
         total = torch.zeros((), dtype=torch.float32)
         grad = torch.empty_like(hidden)
+        weight_float = weight.float()  # once, not per chunk: a copy for half-precision heads
         for start in range(0, count, CHUNK_POSITIONS):
             rows = slice(start, start + CHUNK_POSITIONS)
             logits = (hidden[rows] @ weight.T).float()
@@ -46,7 +47,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             total += (log_norm - logits.gather(1, targets[:, None]).squeeze(1)).sum()
             probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             probs[torch.arange(len(targets)), targets] -= 1
-            grad[rows] = (probs @ weight.float()).to(hidden.dtype) / count
+            grad[rows] = (probs @ weight_float).to(hidden.dtype) / count
         ctx.save_for_backward(grad)
         return total / count
 
