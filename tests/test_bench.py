@@ -14,7 +14,8 @@ from tiny_models import make_tiny_model
 TINY = dict(split=SplitConfig(bottom=2, top=2, emulator_layers=2), batch_size=2, seq_len=16, steps=2,
             warmup_steps=1, epochs=2, isolate=False, threads=1)
 ROW_KEYS = {"setting", "tokens_per_s", "step_seconds", "peak_rss_mb", "peak_tensor_mb", "tensor_mb_before_step",
-            "trainable_params", "trained_layers", "model_blocks", "logits", "torch_threads"}
+            "trainable_params", "trained_layers", "model_blocks", "logits", "torch_threads",
+            "allocator"}
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +85,8 @@ def test_flop_limit_follows_the_documented_formula(llama_result):
 
 
 def test_variants_undo_one_optimisation_each(model_dirs):
-    variants = ["offsite", "offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_top"]
+    variants = ["offsite", "offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_top",
+                "offsite_lora", "offsite_lora_checkpointed"]
     result = bench(BenchConfig(model=str(model_dirs["llama"]), settings=["full_ft", *variants], eval_examples=0,
                                **TINY))
     rows = {row["setting"]: row for row in result["rows"]}
@@ -97,6 +99,11 @@ def test_variants_undo_one_optimisation_each(model_dirs):
     assert rows["offsite_emulator_grads"]["peak_tensor_mb"] > rows["offsite"]["peak_tensor_mb"]
     assert rows["offsite_all_logits"]["peak_tensor_mb"] > rows["offsite"]["peak_tensor_mb"]
     assert rows["offsite_checkpointed"]["peak_tensor_mb"] < rows["offsite"]["peak_tensor_mb"]
+    lora, checkpointed = rows["offsite_lora"], rows["offsite_lora_checkpointed"]
+    assert checkpointed["trainable_params"] == lora["trainable_params"] < rows["offsite"]["trainable_params"]
+    assert checkpointed["trained_layers"] == lora["trained_layers"] == [0, 1, 6, 7]
+    assert checkpointed["peak_tensor_mb"] < lora["peak_tensor_mb"]
+    assert all(row["allocator"] in ("tcmalloc", "system") for row in rows.values())
     assert all(0 < row["runtime_rss_mb"] < row["peak_rss_mb"] for row in rows.values())
     assert set(result["flop_ratio_limit"]) == {"full_ft", *variants}
     weights = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # tiny llama, as below
@@ -106,6 +113,9 @@ def test_variants_undo_one_optimisation_each(model_dirs):
     assert costs["offsite_emulator_grads"] == 6 * train + 2 * head / 16
     assert costs["offsite_all_logits"] == 4 * train + 2 * passes + 2 * head
     assert costs["offsite_checkpointed"] == 4 * train + 2 * (3 * weights + 4 * attention) + 2 * head / 16
+    recompute = costs["offsite_checkpointed"] - costs["offsite"]
+    assert recompute == 2 * (weights + attention)  # one more forward of each emulator block
+    assert costs["offsite_lora_checkpointed"] - costs["offsite_lora"] == recompute
     assert costs["offsite_top"] == 2 * train + 2 * (weights + attention) + 2 * head / 16
     assert "Above it, the memory ratios are: offsite" in format_bench(result)
 

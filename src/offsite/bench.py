@@ -45,9 +45,12 @@ SETTINGS = ("full_ft", "full_ft_lora", "offsite", "offsite_lora", "offsite_top_c
 # - offsite_emulator_grads: every frozen weight still gets a gradient (requires_grad left on; the
 #   optimizer steps only the adapter);
 # - offsite_all_logits: logits at every position, as plain transformers computes them;
-# - offsite_checkpointed: the emulator blocks recompute their activations in the backward pass;
+# - offsite_checkpointed, offsite_lora_checkpointed: the emulator blocks recompute their activations in
+#   the backward pass;
 # - offsite_top: the top-only adapter of offsite_top_cached, trained without the emulator cache.
-VARIANTS = ("offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_top")
+VARIANTS = ("offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_lora_checkpointed",
+            "offsite_top")
+CHECKPOINTED = ("offsite_checkpointed", "offsite_lora_checkpointed")
 ALL_SETTINGS = SETTINGS + VARIANTS
 TOP_ONLY = ("offsite_top_cached", "offsite_top")  # trained on the same split with --bottom 0
 TASKS = ("choice", "lm")
@@ -113,7 +116,8 @@ class BenchConfig(JsonConfig):
         full = SplitPlan(num_layers, everything, (), ())
         sandwich = plan_split(num_layers, self.split)
         plans = {"full_ft": full, "full_ft_lora": full, "offsite": sandwich, "offsite_lora": sandwich,
-                 "offsite_emulator_grads": sandwich, "offsite_all_logits": sandwich, "offsite_checkpointed": sandwich}
+                 "offsite_emulator_grads": sandwich, "offsite_all_logits": sandwich, "offsite_checkpointed": sandwich,
+                 "offsite_lora_checkpointed": sandwich}
         if self.split.top:
             top_only = plan_split(num_layers, replace(self.split, bottom=0))
             plans.update({name: top_only for name in TOP_ONLY})
@@ -122,6 +126,10 @@ class BenchConfig(JsonConfig):
     @property
     def scored_tokens(self) -> int:
         return CHOICE_SCORED_TOKENS if self.task == "choice" else self.seq_len
+
+
+def uses_lora(setting: str) -> bool:
+    return "lora" in setting.split("_")
 
 
 def model_config(config: BenchConfig, num_layers: int | None = None) -> PretrainedConfig:
@@ -152,10 +160,10 @@ def flop_costs(config: BenchConfig, shapes: Shapes) -> dict[str, float]:
     for name, plan in config.plans(shapes.num_layers).items():
         if name != "full_ft" and name not in config.settings:
             continue
-        modes = plan_modes(shapes.num_layers, plan.kept, plan.adapter, lora=name.endswith("lora"))
+        modes = plan_modes(shapes.num_layers, plan.kept, plan.adapter, lora=uses_lora(name))
         if name == "offsite_emulator_grads":
             modes = ["train" if mode == "pass" else mode for mode in modes]
-        if name == "offsite_checkpointed":
+        if name in CHECKPOINTED:
             modes = ["recompute" if mode == "pass" else mode for mode in modes]
         all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
         scored = 1.0 if all_logits else config.scored_tokens / config.seq_len

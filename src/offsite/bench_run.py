@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from offsite import allocator
 from offsite.arch import get_layers
-from offsite.bench import TOP_ONLY, BenchConfig, model_config
+from offsite.bench import CHECKPOINTED, TOP_ONLY, BenchConfig, model_config, uses_lora
 from offsite.checkpointing import checkpointed_blocks
 from offsite.config import SplitConfig
 from offsite.data import ChoiceExample
@@ -159,12 +160,12 @@ class Trainee:
 
 def prepare_trainee(config: BenchConfig, name: str, model: nn.Module, positions: list[int]) -> Trainee:
     """Set a (non-cached) setting up on its loaded model, whose blocks at `positions` are the trainable ones."""
-    trained = add_lora(model, positions, config.lora_rank, None) if name.endswith("lora") else model
+    trained = add_lora(model, positions, config.lora_rank, None) if uses_lora(name) else model
     stepped = [p for p in trained.parameters() if p.requires_grad]
     if name == "offsite_emulator_grads":
         trained.requires_grad_(True)
     all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
-    context = checkpointed_blocks(model, positions) if name == "offsite_checkpointed" else contextlib.nullcontext()
+    context = checkpointed_blocks(model, positions) if name in CHECKPOINTED else contextlib.nullcontext()
     return Trainee(trained, stepped, all_positions_loss if all_logits else batch_loss, all_logits, context)
 
 
@@ -185,7 +186,7 @@ def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> d
         all_logits = trainee.all_logits
     return {"setting": name, **measured, "trained_layers": trained_layers, "model_blocks": len(originals),
             "logits": "all positions" if all_logits else "scored positions",
-            "torch_threads": torch.get_num_threads(), "runtime_rss_mb": runtime_rss, "peak_rss_mb": peak_rss_mb()}
+            "torch_threads": torch.get_num_threads(), "allocator": allocator.active(), "runtime_rss_mb": runtime_rss, "peak_rss_mb": peak_rss_mb()}
 
 
 def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction,

@@ -7,9 +7,11 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
+from offsite import allocator
 from offsite.config import SplitConfig
 from offsite.errors import OffsiteError
 
@@ -77,10 +79,14 @@ def _build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default=None,
+                        help="memory allocator for training processes: tcmalloc lowers peak memory and is faster; "
+                             f"auto uses it where found (default: ${allocator.ENV} or auto)")
     # The same flags after the command name; SUPPRESS keeps them from resetting the ones given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--allocator", choices=allocator.CHOICES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_command = functools.partial(commands.add_parser, parents=[common])
 
@@ -180,8 +186,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=3, help="epochs of offsite_top_cached (default 3)")
     bench.add_argument("--settings", nargs="+",
                        help="run only these settings (default: the five main ones); the variants "
-                            "offsite_emulator_grads, offsite_all_logits, offsite_checkpointed and offsite_top each "
-                            "undo or add one optimisation of offsite, to measure it")
+                            "offsite_emulator_grads, offsite_all_logits, offsite_checkpointed, "
+                            "offsite_lora_checkpointed and offsite_top each undo or add one optimisation of "
+                            "offsite, to measure it")
     bench.add_argument("--eval-examples", type=int, default=20, help="choice-scoring benchmark size; 0 skips it")
     bench.add_argument("--threads", type=int, help="torch threads per measuring process (default: torch's)")
     bench.add_argument("--in-process", action="store_true",
@@ -332,10 +339,29 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
         hub_logging.set_verbosity_error()
 
 
+def _restart_with_allocator(args: argparse.Namespace) -> None:
+    """Run this command again in a process started with the chosen allocator, if it is not running with it.
+
+    Only the installed `offsite` command does this (`main()` without argv), never a library caller.
+    """
+    if args.allocator is not None:
+        os.environ[allocator.ENV] = args.allocator  # the processes offsite spawns see the choice too
+    extra = allocator.preload_environment()
+    if extra:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra})
+    logging.getLogger("offsite").debug("allocator: %s", allocator.active())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _configure_logging(args.debug, args.quiet)
     try:
+        if argv is None:
+            _restart_with_allocator(args)
+        elif args.allocator is not None:
+            os.environ[allocator.ENV] = args.allocator
         COMMANDS[args.command](args)
     except OffsiteError as error:
         if args.debug:

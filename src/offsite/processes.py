@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
+import os
 import resource
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from offsite import allocator
 
 
 def _status_mb(field: str) -> float | None:
@@ -40,7 +44,24 @@ def in_fresh_process(isolate: bool, function: Callable[..., dict[str, Any]], *ar
         return function(*args)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_quiet_loading) as pool:
-        return pool.submit(function, *args).result()
+        with _environment(allocator.preload_environment()):  # the process starts on the first submit
+            future = pool.submit(function, *args)
+        return future.result()
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """`extra` set in os.environ (which spawned processes inherit) for the duration, then restored."""
+    saved = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _quiet_loading() -> None:
