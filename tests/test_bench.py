@@ -86,7 +86,7 @@ def test_flop_limit_follows_the_documented_formula(llama_result):
 
 def test_variants_undo_one_optimisation_each(model_dirs):
     variants = ["offsite", "offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_top",
-                "offsite_lora", "offsite_lora_checkpointed"]
+                "offsite_lora", "offsite_lora_checkpointed", "offsite_top_cached_lora"]
     result = bench(BenchConfig(model=str(model_dirs["llama"]), settings=["full_ft", *variants], eval_examples=0,
                                **TINY))
     rows = {row["setting"]: row for row in result["rows"]}
@@ -103,6 +103,9 @@ def test_variants_undo_one_optimisation_each(model_dirs):
     assert checkpointed["trainable_params"] == lora["trainable_params"] < rows["offsite"]["trainable_params"]
     assert checkpointed["trained_layers"] == lora["trained_layers"] == [0, 1, 6, 7]
     assert checkpointed["peak_tensor_mb"] < lora["peak_tensor_mb"]
+    cached_lora = rows["offsite_top_cached_lora"]
+    assert cached_lora["trained_layers"] == [6, 7] and cached_lora["blocks_run_per_step"] == 2
+    assert 0 < cached_lora["trainable_params"] < lora["trainable_params"] / 2 + 1
     assert all(row["allocator"] in ("tcmalloc", "system") for row in rows.values())
     assert all(0 < row["runtime_rss_mb"] < row["peak_rss_mb"] for row in rows.values())
     assert set(result["flop_ratio_limit"]) == {"full_ft", *variants}
@@ -116,6 +119,9 @@ def test_variants_undo_one_optimisation_each(model_dirs):
     recompute = costs["offsite_checkpointed"] - costs["offsite"]
     assert recompute == 2 * (weights + attention)  # one more forward of each emulator block
     assert costs["offsite_lora_checkpointed"] - costs["offsite_lora"] == recompute
+    lora_block = (costs["offsite_lora"] - 2 * passes - 2 * head / 16) / 4
+    # two LoRA top blocks; the two emulator blocks run forward once over the 2 epochs
+    assert costs["offsite_top_cached_lora"] == pytest.approx(2 * lora_block + (weights + attention) + 2 * head / 16)
     assert costs["offsite_top"] == 2 * train + 2 * (weights + attention) + 2 * head / 16
     assert "Above it, the memory ratios are: offsite" in format_bench(result)
 

@@ -40,19 +40,21 @@ from offsite.split import SplitPlan, plan_split
 log = logging.getLogger(__name__)
 
 SETTINGS = ("full_ft", "full_ft_lora", "offsite", "offsite_lora", "offsite_top_cached")
-# `offsite` with one optimisation undone (or, for checkpointing, one memory trade-off made), to
-# measure each optimisation before and after in one run. Run only when asked for (--settings):
+# `offsite` with one optimisation undone (or one more made), to measure each optimisation before and
+# after in one run. Run only when asked for (--settings):
 # - offsite_emulator_grads: every frozen weight still gets a gradient (requires_grad left on; the
 #   optimizer steps only the adapter);
 # - offsite_all_logits: logits at every position, as plain transformers computes them;
 # - offsite_checkpointed, offsite_lora_checkpointed: the emulator blocks recompute their activations in
 #   the backward pass;
-# - offsite_top: the top-only adapter of offsite_top_cached, trained without the emulator cache.
+# - offsite_top: the top-only adapter of offsite_top_cached, trained without the emulator cache;
+# - offsite_top_cached_lora: offsite_top_cached with LoRA on the top adapter blocks.
 VARIANTS = ("offsite_emulator_grads", "offsite_all_logits", "offsite_checkpointed", "offsite_lora_checkpointed",
-            "offsite_top")
+            "offsite_top", "offsite_top_cached_lora")
 CHECKPOINTED = ("offsite_checkpointed", "offsite_lora_checkpointed")
 ALL_SETTINGS = SETTINGS + VARIANTS
-TOP_ONLY = ("offsite_top_cached", "offsite_top")  # trained on the same split with --bottom 0
+TOP_ONLY = ("offsite_top_cached", "offsite_top", "offsite_top_cached_lora")  # the same split with --bottom 0
+CACHED = ("offsite_top_cached", "offsite_top_cached_lora")
 TASKS = ("choice", "lm")
 # A choice task scores the continuation only; the built-in bbc-news topics are one token each.
 CHOICE_SCORED_TOKENS = 1
@@ -167,7 +169,7 @@ def flop_costs(config: BenchConfig, shapes: Shapes) -> dict[str, float]:
             modes = ["recompute" if mode == "pass" else mode for mode in modes]
         all_logits = name.startswith("full_ft") or name == "offsite_all_logits"
         scored = 1.0 if all_logits else config.scored_tokens / config.seq_len
-        share = 1.0 / config.epochs if name == "offsite_top_cached" else 1.0
+        share = 1.0 / config.epochs if name in CACHED else 1.0
         costs[name] = token_cost(shapes, Plan(modes, scored, share), config.seq_len, config.lora_rank)
     return costs
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from offsite import allocator
 from offsite.arch import get_layers
-from offsite.bench import CHECKPOINTED, TOP_ONLY, BenchConfig, model_config, uses_lora
+from offsite.bench import CACHED, CHECKPOINTED, TOP_ONLY, BenchConfig, model_config, uses_lora
 from offsite.checkpointing import checkpointed_blocks
 from offsite.config import SplitConfig
 from offsite.data import ChoiceExample
@@ -128,14 +128,9 @@ def tensor_memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of
     return {"before_step": before / 2**20, "peak": tracker.peak / 2**20}
 
 
-def step_batches(sequences: list[Sequence], batch_size: int, cache: EmulatorCache | None = None) -> list[dict]:
-    batches = []
-    for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start: start + batch_size], pad_id=0)  # equal lengths: no padding
-        if cache is not None:
-            batch["frozen_output"] = cache.batch(list(range(start, min(start + batch_size, len(sequences)))))
-        batches.append(batch)
-    return batches
+def step_batches(sequences: list[Sequence], batch_size: int) -> list[dict]:
+    # equal lengths: no padding
+    return [collate(sequences[start: start + batch_size], pad_id=0) for start in range(0, len(sequences), batch_size)]
 
 
 def _start(config_dict: dict[str, Any]) -> BenchConfig:
@@ -177,8 +172,8 @@ def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> d
     freeze_all_but(model, positions)
     trained_layers = [originals[i] for i, block in enumerate(get_layers(model))
                       if any(p.requires_grad for p in block.parameters())]
-    if name == "offsite_top_cached":
-        measured, all_logits = _measure_cached(config, model, positions), False
+    if name in CACHED:
+        measured, all_logits = _measure_cached(config, model, positions, uses_lora(name)), False
     else:
         trainee = prepare_trainee(config, name, model, positions)
         with trainee.context:
@@ -206,30 +201,41 @@ def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction,
             "trainable_params": sum(p.numel() for p in stepped), "peak_tensor_mb": tensor["peak"], "tensor_mb_before_step": tensor["before_step"]}
 
 
-def _measure_cached(config: BenchConfig, model: nn.Module, positions: list[int]) -> dict[str, Any]:
-    """One epoch is `steps` batches: cache them (timed), warm up, then time `epochs` epochs of steps."""
+def _measure_cached(config: BenchConfig, model: nn.Module, positions: list[int], lora: bool) -> dict[str, Any]:
+    """One epoch is `steps` batches: cache them (timed), warm up, then time `epochs` epochs of steps.
+
+    As in `offsite tune --cache-emulator`, the cache is built first and LoRA (if any) added after it,
+    and each step pads its batch's cached outputs.
+    """
     sequences = bench_sequences(config, model.config.vocab_size, config.steps * config.batch_size)
     start = time.perf_counter()
     cache = EmulatorCache.build(model, sequences, positions, pad_id=0, batch_size=config.batch_size)
     cache_seconds = time.perf_counter() - start
-    batches = step_batches(sequences, config.batch_size, cache)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    trained = add_lora(model, positions, config.lora_rank, None) if lora else model
+    batches = step_batches(sequences, config.batch_size)
+
+    def with_cached_output(index: int) -> dict[str, torch.Tensor]:
+        rows = range(index * config.batch_size, min((index + 1) * config.batch_size, len(sequences)))
+        return {**batches[index], "frozen_output": cache.batch(list(rows))}
+
+    trained.train()
+    stepped = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(stepped, lr=LR)
     for step in range(config.warmup_steps):
-        train_step(model, optimizer, cache.loss, batches[step % len(batches)])
-    seconds = [train_step(model, optimizer, cache.loss, batch) for _ in range(config.epochs) for batch in batches]
+        train_step(trained, optimizer, cache.loss, with_cached_output(step % len(batches)))
+    start = time.perf_counter()
+    seconds = [train_step(trained, optimizer, cache.loss, with_cached_output(index))
+               for _ in range(config.epochs) for index in range(len(batches))]
+    training_seconds = time.perf_counter() - start  # the steps and the padding of their cached outputs
     tokens = config.epochs * len(sequences) * config.seq_len
     step = statistics.median(seconds)
-    tensor = tensor_memory_mb(model, optimizer, cache.loss, batches[-1], cache.outputs)
-    return {"tokens_per_s": tokens / (cache_seconds + sum(seconds)), "step_seconds": step,
+    tensor = tensor_memory_mb(trained, optimizer, cache.loss, with_cached_output(len(batches) - 1), cache.outputs)
+    return {"tokens_per_s": tokens / (cache_seconds + training_seconds), "step_seconds": step,
             "tokens_per_s_steady": config.batch_size * config.seq_len / step, "cache_seconds": cache_seconds,
             "epochs": config.epochs, "cache_mb": sum(o.numel() * o.element_size() for o in cache.outputs) / 2**20,
             "blocks_run_per_step": len(get_layers(model)) - cache.prefix,
-            "trainable_params": _trainable(model), "peak_tensor_mb": tensor["peak"], "tensor_mb_before_step": tensor["before_step"]}
-
-
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+            "trainable_params": sum(p.numel() for p in stepped), "peak_tensor_mb": tensor["peak"],
+            "tensor_mb_before_step": tensor["before_step"]}
 
 
 # Filler for bbc-news-shaped contexts; the words do not change the cost.
