@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 from offsite.errors import OffsiteError
@@ -57,7 +58,7 @@ def active() -> str:
 def preload_environment(choice: str | None = None) -> dict[str, str]:
     """Environment variables a new process needs to run with the chosen allocator (empty: none needed)."""
     choice = choice or requested()
-    if choice == "system" or active() == "tcmalloc":
+    if choice == "system" or active() == "tcmalloc" or not sys.platform.startswith("linux"):
         return {}
     library = find_tcmalloc()
     if library is None:

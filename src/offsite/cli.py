@@ -339,6 +339,9 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
         hub_logging.set_verbosity_error()
 
 
+_RESTARTED = "OFFSITE_RESTARTED"
+
+
 def _restart_with_allocator(args: argparse.Namespace) -> None:
     """Run this command again in a process started with the chosen allocator, if it is not running with it.
 
@@ -347,21 +350,21 @@ def _restart_with_allocator(args: argparse.Namespace) -> None:
     if args.allocator is not None:
         os.environ[allocator.ENV] = args.allocator  # the processes offsite spawns see the choice too
     extra = allocator.preload_environment()
-    if extra:
+    if extra and _RESTARTED not in os.environ:  # once: if the preload did not take, carry on without it
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra})
-    logging.getLogger("offsite").debug("allocator: %s", allocator.active())
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra, _RESTARTED: "1"})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    _configure_logging(args.debug, args.quiet)
     try:
         if argv is None:
-            _restart_with_allocator(args)
+            _restart_with_allocator(args)  # before logging is set up: that imports transformers
         elif args.allocator is not None:
             os.environ[allocator.ENV] = args.allocator
+        _configure_logging(args.debug, args.quiet)
+        logging.getLogger("offsite").debug("allocator: %s", allocator.active())
         COMMANDS[args.command](args)
     except OffsiteError as error:
         if args.debug:
