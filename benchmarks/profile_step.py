@@ -6,6 +6,9 @@ with the most self CPU time, grouped into the parts of a step.
 
     python benchmarks/profile_step.py smollm2-135m --setting offsite_lora --steps 3
     python benchmarks/profile_step.py smollm2-135m --setting full_ft --json > full_ft.json
+
+It runs in this process, with this process's allocator: prefix the command with
+LD_PRELOAD=<path to libtcmalloc_minimal.so.4> to profile what `offsite bench` runs by default.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from offsite.bench import ALL_SETTINGS, BenchConfig
+from offsite import allocator
+from offsite.bench import ALL_SETTINGS, CACHED, BenchConfig
 from offsite.bench_run import LR, bench_sequences, prepare_bundles, prepare_trainee, setting_model, step_batches, train_step
 from offsite.config import SplitConfig
 from offsite.tune import freeze_all_but
@@ -68,14 +72,15 @@ def profile_setting(config: BenchConfig, name: str, steps: int) -> dict:
         parts[part_of(event.key)] += event.self_cpu_time_total
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
     return {
-        "setting": name, "steps": steps, "step_seconds": sum(seconds) / len(seconds),
+        "setting": name, "steps": steps, "step_seconds": sum(seconds) / len(seconds), "allocator": allocator.active(),
         "parts": {part: value / total for part, value in sorted(parts.items(), key=lambda kv: -kv[1])},
         "top_ops": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in top],
     }
 
 
 def format_profile(result: dict) -> str:
-    lines = [f"{result['setting']}: {result['step_seconds']:.3f} s/step (profiled, mean of {result['steps']})", "",
+    lines = [f"{result['setting']}: {result['step_seconds']:.3f} s/step (profiled, mean of {result['steps']}; "
+             f"{result['allocator']} allocator)", "",
              "| part of the step | share of self CPU time |", "|---|---|"]
     lines += [f"| {part} | {share:.1%} |" for part, share in result["parts"].items()]
     lines += ["", "| operator | share | calls |", "|---|---|---|"]
@@ -86,7 +91,7 @@ def format_profile(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
-    parser.add_argument("--setting", default="offsite_lora", choices=[s for s in ALL_SETTINGS if s != "offsite_top_cached"])
+    parser.add_argument("--setting", default="offsite_lora", choices=[s for s in ALL_SETTINGS if s not in CACHED])
     parser.add_argument("--task", default="choice")
     parser.add_argument("--emulator-layers", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
