@@ -1,8 +1,10 @@
 """Training the adapter through the emulator."""
 
 import json
+import warnings
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import input_batch
 from offsite import TrainConfig, TuneConfig, tune
@@ -12,7 +14,7 @@ from offsite.bundle import bundle_index, load_bundle
 from offsite.data import TextData
 from offsite.evaluate import load_for_eval, mean_loss, score
 from offsite.loading import load_tokenizer
-from offsite.tune import Best, freeze_all_but
+from offsite.tune import Best, add_lora, freeze_all_but
 from test_bundle import make_bundle
 from tiny_models import SAMPLE_TEXT
 
@@ -92,3 +94,11 @@ def test_best_keeps_better_results_only():
     best.offer({"task": "choice", "accuracy": 0.4}, 2, model)
     best.restore(model)
     assert best.step == 1 and torch.equal(model.weight, kept)
+
+
+def test_adding_lora_warns_about_nothing_the_user_can_fix(model_dirs):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(model, [0], rank=4, alpha=None)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,10 @@ def add_lora(model: PreTrainedModel, positions: list[int], rank: int, alpha: flo
     ]
     lora = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets,
                       fan_in_fan_out=isinstance(model.get_submodule(targets[0]), Conv1D))
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 for a renamed attribute; nothing the user can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def training_sequences(data: Data, tokenizer, seq_len: int) -> list[Sequence]:
