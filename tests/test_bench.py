@@ -124,6 +124,7 @@ def test_variants_undo_one_optimisation_each(model_dirs):
     assert costs["offsite_top_cached_lora"] == pytest.approx(2 * lora_block + (weights + attention) + 2 * head / 16)
     assert costs["offsite_top"] == 2 * train + 2 * (weights + attention) + 2 * head / 16
     assert "Above it, the memory ratios are: offsite" in format_bench(result)
+    assert f"{rows['offsite']['allocator']} allocator" in format_bench(result)
 
 
 def test_choice_evaluation_agrees_with_the_naive_loop(llama_result):

@@ -258,13 +258,13 @@ def format_bench(result: dict[str, Any]) -> str:
     config, machine = result["config"], result["machine"]
     split = config["split"]
     threads = sorted({row["torch_threads"] for row in result["rows"]})  # the measuring processes', not ours
+    allocators = sorted({row.get("allocator", "system") for row in result["rows"]})
     lines = [
         f"offsite bench {result['model']}: task {config['task']}, batch {config['batch_size']} x "
         f"{config['seq_len']} tokens, split {split['bottom']}-{split['emulator_layers'] or split['drop_ratio']}-"
         f"{split['top']} (top-cached: --bottom 0, {config['epochs']} epochs), median of {config['steps']} steps "
         f"after {config['warmup_steps']} warm-up; {machine['cpu']} ({machine['cpu_count']} cores), torch threads "
-        f"{'/'.join(map(str, threads))}, "
-        f"{machine['date']}",
+        f"{'/'.join(map(str, threads))}, {'/'.join(allocators)} allocator, {machine['date']}",
         "",
         "| setting | tokens/s | speed-up | FLOP limit | peak RSS MB | memory ratio | peak tensor MB | trainable params |",
         "|---|---|---|---|---|---|---|---|",
