@@ -10,6 +10,7 @@ from offsite.adapter import load_adapter
 from offsite.bundle import bundle_index, load_bundle
 from offsite.emulator_cache import EmulatorCache
 from offsite.evaluate import batch_loss, load_for_eval
+from offsite.parking import parked
 from offsite.tokens import IGNORE, Sequence, collate
 from offsite.tune import freeze_all_but
 from test_tune import run_tune
@@ -61,8 +62,10 @@ def test_replayed_emulator_gives_the_same_loss_and_gradients(family, model_dirs,
 
 def test_cached_tuning_trains_the_same_adapter_and_plugs_in(model_dirs, sample_text_file, tmp_path):
     bundle = top_only_bundle(model_dirs["llama"], tmp_path / "b")
-    plain = run_tune(bundle, sample_text_file, tmp_path / "plain", max_steps=4)
-    cached = run_tune(bundle, sample_text_file, tmp_path / "cached", max_steps=4, cache_emulator=True)
+    # validation runs through the whole bundle, so the parked emulator weights must come back for it
+    validated = {"eval_data": str(sample_text_file), "eval_every": 2}
+    plain = run_tune(bundle, sample_text_file, tmp_path / "plain", max_steps=4, **validated)
+    cached = run_tune(bundle, sample_text_file, tmp_path / "cached", max_steps=4, cache_emulator=True, **validated)
     adapter, reference = load_adapter(cached), load_adapter(plain)
     assert adapter.layers == [6, 7]
     for layer, tensors in adapter.tensors.items():
@@ -70,6 +73,9 @@ def test_cached_tuning_trains_the_same_adapter_and_plugs_in(model_dirs, sample_t
             assert torch.allclose(tensor, reference.tensors[layer][name], atol=1e-5), (layer, name)
     summary = json.loads((cached / "adapter.json").read_text())["training"]["summary"]
     assert summary["cache_seconds"] > 0 and summary["steps"] == 4
+    plain_summary = json.loads((plain / "adapter.json").read_text())["training"]["summary"]
+    numbers = {k: v for k, v in summary["best_eval"].items() if isinstance(v, float)}
+    assert numbers and numbers == pytest.approx({k: plain_summary["best_eval"][k] for k in numbers}, rel=1e-5)
     untrained, _ = load_bundle(bundle)
     assert not torch.equal(untrained.model.layers[4].mlp.up_proj.weight, adapter.tensors[7]["mlp.up_proj.weight"])
     plugged = load_for_eval(str(model_dirs["llama"]), str(cached))  # plugging works as usual
@@ -82,3 +88,21 @@ def test_cache_needs_a_bundle_without_bottom_layers(model_dirs, sample_text_file
     with pytest.raises(OffsiteError, match="--cache-emulator: block 0 is trainable.*--bottom 0"):
         run_tune(bundle, sample_text_file, tmp_path / "a", cache_emulator=True)
     assert not (tmp_path / "a").exists()
+
+
+def test_parked_weights_leave_memory_and_come_back_exactly(model_dirs, tmp_path):
+    model, manifest = load_bundle(top_only_bundle(model_dirs["llama"], tmp_path / "b"))
+    blocks = list(model.model.layers[:3])
+    blocks[0].self_attn.q_proj.weight.data = blocks[0].self_attn.q_proj.weight.data.bfloat16()  # any dtype
+    blocks.append(blocks[1])  # a shared block (the +share methods) is parked once
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    nbytes = sum(p.numel() * p.element_size() for b in blocks[:3] for p in b.parameters())
+    with parked(blocks) as weights:
+        assert weights.nbytes == nbytes
+        assert all(p.numel() == 0 for b in blocks for p in b.parameters())
+        assert model.model.layers[3].mlp.up_proj.weight.numel() > 0  # only the given blocks
+        with weights.loaded():
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert all(p.numel() == 0 for b in blocks for p in b.parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) and param.dtype == before[name].dtype, name

@@ -205,31 +205,35 @@ def _measure_cached(config: BenchConfig, model: nn.Module, positions: list[int],
     """One epoch is `steps` batches: cache them (timed), warm up, then time `epochs` epochs of steps.
 
     As in `offsite tune --cache-emulator`, the cache is built first and LoRA (if any) added after it,
-    and each step pads its batch's cached outputs.
+    the cached blocks' weights are parked on disk while the steps run, and each step pads its
+    batch's cached outputs.
     """
     sequences = bench_sequences(config, model.config.vocab_size, config.steps * config.batch_size)
-    start = time.perf_counter()
-    cache = EmulatorCache.build(model, sequences, positions, pad_id=0, batch_size=config.batch_size)
-    cache_seconds = time.perf_counter() - start
-    trained = add_lora(model, positions, config.lora_rank, None) if lora else model
-    batches = step_batches(sequences, config.batch_size)
+    with contextlib.ExitStack() as stack:
+        start = time.perf_counter()
+        cache = EmulatorCache.build(model, sequences, positions, pad_id=0, batch_size=config.batch_size)
+        stack.enter_context(cache.frozen_blocks_parked())
+        cache_seconds = time.perf_counter() - start
+        trained = add_lora(model, positions, config.lora_rank, None) if lora else model
+        batches = step_batches(sequences, config.batch_size)
 
-    def with_cached_output(index: int) -> dict[str, torch.Tensor]:
-        rows = range(index * config.batch_size, min((index + 1) * config.batch_size, len(sequences)))
-        return {**batches[index], "frozen_output": cache.batch(list(rows))}
+        def with_cached_output(index: int) -> dict[str, torch.Tensor]:
+            rows = range(index * config.batch_size, min((index + 1) * config.batch_size, len(sequences)))
+            return {**batches[index], "frozen_output": cache.batch(list(rows))}
 
-    trained.train()
-    stepped = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(stepped, lr=LR)
-    for step in range(config.warmup_steps):
-        train_step(trained, optimizer, cache.loss, with_cached_output(step % len(batches)))
-    start = time.perf_counter()
-    seconds = [train_step(trained, optimizer, cache.loss, with_cached_output(index))
-               for _ in range(config.epochs) for index in range(len(batches))]
-    training_seconds = time.perf_counter() - start  # the steps and the padding of their cached outputs
+        trained.train()
+        stepped = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(stepped, lr=LR)
+        for step in range(config.warmup_steps):
+            train_step(trained, optimizer, cache.loss, with_cached_output(step % len(batches)))
+        start = time.perf_counter()
+        seconds = [train_step(trained, optimizer, cache.loss, with_cached_output(index))
+                   for _ in range(config.epochs) for index in range(len(batches))]
+        training_seconds = time.perf_counter() - start  # the steps and the padding of their cached outputs
+        tensor = tensor_memory_mb(trained, optimizer, cache.loss, with_cached_output(len(batches) - 1),
+                                  cache.outputs)
     tokens = config.epochs * len(sequences) * config.seq_len
     step = statistics.median(seconds)
-    tensor = tensor_memory_mb(trained, optimizer, cache.loss, with_cached_output(len(batches) - 1), cache.outputs)
     return {"tokens_per_s": tokens / (cache_seconds + training_seconds), "step_seconds": step,
             "tokens_per_s_steady": config.batch_size * config.seq_len / step, "cache_seconds": cache_seconds,
             "epochs": config.epochs, "cache_mb": sum(o.numel() * o.element_size() for o in cache.outputs) / 2**20,

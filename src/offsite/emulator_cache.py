@@ -8,6 +8,10 @@ without dropout) and keeps their output; each training step then swaps them for
 blocks and the head. The model's own forward still runs (embeddings, masks, position
 encodings), so this works for every architecture the layer table knows.
 
+While training on the cache, `frozen_blocks_parked()` moves the frozen blocks' weights to a
+temporary file (offsite.parking): no replayed step reads them. Evaluation through the whole
+bundle brings them back for its duration (`frozen_blocks_loaded()`).
+
 The trade: later epochs are much cheaper, but the cache holds seq_len x hidden values per
 training sequence, and the adapter can only adapt the top of the model.
 """
@@ -26,6 +30,7 @@ from offsite.arch import get_layers
 from offsite.chunked_loss import plain_head
 from offsite.errors import OffsiteError
 from offsite.evaluate import batch_loss
+from offsite.parking import ParkedWeights, parked
 from offsite.tokens import Sequence, collate
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class EmulatorCache:
     prefix: int
     outputs: list[torch.Tensor]
     tuple_length: int
+    parked_weights: ParkedWeights | None = None
 
     @classmethod
     @torch.no_grad()
@@ -129,6 +135,23 @@ class EmulatorCache:
         finally:
             for i, block in enumerate(frozen):
                 layers[i] = block
+
+    @contextlib.contextmanager
+    def frozen_blocks_parked(self) -> Iterator[None]:
+        """The cached blocks' weights on disk for the duration (training on the cache never reads them)."""
+        plain_head(self.model)  # its one-time check runs the real blocks
+        with parked(get_layers(self.model)[: self.prefix]) as weights:
+            self.parked_weights = weights
+            try:
+                yield
+            finally:
+                self.parked_weights = None
+
+    @contextlib.contextmanager
+    def frozen_blocks_loaded(self) -> Iterator[None]:
+        """The cached blocks' weights in memory for the duration, e.g. to evaluate through the whole model."""
+        with self.parked_weights.loaded() if self.parked_weights else contextlib.nullcontext():
+            yield
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`batch_loss` with the frozen blocks replayed; `model` may be the peft-wrapped model."""

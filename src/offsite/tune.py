@@ -98,7 +98,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     The training summary (steps, losses, timing; `seconds_per_step` excludes
     validation) is stored in `model.offsite_training_summary`. With
     `settings.cache_emulator`, the frozen blocks below the lowest trainable one
-    run once per sequence and are replayed (see offsite.emulator_cache); with
+    run once per sequence and are replayed, their weights parked on disk between
+    validations (see offsite.emulator_cache); with
     `settings.checkpoint_emulator`, the frozen blocks above it recompute their
     activations in the backward pass (see offsite.checkpointing).
     """
@@ -109,7 +110,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     cache_seconds = time.perf_counter() - start
     trained = add_lora(model, positions, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else model
     checkpointing = checkpointed_blocks(model, positions) if settings.checkpoint_emulator else contextlib.nullcontext()
-    with checkpointing:
+    parking = cache.frozen_blocks_parked() if cache is not None else contextlib.nullcontext()
+    with checkpointing, parking:
         summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache)
     if cache is not None:
         summary["cache_seconds"] = cache_seconds
@@ -165,7 +167,8 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
             if eval_data is not None and (step % eval_every == 0 or step == steps):
-                result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
+                with cache.frozen_blocks_loaded() if cache is not None else contextlib.nullcontext():
+                    result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
                 best.offer(result, step, model)
                 _log(metrics, {"step": step, "eval": result})
                 log.info("step %d validation %s", step, result)
