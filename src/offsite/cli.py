@@ -187,8 +187,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--settings", nargs="+",
                        help="run only these settings (default: the five main ones); the variants "
                             "offsite_emulator_grads, offsite_all_logits, offsite_checkpointed, "
-                            "offsite_lora_checkpointed and offsite_top each undo or add one optimisation of "
-                            "offsite, to measure it")
+                            "offsite_lora_checkpointed, offsite_top and offsite_top_cached_lora each undo or add "
+                            "one optimisation, to measure it")
     bench.add_argument("--eval-examples", type=int, default=20, help="choice-scoring benchmark size; 0 skips it")
     bench.add_argument("--threads", type=int, help="torch threads per measuring process (default: torch's)")
     bench.add_argument("--in-process", action="store_true",
