@@ -83,7 +83,7 @@ def setting_model(config: BenchConfig, name: str, bundle: str | None) -> tuple[n
         model = load_model(config.model) if config.model else _random_model(config, None)
         return model, list(range(plan.num_layers)), plan.kept
     if bundle is not None:
-        model, manifest = load_bundle(bundle)
+        model, manifest = load_bundle(bundle, in_memory=name in CACHED)  # as `tune --cache-emulator` loads it
         originals = tuple(executed_layers(manifest.plan, manifest.emulator))
         return model, [bundle_index(manifest)[i] for i in manifest.plan.adapter], originals
     return _random_model(config, len(plan.kept)), [plan.kept.index(i) for i in plan.adapter], plan.kept

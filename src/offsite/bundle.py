@@ -155,12 +155,15 @@ def verify_files(bundle: str | Path, manifest: Manifest) -> None:
                                "ask the model owner for a fresh bundle")
 
 
-def load_bundle(bundle: str | Path, verify: bool = True) -> tuple[PreTrainedModel, Manifest]:
-    """Load a bundle as the causal LM the data owner trains, after checking its files against the manifest."""
+def load_bundle(bundle: str | Path, verify: bool = True, in_memory: bool = False) -> tuple[PreTrainedModel, Manifest]:
+    """Load a bundle as the causal LM the data owner trains, after checking its files against the manifest.
+
+    `in_memory`: read the weights into ordinary memory rather than mapping the file (for parking).
+    """
     manifest = read_manifest(bundle)
     if verify:
         verify_files(bundle, manifest)
-    return load_emulator(Path(bundle), manifest.emulator, manifest.plan), manifest
+    return load_emulator(Path(bundle), manifest.emulator, manifest.plan, in_memory), manifest
 
 
 def bundle_index(manifest: Manifest) -> dict[int, int]:

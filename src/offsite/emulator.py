@@ -107,10 +107,14 @@ def executed_plan(plan: SplitPlan, info: dict[str, Any]) -> SplitPlan:
     return replace(plan, emulator=tuple(range(len(plan.bottom), plan.num_layers - len(plan.top))))
 
 
-def load_emulator(bundle: Path, info: dict[str, Any], plan: SplitPlan) -> PreTrainedModel:
-    """A bundle's model as it runs: compressed modules rebuilt, shared layers expanded."""
+def load_emulator(bundle: Path, info: dict[str, Any], plan: SplitPlan, in_memory: bool = False) -> PreTrainedModel:
+    """A bundle's model as it runs: compressed modules rebuilt, shared layers expanded.
+
+    `in_memory`: see offsite.loading.load_model (compressed bundles are always read into memory).
+    """
     from offsite.loading import load_model
-    model = _load_compressed(bundle, info["compression"]) if info.get("compression") else load_model(str(bundle))
+    model = (_load_compressed(bundle, info["compression"]) if info.get("compression")
+             else load_model(str(bundle), in_memory=in_memory))
     if model.config.num_hidden_layers != len(plan.kept):
         raise OffsiteError(f"bundle {bundle}: config.json has {model.config.num_hidden_layers} layers but "
                            f"its manifest lists {len(plan.kept)}")

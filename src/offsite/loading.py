@@ -19,12 +19,20 @@ def resolve(name_or_path: str) -> str:
     return resolve_model(name_or_path)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code."""
+def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: bool = False) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code.
+
+    transformers maps safetensors files into memory, so the weights stay file pages for as
+    long as any tensor of the file is alive. `in_memory` (local directories) reads them into
+    ordinary memory instead, so that freeing some of them (offsite.parking) really frees it.
+    """
     source = resolve(name_or_path)
     _check_local(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source))
+        if in_memory and _has_safetensors(source):
+            model = _load_in_memory(Path(source), dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source))
     except (OSError, ValueError, KeyError) as error:
         raise OffsiteError(
             f"could not load model '{name_or_path}': {_first_line(error)}. "
@@ -32,6 +40,19 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto") -> PreTrain
         ) from error
     model.eval()
     return model
+
+
+def _load_in_memory(source: Path, dtype: torch.dtype | str) -> PreTrainedModel:
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    config = AutoConfig.from_pretrained(source)
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(source.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", backend="pread") as file:  # read, not mapped
+            weights.update({name: file.get_tensor(name) for name in file.keys()})
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=weights,
+                                                                     dtype=dtype)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -129,7 +129,8 @@ def tune(config: TuneConfig) -> Path:
     data = read_data(config.data)
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
-    model, manifest = load_bundle(config.bundle)
+    # parking the cached blocks (offsite.emulator_cache) only frees memory if the weights are not file pages
+    model, manifest = load_bundle(config.bundle, in_memory=config.train.cache_emulator)
     tokenizer = load_tokenizer(config.bundle)
     positions = bundle_index(manifest)
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
