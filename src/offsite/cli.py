@@ -342,13 +342,11 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
 _RESTARTED = "OFFSITE_RESTARTED"
 
 
-def _restart_with_allocator(args: argparse.Namespace) -> None:
+def _restart_with_allocator() -> None:
     """Run this command again in a process started with the chosen allocator, if it is not running with it.
 
     Only the installed `offsite` command does this (`main()` without argv), never a library caller.
     """
-    if args.allocator is not None:
-        os.environ[allocator.ENV] = args.allocator  # the processes offsite spawns see the choice too
     extra = allocator.preload_environment()
     if extra and _RESTARTED not in os.environ:  # once: if the preload did not take, carry on without it
         sys.stdout.flush()
@@ -359,10 +357,10 @@ def _restart_with_allocator(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
+        if args.allocator is not None:
+            os.environ[allocator.ENV] = args.allocator  # the processes offsite spawns see the choice too
         if argv is None:
-            _restart_with_allocator(args)  # before logging is set up: that imports transformers
-        elif args.allocator is not None:
-            os.environ[allocator.ENV] = args.allocator
+            _restart_with_allocator()  # before logging is set up: that imports transformers
         _configure_logging(args.debug, args.quiet)
         logging.getLogger("offsite").debug("allocator: %s", allocator.active())
         COMMANDS[args.command](args)
