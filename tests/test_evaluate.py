@@ -60,6 +60,24 @@ def test_shared_context_scores_equal_one_forward_per_choice(family, model_dirs):
     assert shared == pytest.approx(naive, abs=2e-4)
 
 
+def test_cut_context_is_the_window_training_sees(llama):
+    """With a context longer than the window, the longest choice is scored on training's exact input."""
+    from offsite.tokens import choice_sequence, collate, token_log_probs
+    model, tok = llama
+    example = ChoiceExample("Boil fresh water, warm the pot, and add one spoon of leaves for each cup you pour",
+                            (" cup", " tea kettle", " river was quiet that morning"), 0)
+    longest = max(example.choices, key=lambda c: len(encode_pair(tok, example.context, c)[1]))
+    context_ids, longest_ids = encode_pair(tok, example.context, longest)
+    seq_len = len(longest_ids) + 3
+    assert len(context_ids) > 4  # the context really is cut: 4 of its tokens fit
+    batch = collate([choice_sequence(tok, example.context, longest, seq_len)], tok.pad_token_id)
+    assert batch["input_ids"].shape[1] == seq_len
+    with torch.no_grad():
+        trained_view = float(token_log_probs(model(input_ids=batch["input_ids"]).logits, batch["labels"]).sum())
+    scores = choice_logliks(model, tok, example, seq_len)
+    assert scores[example.choices.index(longest)] == pytest.approx(trained_view, abs=2e-4)
+
+
 def test_perplexity_matches_transformers_loss(llama):
     model, tok = llama
     ids = tok(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

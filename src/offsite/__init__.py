@@ -13,7 +13,7 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 _EXPORTS = {
     "EmulateConfig": "offsite.config", "EvalConfig": "offsite.config", "PlugConfig": "offsite.config",

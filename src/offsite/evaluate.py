@@ -64,11 +64,13 @@ def choice_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
 
     The shared context runs once; its KV cache is copied for each choice and all
     continuations run as one batch. (lm-eval runs context + choice once per choice.)
+    A long context is cut from the left as training cuts it (`tokens.choice_sequence`):
+    the longest choice sees exactly the window it was trained with, `seq_len` inputs.
     """
     pairs = [encode_pair(tokenizer, example.context, choice) for choice in example.choices]
     continuations = [continuation for _, continuation in pairs]
     width = max(len(c) for c in continuations)
-    context = pairs[0][0][-max(1, seq_len - width):]
+    context = pairs[0][0][-max(1, seq_len + 1 - width):]
     out = model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each choice's first token
     scores = [float(first[c[0]]) for c in continuations]
