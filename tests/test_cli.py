@@ -62,15 +62,94 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--kd-weight", "0", "--lm-weight", "0"],
      "--kd-weight and --lm-weight are both 0"),
     (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs text"),
+    (["eval", "{model}", "--data", "latin1.jsonl"], "--data latin1.jsonl is not UTF-8 text"),
+    (["eval", "{model}", "--data", "latin1.txt"], "--data latin1.txt is not UTF-8 text"),
+    (["eval", "{model}", "--data", "empty-context.jsonl"], "empty-context.jsonl:1: field 'context' must be a non-empty"),
+    (["tune", "missing-bundle", "--data", "train.txt", "-o", "a", "--epochs", "inf"], "--epochs=inf must be a finite"),
+    (["tune", "{model}", "--data", "train.txt", "-o", "train.txt/a"], "train.txt is a file, not a directory"),
+    (["tune", "{model}", "--data", "out/train.txt", "-o", "out", "--overwrite"], "would replace the input out/train.txt"),
+    (["plug", "{model}", "{model}", "-o", "{model}", "--overwrite"], "would replace the input"),
+    (["data", "export", "wordnet", "-o", "mine.jsonl"], "mine.jsonl already exists; pass --overwrite"),
+    (["data", "export", "wordnet", "-o", "out"], "-o/--output out is a directory"),
+    (["emulate", "{model}", "-o", "e", "--distill", "train.txt"], ".e.distill/state.json is corrupt; delete"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_code(workdir, capsys, argv, message):
     tmp, model = workdir
     (tmp / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    (tmp / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (tmp / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    (tmp / "empty-context.jsonl").write_text('{"context": "", "choices": [" a", " b"], "label": 0}\n')
+    (tmp / "out").mkdir()
+    (tmp / "out" / "train.txt").write_text(SAMPLE_TEXT)
+    (tmp / "mine.jsonl").write_text('{"text": "my own notes"}\n')
+    (tmp / ".e.distill").mkdir()
+    (tmp / ".e.distill" / "state.json").write_text("garbage")
     code, _, err = run(capsys, *[a.format(model=model) for a in argv])
     assert code == 1
     error_lines = [line for line in err.splitlines() if "error" in line]
     assert len(error_lines) == 1 and message in error_lines[0], err
     assert "Traceback" not in err
+    assert (tmp / "mine.jsonl").read_text() == '{"text": "my own notes"}\n'
+    assert (tmp / "out" / "train.txt").read_text() == SAMPLE_TEXT and (tmp / "train.txt").is_file()
+
+
+def test_data_export_replaces_a_file_only_when_asked(workdir, capsys, monkeypatch):
+    from offsite import tasks
+    from offsite.data import ChoiceData, ChoiceExample
+    tmp, _ = workdir
+    exported = ChoiceData([ChoiceExample("Boil the", (" pot", " road"), 0)], "wordnet:test")
+    monkeypatch.setattr(tasks, "load_builtin", lambda name, split: exported)  # no built-in data in tests
+    (tmp / "mine.jsonl").write_text("mine\n")
+    assert run(capsys, "data", "export", "wordnet", "-o", "mine.jsonl")[0] == 1
+    assert (tmp / "mine.jsonl").read_text() == "mine\n"
+    assert run(capsys, "data", "export", "wordnet", "-o", "mine.jsonl", "--overwrite")[0] == 0
+    assert json.loads((tmp / "mine.jsonl").read_text())["context"] == "Boil the"
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["emulator"].update(share={"schedule": [99]}), "emulator.share.schedule must list emulator layers"),
+    (lambda m: m["emulator"].update(share=5), "emulator.share.schedule must list emulator layers"),
+    (lambda m: m["emulator"].update(compression={"method": "bogus"}), "emulator.compression.modules must map"),
+    (lambda m: m["layers"][0].update(original_index=500), "original_index 500 is not a layer of a 8-layer"),
+    (lambda m: m["layers"][0].update(original_index="zz"), "original_index 'zz' is not a layer"),
+    (lambda m: m["layers"][0].update(role="middle"), "layer role 'middle' is not one of"),
+])
+def test_a_tampered_manifest_gets_a_one_line_error(workdir, capsys, change, message):
+    tmp, model = workdir
+    assert run(capsys, "emulate", model, "-o", "bundle", "--emulator-layers", "2")[0] == 0
+    _edit_json(tmp / "bundle" / "offsite.json", change)
+    for argv in (["info", "bundle"], ["eval", "bundle", "--data", "train.txt"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"layers": 5}, "field 'layers' must be a list of layer indices"),
+    ({"layers": [0, "x"]}, "field 'layers' must be a list of layer indices"),
+    ({"layers": [0], "base_model": "x"}, "field 'base_model' must be a JSON object"),
+    ({"layers": [0], "training": "x"}, "field 'training' must be a JSON object"),
+])
+def test_a_tampered_adapter_file_gets_a_one_line_error(workdir, capsys, fields, message):
+    tmp, model = workdir
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "adapter.json").write_text(json.dumps({"format": "offsite-adapter", "format_version": 1,
+                                                              **fields}))
+    for argv in (["info", "adapter"], ["plug", model, "adapter", "-o", "plugged"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and message in err and "Traceback" not in err, err
+
+
+def test_a_directory_where_the_manifest_belongs_is_reported(workdir, capsys):
+    tmp, _ = workdir
+    (tmp / "odd" / "offsite.json").mkdir(parents=True)
+    code, _, err = run(capsys, "info", "odd")
+    assert code == 1 and "offsite.json is a directory" in err
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):

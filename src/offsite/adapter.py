@@ -64,6 +64,7 @@ def load_adapter(directory: str | Path) -> Adapter:
     meta = read_json(root / METADATA, "an offsite adapter (make one with `offsite tune`)")
     if meta.get("format") != "offsite-adapter" or meta.get("format_version") != FORMAT_VERSION:
         raise OffsiteError(f"{root / METADATA} is not an offsite adapter of format version {FORMAT_VERSION}")
+    _check_metadata(meta, root / METADATA)
     try:
         flat = load_file(str(root / WEIGHTS))
     except (FileNotFoundError, SafetensorError, OSError) as error:
@@ -77,6 +78,16 @@ def load_adapter(directory: str | Path) -> Adapter:
     if sorted(tensors) != sorted(meta.get("layers", [])):
         raise OffsiteError(f"{root}: {WEIGHTS} holds layers {sorted(tensors)} but {METADATA} lists {meta.get('layers')}")
     return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}))
+
+
+def _check_metadata(meta: dict[str, Any], path: Path) -> None:
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        raise OffsiteError(f"{path}: field 'layers' must be a list of layer indices, got {layers!r}")
+    for field in ("base_model", "training"):
+        if not isinstance(meta.get(field, {}), dict):
+            raise OffsiteError(f"{path}: field '{field}' must be a JSON object")
 
 
 def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, torch.Tensor]]:

@@ -90,19 +90,60 @@ class Manifest:
                 f"(found format={data.get('format')!r}, format_version={data.get('format_version')!r})"
             )
         try:
-            roles = {role: [e["original_index"] for e in data["layers"] if e["role"] == role]
-                     for role in ("adapter_bottom", "emulator", "adapter_top")}
-            plan = SplitPlan(int(data["base_model"]["num_layers"]), tuple(roles["adapter_bottom"]),
-                             tuple(roles["emulator"]), tuple(roles["adapter_top"]))
-            return cls(data["base_model"], SplitConfig.from_dict(data["split"]), plan,
-                       str(data["fingerprint"]), dict(data["files"]), dict(data.get("emulator", {})))
+            num_layers = int(data["base_model"]["num_layers"])
+            layers = [(e["original_index"], e["role"]) for e in data["layers"]]
+            _check_layers(layers, num_layers, source)
+            roles = {role: tuple(index for index, r in layers if r == role) for role in ROLES}
+            plan = SplitPlan(num_layers, roles["adapter_bottom"], roles["emulator"], roles["adapter_top"])
+            manifest = cls(data["base_model"], SplitConfig.from_dict(data["split"]), plan,
+                           str(data["fingerprint"]), dict(data["files"]), dict(data.get("emulator") or {}))
         except (KeyError, TypeError, ValueError) as error:
             raise OffsiteError(f"{source} is malformed: missing or invalid field {error}") from None
+        _check_emulator_entry(manifest.emulator, plan, source)
+        return manifest
+
+
+ROLES = ("adapter_bottom", "emulator", "adapter_top")
+
+
+def _check_layers(layers: list[tuple[Any, Any]], num_layers: int, source: Path) -> None:
+    for index, role in layers:
+        if role not in ROLES:
+            raise OffsiteError(f"{source}: layer role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
+            raise OffsiteError(f"{source}: layer original_index {index!r} is not a layer of a "
+                               f"{num_layers}-layer base model")
+
+
+def _check_emulator_entry(info: dict[str, Any], plan: SplitPlan, source: Path) -> None:
+    """The emulator entry steers loading (shared layers, compressed modules): refuse one that cannot be right."""
+    share = info.get("share")
+    if share is not None:
+        schedule = share.get("schedule") if isinstance(share, dict) else None
+        if not isinstance(schedule, list) or not schedule or any(i not in plan.emulator for i in schedule):
+            raise OffsiteError(f"{source}: emulator.share.schedule must list emulator layers, from "
+                               f"{list(plan.emulator)}")
+    compression = info.get("compression")
+    if compression is not None:
+        modules = compression.get("modules") if isinstance(compression, dict) else None
+        if not isinstance(modules, dict) or not all(_valid_compressed_module(spec) for spec in modules.values()):
+            raise OffsiteError(f"{source}: emulator.compression.modules must map module names to "
+                               "{\"kind\": \"int8\"} or {\"kind\": \"lowrank\", \"rank\": <positive int>}")
+
+
+def _valid_compressed_module(spec: Any) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("kind") == "lowrank":
+        rank = spec.get("rank")
+        return isinstance(rank, int) and not isinstance(rank, bool) and rank > 0
+    return spec.get("kind") == "int8"
 
 
 def emulate(config: EmulateConfig) -> Path:
     """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
-    check_output_dir(config.output, config.overwrite)
+    sources = [config.model, config.split.calibration, config.distill.corpus if config.distill else None]
+    check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
     corpus = None
     if config.distill:  # a bad corpus fails now, not after loading the model
         from offsite.distill import read_corpus

@@ -200,6 +200,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export = data_commands.add_parser("export", help="write a built-in dataset as jsonl")
     export.add_argument("name", help="bbc-news, wordnet or austen, optionally with :train, :validation or :test")
     export.add_argument("-o", "--output", required=True, help="jsonl file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
     return parser
@@ -248,12 +249,14 @@ def _run_ablate(args: argparse.Namespace) -> None:
 
 def _run_data(args: argparse.Namespace) -> None:
     from offsite.data import read_data, write_jsonl
+    from offsite.files import check_output_file
     from offsite.tasks import is_builtin
     if not is_builtin(args.name):
         from offsite.tasks import BUILTIN
         raise OffsiteError(f"'{args.name}' is not a built-in dataset; available: {', '.join(BUILTIN)}")
+    output = check_output_file(args.output, args.overwrite)
     data = read_data(args.name, flag="NAME")
-    print(f"wrote {write_jsonl(data, args.output)} ({data.source})")
+    print(f"wrote {write_jsonl(data, output)} ({data.source})")
 
 
 def _run_bench(args: argparse.Namespace) -> None:

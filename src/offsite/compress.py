@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from offsite.arch import get_layers, layer_paths, set_submodule
+from offsite.errors import OffsiteError
 
 
 def _dense(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,7 +112,12 @@ def compress(model: nn.Module, positions: list[int], method: str, rank_fraction:
 def rebuild(model: nn.Module, compression: dict[str, Any]) -> None:
     """Swap empty compressed modules into `model` where the manifest says the bundle holds them."""
     for name, spec in compression["modules"].items():
-        weight, bias = _dense(model.get_submodule(name))
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise OffsiteError(f"the bundle's manifest lists a compressed module {name!r} that this "
+                               f"{model.config.model_type} model does not have") from None
+        weight, bias = _dense(module)
         out_features, in_features = weight.shape
         if spec["kind"] == "lowrank":
             replacement: nn.Module = LowRankLinear(in_features, out_features, int(spec["rank"]), bias is not None)

@@ -28,6 +28,8 @@ def _positive(problems: list[str], **values: float | int | None) -> None:
     for name, value in values.items():
         if value is not None and not value > 0:
             problems.append(f"{flag(name)}={value} must be greater than 0")
+        elif value == math.inf:
+            problems.append(f"{flag(name)}={value} must be a finite number")
 
 
 class JsonConfig:

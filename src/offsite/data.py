@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Union
 
 from offsite.errors import OffsiteError
+from offsite.files import read_text
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def read_data(source: str | Path, flag: str = "--data", default_split: str = "tr
         raise OffsiteError(f"{flag} {source}: no such file; pass a .txt or .jsonl file or a built-in dataset "
                            f"({', '.join(tasks.BUILTIN)})")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text(path, flag)
         if not text.strip():
             raise OffsiteError(f"{flag} {path} is empty")
         return TextData([text], str(path))
@@ -69,18 +70,17 @@ def read_data(source: str | Path, flag: str = "--data", default_split: str = "tr
 def _read_jsonl(path: Path, flag: str) -> Data:
     texts: list[str] = []
     examples: list[ChoiceExample] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            record = _parse_line(line, where)
-            if "text" in record:
-                texts.append(_text_record(record, where))
-            else:
-                examples.append(_choice_record(record, where))
-            if texts and examples:
-                raise OffsiteError(f"{where}: mixes text lines with choice lines; use one kind per file")
+    for number, line in enumerate(read_text(path, flag).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        record = _parse_line(line, where)
+        if "text" in record:
+            texts.append(_text_record(record, where))
+        else:
+            examples.append(_choice_record(record, where))
+        if texts and examples:
+            raise OffsiteError(f"{where}: mixes text lines with choice lines; use one kind per file")
     if texts:
         return TextData(texts, str(path))
     if examples:
@@ -110,8 +110,8 @@ def _choice_record(record: dict, where: str) -> ChoiceExample:
         raise OffsiteError(f"{where}: missing field(s) {missing}; a line is either "
                            '{"text": ...} or {"context": ..., "choices": [...], "label": int}')
     context, choices, label = record["context"], record["choices"], record["label"]
-    if not isinstance(context, str):
-        raise OffsiteError(f"{where}: field 'context' must be a string")
+    if not isinstance(context, str) or not context.strip():
+        raise OffsiteError(f"{where}: field 'context' must be a non-empty string (the text each choice continues)")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise OffsiteError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):

@@ -183,7 +183,11 @@ def _resume(checkpoint_dir: Path, emulator, optimizer, settings: DistillConfig) 
     fresh: dict[str, Any] = {"step": 0, "settings": settings.to_dict()}
     if not (checkpoint_dir / "state.json").is_file():
         return fresh
-    state = json.loads((checkpoint_dir / "state.json").read_text())
+    try:
+        state = json.loads((checkpoint_dir / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OffsiteError(f"{checkpoint_dir / 'state.json'} is corrupt; delete {checkpoint_dir} to distil "
+                           "from the start") from None
     if _resumable(state.get("settings", {})) != _resumable(settings.to_dict()):
         log.warning("ignoring checkpoint %s: it was made with other distillation settings", checkpoint_dir)
         return fresh

@@ -29,9 +29,23 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_text(path: Path, flag: str = "") -> str:
+    """A UTF-8 text file's contents, or a one-line error naming it (and the flag that named it) and the fix."""
+    named = f"{flag} {path}" if flag else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise OffsiteError(f"{named} is a directory; pass a file") from None
+    except PermissionError:
+        raise OffsiteError(f"{named} cannot be read (permission denied); make it readable or pass a copy") from None
+    except UnicodeDecodeError as error:
+        raise OffsiteError(f"{named} is not UTF-8 text (byte {error.start}); convert it to UTF-8 "
+                           "(e.g. iconv -t UTF-8)") from None
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except FileNotFoundError:
         raise OffsiteError(f"{path.parent} is not {what}: {path.name} is missing") from None
     except json.JSONDecodeError as error:
@@ -41,14 +55,50 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def check_output_dir(output: str | Path, overwrite: bool, flag: str = "-o/--output") -> Path:
-    """Refuse to replace existing data unless asked, before any long work starts."""
+def check_output_dir(output: str | Path, overwrite: bool, flag: str = "-o/--output",
+                     inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse to replace existing data unless asked, before any long work starts.
+
+    `inputs` are the paths the command reads: even with --overwrite, an output may not replace one of them.
+    """
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise OffsiteError(f"{flag} {path} exists and is not a directory; choose another path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OffsiteError(f"{flag} {path} already exists and is not empty; pass --overwrite or choose another path")
+    _check_inputs_kept(path, flag, inputs)
+    _check_writable_parent(path, flag)
     return path
+
+
+def check_output_file(output: str | Path, overwrite: bool, flag: str = "-o/--output") -> Path:
+    """The file counterpart of check_output_dir."""
+    path = Path(output)
+    if path.is_dir():
+        raise OffsiteError(f"{flag} {path} is a directory; pass a file path")
+    if path.exists() and not overwrite:
+        raise OffsiteError(f"{flag} {path} already exists; pass --overwrite or choose another path")
+    _check_writable_parent(path, flag)
+    return path
+
+
+def _check_inputs_kept(path: Path, flag: str, inputs: tuple[str | Path, ...]) -> None:
+    target = path.resolve()
+    for source in inputs:
+        resolved = Path(source).resolve()
+        if Path(source).exists() and (resolved == target or target in resolved.parents):
+            raise OffsiteError(f"{flag} {path} would replace the input {source}; choose another path")
+
+
+def _check_writable_parent(path: Path, flag: str) -> None:
+    """The output's nearest existing ancestor must be a directory we may write into (parents are created)."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OffsiteError(f"{flag} {path}: {ancestor} is a file, not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OffsiteError(f"{flag} {path}: cannot write into {ancestor} (permission denied); choose another path")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     if not root.is_dir():
         raise OffsiteError(f"{root} does not exist or is not a directory")
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).exists():  # a directory in its place gets read_json's error, not "model"
         manifest = read_manifest(root)
         return {
             "kind": "bundle",
@@ -36,7 +36,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             else "from_pretrained or offsite",
             "bytes": _size(root),
         }
-    if (root / METADATA).is_file():
+    if (root / METADATA).exists():
         adapter = load_adapter(root)
         return {
             "kind": "adapter",

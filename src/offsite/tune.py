@@ -125,7 +125,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
 
 def tune(config: TuneConfig) -> Path:
     """Train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`."""
-    check_output_dir(config.output, config.overwrite)
+    check_output_dir(config.output, config.overwrite,
+                     inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
     data = read_data(config.data)
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
