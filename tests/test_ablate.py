@@ -20,10 +20,12 @@ def test_layer_budget_gives_smaller_layers_more_depth():
 
 
 def test_unknown_method_or_task_is_refused():
-    with pytest.raises(OffsiteError, match="banana"):
+    with pytest.raises(OffsiteError, match="--methods 'banana' is not known"):
         AblateConfig(methods=["banana"])
     with pytest.raises(OffsiteError, match="--task"):
         AblateConfig(task="nope")
+    with pytest.raises(OffsiteError, match="--emulator-layers=0 must be greater than 0"):
+        AblateConfig(emulator_layers=0)
 
 
 def test_ablate_measures_every_method_and_reports_the_gap(tiny_tasks, model_dirs, tmp_path, sample_text_file):  # noqa: F811

@@ -72,6 +72,8 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     (["data", "export", "wordnet", "-o", "mine.jsonl"], "mine.jsonl already exists; pass --overwrite"),
     (["data", "export", "wordnet", "-o", "out"], "-o/--output out is a directory"),
     (["emulate", "{model}", "-o", "e", "--distill", "train.txt"], ".e.distill/state.json is corrupt; delete"),
+    (["eval", "fake-adapter", "--data", "train.txt"], "fake-adapter is an adapter file, not a model; pass it with --adapter"),
+    (["plug", "fake-bundle", "fake-adapter", "-o", "p"], "MODEL fake-bundle is a bundle; plug into the full model"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_code(workdir, capsys, argv, message):
     tmp, model = workdir
@@ -84,6 +86,10 @@ def test_bad_input_gives_one_line_error_and_exit_code(workdir, capsys, argv, mes
     (tmp / "mine.jsonl").write_text('{"text": "my own notes"}\n')
     (tmp / ".e.distill").mkdir()
     (tmp / ".e.distill" / "state.json").write_text("garbage")
+    (tmp / "fake-adapter").mkdir()
+    (tmp / "fake-adapter" / "adapter.json").write_text("{}")
+    (tmp / "fake-bundle").mkdir()
+    (tmp / "fake-bundle" / "offsite.json").write_text("{}")
     code, _, err = run(capsys, *[a.format(model=model) for a in argv])
     assert code == 1
     error_lines = [line for line in err.splitlines() if "error" in line]

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offsite.config import DistillConfig, JsonConfig, SplitConfig
+from offsite.config import DistillConfig, JsonConfig, SplitConfig, _positive
 from offsite.demo import (DemoConfig, build_bundles, make_emulator, prepare_task, run_emulator, stage_cache,
                           zero_shot)
-from offsite.errors import check
+from offsite.errors import ConfigError, check
 from offsite.files import write_json
 
 # Bytes of an emulator layer relative to float32, for the layer budget; the manifest records the real bytes.
@@ -53,10 +53,15 @@ class AblateConfig(JsonConfig):
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
         from offsite.tasks import BUILTIN
-        check([f"--task: unknown task '{self.task}'; available: {', '.join(BUILTIN)}"] if self.task not in BUILTIN
-              else [])
+        problems = [f"--task: unknown task '{self.task}'; available: {', '.join(BUILTIN)}"] if self.task not in BUILTIN \
+            else []
+        _positive(problems, emulator_layers=self.emulator_layers)
+        check(problems)
         for method in self.methods:
-            self.split_for(method, middle=self.emulator_layers)  # validates each --methods entry
+            try:
+                self.split_for(method, middle=self.emulator_layers)  # validates each --methods entry
+            except ConfigError as error:
+                raise ConfigError([p.replace("--method=", "--methods ") for p in error.problems]) from None
 
     def split_for(self, method: str, middle: int) -> SplitConfig:
         """The split of `method` (without '+distill') at the layer count that fits the byte budget."""

@@ -86,6 +86,10 @@ def _check_local(source: str) -> None:
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
         raise OffsiteError(f"model directory {source} does not exist; pass an existing directory, "
                            "a built-in alias (smollm2-135m) or a hub id")
+    local = Path(source).expanduser()
+    if (local / "adapter.json").is_file() and not (local / "config.json").is_file():
+        raise OffsiteError(f"{source} is an adapter file, not a model; pass it with --adapter "
+                           f"(offsite eval MODEL --adapter {source}) or to offsite plug MODEL {source}")
 
 
 def _first_line(error: BaseException) -> str:

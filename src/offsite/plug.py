@@ -35,6 +35,8 @@ def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path) -> N
 def plug(config: PlugConfig) -> Path:
     """Write the plugged model (full model + adapter) as a standard Hugging Face model directory."""
     check_output_dir(config.output, config.overwrite, inputs=(config.model, config.adapter))
+    if (Path(config.model) / "offsite.json").is_file():
+        raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
     adapter = load_adapter(config.adapter)
     model = load_model(config.model)
     plug_into(model, adapter, config.adapter)
