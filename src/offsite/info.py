@@ -18,8 +18,10 @@ def _size(path: Path) -> int:
 def describe(path: str | Path) -> dict[str, Any]:
     """What `path` is (bundle, adapter or model) and its layers, sizes and fingerprint."""
     root = Path(path)
+    if root.is_file():
+        raise OffsiteError(f"{root} is a file; pass a bundle, adapter or model directory")
     if not root.is_dir():
-        raise OffsiteError(f"{root} does not exist or is not a directory")
+        raise OffsiteError(f"{root} does not exist; pass a bundle, adapter or model directory")
     if (root / MANIFEST).exists():  # a directory in its place gets read_json's error, not "model"
         manifest = read_manifest(root)
         return {
