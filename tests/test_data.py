@@ -22,6 +22,15 @@ def test_reads_txt_and_both_jsonl_kinds(tmp_path):
     choice = write_lines(tmp_path / "c.jsonl", [json.dumps({"context": "Q:", "choices": [" a", " b"], "label": 1})])
     data = read_data(choice)
     assert isinstance(data, ChoiceData) and data.examples[0].choices == (" a", " b") and data.examples[0].label == 1
+    (tmp_path / "NOTES.TXT").write_text("upper case")
+    assert read_data(tmp_path / "NOTES.TXT").texts == ["upper case"]
+    upper = write_lines(tmp_path / "LM.JSONL", [json.dumps({"text": "u"})])
+    assert read_data(upper).texts == ["u"]
+
+
+def test_a_line_with_a_unicode_line_separator_stays_one_line(tmp_path):
+    path = write_lines(tmp_path / "sep.jsonl", [json.dumps({"text": "a\u2028b"}, ensure_ascii=False)])
+    assert read_data(path).texts == ["a\u2028b"]
 
 
 @pytest.mark.parametrize("line, message", [

@@ -57,12 +57,13 @@ def read_data(source: str | Path, flag: str = "--data", default_split: str = "tr
     if not path.is_file():
         raise OffsiteError(f"{flag} {source}: no such file; pass a .txt or .jsonl file or a built-in dataset "
                            f"({', '.join(tasks.BUILTIN)})")
-    if path.suffix == ".txt":
+    kind = path.suffix.lower()  # NOTES.TXT is a text file too
+    if kind == ".txt":
         text = read_text(path, flag)
         if not text.strip():
             raise OffsiteError(f"{flag} {path} is empty")
         return TextData([text], str(path))
-    if path.suffix == ".jsonl":
+    if kind == ".jsonl":
         return _read_jsonl(path, flag)
     raise OffsiteError(f"{flag} {path}: unknown file type '{path.suffix}'; use .txt or .jsonl")
 
