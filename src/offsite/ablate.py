@@ -53,8 +53,9 @@ class AblateConfig(JsonConfig):
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
         from offsite.tasks import BUILTIN
-        problems = [f"--task: unknown task '{self.task}'; available: {', '.join(BUILTIN)}"] if self.task not in BUILTIN \
-            else []
+        problems = []
+        if self.task not in BUILTIN:
+            problems.append(f"--task: unknown task '{self.task}'; available: {', '.join(BUILTIN)}")
         _positive(problems, emulator_layers=self.emulator_layers)
         check(problems)
         for method in self.methods:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from offsite.adapter import METADATA
 from offsite.errors import OffsiteError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _check_local(source: str) -> None:
         raise OffsiteError(f"model directory {source} does not exist; pass an existing directory, "
                            "a built-in alias (smollm2-135m) or a hub id")
     local = Path(source).expanduser()
-    if (local / "adapter.json").is_file() and not (local / "config.json").is_file():
+    if (local / METADATA).is_file() and not (local / "config.json").is_file():
         raise OffsiteError(f"{source} is an adapter file, not a model; pass it with --adapter "
                            f"(offsite eval MODEL --adapter {source}) or to offsite plug MODEL {source}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from offsite.adapter import Adapter, apply, load_adapter
-from offsite.bundle import model_fingerprint
+from offsite.bundle import MANIFEST, model_fingerprint
 from offsite.config import PlugConfig
 from offsite.errors import OffsiteError
 from offsite.files import atomic_dir, check_output_dir
@@ -35,7 +35,7 @@ def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path) -> N
 def plug(config: PlugConfig) -> Path:
     """Write the plugged model (full model + adapter) as a standard Hugging Face model directory."""
     check_output_dir(config.output, config.overwrite, inputs=(config.model, config.adapter))
-    if (Path(config.model) / "offsite.json").is_file():
+    if (Path(config.model) / MANIFEST).is_file():
         raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
     adapter = load_adapter(config.adapter)
     model = load_model(config.model)
