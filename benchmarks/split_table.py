@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from offsite.report import format_metric
+from offsite.studies.metrics import format_metric
 
 
 def split_name(report: dict) -> str:

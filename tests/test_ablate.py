@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from offsite.ablate import AblateConfig, ablate
+from offsite.studies.settings import AblateConfig
+from offsite.studies.ablate import ablate, budget_split
 from offsite.config import DistillConfig
 from offsite.errors import OffsiteError
 from test_demo import tiny_tasks  # noqa: F401  (fixture)
@@ -12,11 +13,11 @@ from test_demo import tiny_tasks  # noqa: F401  (fixture)
 
 def test_layer_budget_gives_smaller_layers_more_depth():
     config = AblateConfig(emulator_layers=8, rank_fraction=0.5)
-    assert config.split_for("uniform", middle=26).emulator_layers == 8
-    assert config.split_for("similarity+share", middle=26).emulator_layers == 8
-    assert config.split_for("lowrank", middle=26).emulator_layers == 16
-    assert config.split_for("int8", middle=26).emulator_layers == 26  # 32 would fit; the model has 26
-    assert config.split_for("uniform+distill", middle=26).method == "uniform"
+    assert budget_split(config, "uniform", 26).emulator_layers == 8
+    assert budget_split(config, "similarity+share", 26).emulator_layers == 8
+    assert budget_split(config, "lowrank", 26).emulator_layers == 16
+    assert budget_split(config, "int8", 26).emulator_layers == 26  # 32 would fit; the model has 26
+    assert budget_split(config, "uniform+distill", 26).method == "uniform"
 
 
 def test_unknown_method_or_task_is_refused():

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from offsite import SplitConfig
-from offsite import bench as bench_module
-from offsite.bench import SETTINGS, BenchConfig, bench, format_bench
+from offsite.studies.bench import bench as bench_module
+from offsite.studies.bench import settings as bench_settings
+from offsite.studies.bench.settings import SETTINGS, BenchConfig
+from offsite.studies.bench.bench import bench
+from offsite.studies.bench.table import format_bench
 from offsite.cli import main
 from tiny_models import make_tiny_model
 
@@ -137,7 +140,7 @@ def test_choice_evaluation_agrees_with_the_naive_loop(llama_result):
 
 
 def test_random_shape_builds_models_from_the_config(monkeypatch):
-    monkeypatch.setitem(bench_module.RANDOM_SHAPES, "tiny-gpt2", {
+    monkeypatch.setitem(bench_settings.RANDOM_SHAPES, "tiny-gpt2", {
         "model_type": "gpt2", "n_layer": 6, "n_embd": 64, "n_head": 4, "vocab_size": 512, "n_positions": 64})
     result = bench(BenchConfig(random_shape="tiny-gpt2", settings=["offsite", "offsite_top_cached"],
                                eval_examples=5, **TINY))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from offsite import SplitConfig
-from offsite.bench import BenchConfig
+from offsite.studies.bench.settings import BenchConfig
 
 SCRIPTS = Path(__file__).parents[1] / "benchmarks"
 

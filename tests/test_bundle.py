@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from conftest import NUM_LAYERS, input_batch
 from offsite import EmulateConfig, SplitConfig, emulate
 from offsite.arch import get_layers
-from offsite.bundle import MANIFEST, load_bundle, read_manifest
+from offsite.constants import MANIFEST
+from offsite.exchange.bundle import load_bundle, read_manifest
 from offsite.errors import OffsiteError
 
 BUNDLE_FILES = {"config.json", "generation_config.json", "model.safetensors", "offsite.json",
@@ -75,7 +76,7 @@ def test_bundle_config_is_consistent_and_generate_works(family, model_dirs, tmp_
 
 def test_in_memory_surgery_matches_reloaded_bundle(model_dirs, tmp_path):
     """The bundle's saved config reproduces exactly the model the surgery built."""
-    from offsite.split import keep_layers
+    from offsite.emulator.surgery import keep_layers
     for family in ("qwen2", "gemma3_text", "gpt2"):
         model = AutoModelForCausalLM.from_pretrained(model_dirs[family])
         keep_layers(model, (0, 1, 2, 5, 6, 7))

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offsite import chunked_loss as chunked_module
-from offsite.chunked_loss import ChunkedHeadLoss, plain_head
-from offsite.evaluate import batch_loss
-from offsite.tensor_memory import TensorPeak, existing_tensors
-from offsite.tokens import Sequence, collate
-from offsite.tune import freeze_all_but
+from offsite.training import chunked_loss as chunked_module
+from offsite.training.chunked_loss import ChunkedHeadLoss, plain_head
+from offsite.training.loss import batch_loss
+from offsite.studies.bench.tensor_memory import TensorPeak, existing_tensors
+from offsite.data.tokens import Sequence, collate
+from offsite.training.trainer import freeze_all_but
 from tiny_models import make_tiny_model
 
 

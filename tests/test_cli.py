@@ -62,7 +62,7 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     (["info", "nowhere"], "nowhere does not exist; pass a bundle"),
     (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--kd-weight", "0", "--lm-weight", "0"],
      "--kd-weight and --lm-weight are both 0"),
-    (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs text"),
+    (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs plain text"),
     (["eval", "{model}", "--data", "latin1.jsonl"], "--data latin1.jsonl is not UTF-8 text"),
     (["eval", "{model}", "--data", "latin1.txt"], "--data latin1.txt is not UTF-8 text"),
     (["eval", "{model}", "--data", "empty-context.jsonl"], "empty-context.jsonl:1: field 'context' must be a non-empty"),
@@ -101,8 +101,8 @@ def test_bad_input_gives_one_line_error_and_exit_code(workdir, capsys, argv, mes
 
 
 def test_data_export_replaces_a_file_only_when_asked(workdir, capsys, monkeypatch):
-    from offsite import tasks
-    from offsite.data import ChoiceData, ChoiceExample
+    from offsite.data import builtin as tasks
+    from offsite.data.types import ChoiceData, ChoiceExample
     tmp, _ = workdir
     exported = ChoiceData([ChoiceExample("Boil the", (" pot", " road"), 0)], "wordnet:test")
     monkeypatch.setattr(tasks, "load_builtin", lambda name, split: exported)  # no built-in data in tests

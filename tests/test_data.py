@@ -2,10 +2,12 @@ import json
 
 import pytest
 
-from offsite.data import ChoiceData, TextData, read_data
+from offsite.data.types import ChoiceData, TextData
+
+from offsite.data.read import read_data
 from offsite.errors import OffsiteError
-from offsite.tokens import IGNORE, encode_pair, lm_sequences, train_choice_sequence
-from offsite.data import ChoiceExample
+from offsite.data.tokens import IGNORE, encode_pair, lm_sequences, train_choice_sequence
+from offsite.data.types import ChoiceExample
 from tiny_models import tiny_tokenizer
 
 

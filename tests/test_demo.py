@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
-from offsite import tasks
-from offsite.data import ChoiceData, ChoiceExample, TextData
+from offsite.data import builtin as tasks
+from offsite.data.types import ChoiceData, ChoiceExample, TextData
 from offsite.config import DistillConfig
-from offsite.demo import BUDGETS, DISTILL_BUDGETS, DemoConfig, TaskBudget, demo
-from offsite.report import claims
+from offsite.studies.settings import BUDGETS, DISTILL_BUDGETS, DemoConfig, TaskBudget
+from offsite.studies.demo import demo
+from offsite.studies.demo_report import claims
 from tiny_models import SAMPLE_TEXT
 
 
@@ -85,7 +86,7 @@ def test_quick_demo_on_the_built_in_model(tmp_path):
 
 def test_an_edited_corpus_file_changes_the_emulator_s_stage_keys(tmp_path, sample_text_file):
     from offsite.config import SplitConfig
-    from offsite.demo import make_emulator
+    from offsite.studies.demo import make_emulator
     config = DemoConfig(output=str(tmp_path), distill=None)
     distill = DistillConfig(corpus=str(sample_text_file))
     before = make_emulator(config, SplitConfig(emulator_layers=2), distill).key()

@@ -8,11 +8,12 @@ from transformers import AutoModelForCausalLM
 from conftest import input_batch
 from offsite import EmulateConfig, SplitConfig, emulate
 from offsite.arch import get_layers
-from offsite.bundle import read_manifest
+from offsite.exchange.bundle import read_manifest
 from offsite.config import DistillConfig
-from offsite.distill import alignment_targets, distill, kd_loss, read_corpus
+from offsite.emulator.distill import alignment_targets, distill, kd_loss, read_corpus
 from offsite.loading import load_tokenizer
-from offsite.split import keep_layers, plan_split
+from offsite.emulator.surgery import keep_layers
+from offsite.emulator.split import plan_split
 
 
 def test_alignment_targets_match_each_kept_layer_with_the_end_of_its_span():

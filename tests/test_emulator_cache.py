@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from offsite import EmulateConfig, OffsiteError, SplitConfig, emulate
-from offsite.adapter import load_adapter
-from offsite.bundle import bundle_index, load_bundle
-from offsite.emulator_cache import EmulatorCache
-from offsite.evaluate import batch_loss, load_for_eval
-from offsite.parking import parked
-from offsite.tokens import IGNORE, Sequence, collate
-from offsite.tune import freeze_all_but
+from offsite.exchange.adapter import load_adapter
+from offsite.exchange.bundle import bundle_index, load_bundle
+from offsite.training.emulator_cache import EmulatorCache
+from offsite.training.loss import batch_loss
+from offsite.api import load_for_eval
+from offsite.training.parking import parked
+from offsite.data.tokens import IGNORE, Sequence, collate
+from offsite.training.trainer import freeze_all_but
 from test_tune import run_tune
 
 

@@ -8,17 +8,17 @@ from transformers import AutoModelForCausalLM
 
 from conftest import input_batch
 from offsite import EmulateConfig, SplitConfig, emulate
-from offsite.adapter import extract
+from offsite.exchange.adapter import extract
 from offsite.arch import get_layers
-from offsite.bundle import bundle_index, load_bundle, read_manifest
-from offsite.compress import Int8Linear, LowRankLinear, emulator_bytes, rank_for
+from offsite.exchange.bundle import bundle_index, load_bundle, read_manifest
+from offsite.emulator.compress import Int8Linear, LowRankLinear, emulator_bytes, rank_for
 from offsite.config import DistillConfig, TrainConfig, TuneConfig
 from offsite.errors import OffsiteError
-from offsite.plug import plug_into
-from offsite.share import nearest_schedule
-from offsite.split import slice_config
-from offsite.similarity import contiguous_medoids, linear_cka
-from offsite.tune import tune
+from offsite.exchange.adapter import plug_into
+from offsite.emulator.share import nearest_schedule
+from offsite.emulator.surgery import slice_config
+from offsite.emulator.similarity import contiguous_medoids, linear_cka
+from offsite.api import tune
 
 FAMILIES = ["llama", "gpt2", "opt", "qwen2", "gemma3_text"]
 
@@ -95,7 +95,7 @@ def test_untrained_adapter_from_any_method_plugs_back_exactly(family, method, mo
     assert torch.isfinite(logits(model, ids)).all()
     full = AutoModelForCausalLM.from_pretrained(model_dirs[family]).eval()
     expected = logits(full, ids)
-    from offsite.adapter import Adapter
+    from offsite.exchange.adapter import Adapter
     adapter = Adapter(extract(model, {i: positions[i] for i in manifest.plan.adapter}), manifest.fingerprint,
                       manifest.base_model, {})
     plug_into(full, adapter, str(bundle))

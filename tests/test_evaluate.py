@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from offsite.data import ChoiceExample, TextData
-from offsite.evaluate import choice_accuracy, choice_logliks, perplexity
+from offsite.data.types import ChoiceExample, TextData
+from offsite.scoring import choice_accuracy, choice_logliks, perplexity
 from offsite.loading import load_tokenizer
-from offsite.tokens import encode_pair
+from offsite.data.tokens import encode_pair
 from tiny_models import SAMPLE_TEXT
 
 
@@ -62,7 +62,7 @@ def test_shared_context_scores_equal_one_forward_per_choice(family, model_dirs):
 
 def test_cut_context_is_the_window_training_sees(llama):
     """With a context longer than the window, the longest choice is scored on training's exact input."""
-    from offsite.tokens import choice_sequence, collate, token_log_probs
+    from offsite.data.tokens import choice_sequence, collate, token_log_probs
     model, tok = llama
     example = ChoiceExample("Boil fresh water, warm the pot, and add one spoon of leaves for each cup you pour",
                             (" cup", " tea kettle", " river was quiet that morning"), 0)
@@ -97,8 +97,8 @@ def test_blocked_windows_are_token_weighted(llama):
 
 
 def test_loss_with_logits_only_at_scored_positions_is_exact(family, model_dirs):
-    from offsite.evaluate import batch_loss, mean_loss
-    from offsite.tokens import choice_sequence, collate
+    from offsite.training.loss import batch_loss, mean_loss
+    from offsite.data.tokens import choice_sequence, collate
     model, tok = family_model(model_dirs, family)
     batch = collate([choice_sequence(tok, "The river was quiet that", " morning", 64),
                      choice_sequence(tok, "Boil fresh water, warm the pot", " and add leaves", 64)], tok.pad_token_id)

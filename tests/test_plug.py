@@ -6,10 +6,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import input_batch
 from offsite import PlugConfig, plug
-from offsite.adapter import Adapter, extract, load_adapter
-from offsite.bundle import bundle_index, load_bundle
+from offsite.exchange.adapter import Adapter, extract, load_adapter
+from offsite.exchange.bundle import bundle_index, load_bundle
 from offsite.errors import OffsiteError
-from offsite.evaluate import load_for_eval
+from offsite.api import load_for_eval
 from test_bundle import logits, make_bundle
 
 
@@ -61,7 +61,7 @@ def test_adapter_for_another_base_is_refused_naming_both_fingerprints(model_dirs
 def test_strict_keys_shapes_and_dtypes(model_dirs, tmp_path):
     adapter_dir = untrained_adapter(make_bundle(model_dirs["llama"], tmp_path / "b"), tmp_path / "a")
     full = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
-    from offsite.adapter import apply
+    from offsite.exchange.adapter import apply
     identity = {i: i for i in (0, 1, 6, 7)}
     broken = load_adapter(adapter_dir)
     broken.tensors[0]["mlp.extra.weight"] = torch.zeros(1)

@@ -2,7 +2,7 @@ import pytest
 
 from offsite.config import SplitConfig
 from offsite.errors import ConfigError
-from offsite.split import plan_split, uniform_indices
+from offsite.emulator.split import plan_split, uniform_indices
 
 
 def test_uniform_keeps_both_ends_and_spreads_evenly():

@@ -5,8 +5,9 @@ from collections import Counter
 
 import pytest
 
-from offsite import tasks
-from offsite.data import ChoiceData, TextData, read_data
+from offsite.data import builtin as tasks
+from offsite.data.types import ChoiceData, TextData
+from offsite.data.read import read_data
 from offsite.errors import OffsiteError
 
 

@@ -8,13 +8,15 @@ from transformers import AutoModelForCausalLM
 
 from conftest import input_batch
 from offsite import TrainConfig, TuneConfig, tune
-from offsite.adapter import load_adapter
+from offsite.exchange.adapter import load_adapter
 from offsite.arch import get_layers, layer_paths
-from offsite.bundle import bundle_index, load_bundle
-from offsite.data import TextData
-from offsite.evaluate import load_for_eval, mean_loss, score
+from offsite.exchange.bundle import bundle_index, load_bundle
+from offsite.data.types import TextData
+from offsite.api import load_for_eval
+from offsite.training.loss import mean_loss
+from offsite.scoring import score
 from offsite.loading import load_tokenizer
-from offsite.tune import Best, add_lora, freeze_all_but
+from offsite.training.trainer import Best, add_lora, freeze_all_but
 from test_bundle import make_bundle
 from tiny_models import SAMPLE_TEXT
 

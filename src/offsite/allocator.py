@@ -19,13 +19,13 @@ import os
 import sys
 from pathlib import Path
 
+from offsite.assets import TCMALLOC_PACKAGE, cache_dir
 from offsite.errors import OffsiteError
 
 log = logging.getLogger(__name__)
 
 ENV = "OFFSITE_ALLOCATOR"
 CHOICES = ("auto", "tcmalloc", "system")
-DEBIAN_PACKAGE = "libtcmalloc-minimal4"
 LIBRARY = "libtcmalloc_minimal.so.4"
 # tcmalloc reports every allocation above 1 GiB on stderr; a full fine-tuning step makes such allocations.
 _QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}
@@ -40,8 +40,7 @@ def requested() -> str:
 
 def find_tcmalloc() -> str | None:
     """The tcmalloc library: offsite's cached Debian package, else one the system's linker knows."""
-    from offsite.assets import cache_dir
-    cached = sorted((cache_dir() / "debs" / DEBIAN_PACKAGE).glob(f"usr/lib/*/{LIBRARY}"))
+    cached = sorted((cache_dir() / "debs" / TCMALLOC_PACKAGE).glob(f"usr/lib/*/{LIBRARY}"))
     if cached:
         return str(cached[0])
     return ctypes.util.find_library("tcmalloc_minimal")  # a bare soname: the dynamic linker resolves it
@@ -64,7 +63,7 @@ def preload_environment(choice: str | None = None) -> dict[str, str]:
     if library is None:
         if choice == "tcmalloc":
             raise OffsiteError(f"--allocator tcmalloc: {LIBRARY} was not found; run `offsite setup-assets` "
-                               f"(it fetches the Debian package {DEBIAN_PACKAGE}) or install it with your "
+                               f"(it fetches the Debian package {TCMALLOC_PACKAGE}) or install it with your "
                                "package manager, or use --allocator system")
         log.debug("tcmalloc not found; using the system allocator")
         return {}

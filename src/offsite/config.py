@@ -1,7 +1,9 @@
 """Settings of every step as dataclasses that validate themselves and round-trip through JSON.
 
 Field names match CLI flags (`emulator_layers` is `--emulator-layers`), so an
-error can name the flag the user has to change.
+error can name the flag the user has to change. A field made with `option()`
+is also a CLI flag: its default and help text are written here once, and the
+`offsite` command builds its flags from them (see `offsite.cli`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,24 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _non_negative(problems: list[str], **values: float | int | None) -> None:
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           **cli: Any) -> Any:
+    """A dataclass field that is also a CLI flag.
+
+    `cli` may hold `flags` (the option strings, default `--field-name`), `positional`,
+    `choices`, `metavar`, `nargs` and `exclusive` (a name shared by flags of which at most
+    one may be given).
+    """
+    return field(default=default, default_factory=default_factory, metadata={"help": help, **cli})
+
+
+def non_negative(problems: list[str], **values: float | int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 0:
             problems.append(f"{flag(name)}={value} is negative; use 0 or more")
 
 
-def _positive(problems: list[str], **values: float | int | None) -> None:
+def positive(problems: list[str], **values: float | int | None) -> None:
     for name, value in values.items():
         if value is not None and not value > 0:
             problems.append(f"{flag(name)}={value} must be greater than 0")
@@ -61,19 +74,22 @@ class SplitConfig(JsonConfig):
     a given model is checked by `offsite.split.plan_split`, which knows its depth.
     """
 
-    bottom: int = 2
-    top: int = 2
-    emulator_layers: int | None = None
-    drop_ratio: float | None = None
+    bottom: int = option(2, "adapter layers at the bottom")
+    top: int = option(2, "adapter layers at the top")
+    emulator_layers: int | None = option(None, "middle layers the emulator keeps (K; default: all, or 8 in the "
+                                         "demo and bench)", exclusive="size")
+    drop_ratio: float | None = option(None, "fraction of middle layers to drop", exclusive="size")
     # How the emulator is made: a selection (uniform | similarity), optionally joined with '+' to
     # share (kept layers also run in place of the dropped ones) and one of lowrank | int8.
-    method: str = "uniform"
-    rank_fraction: float = 0.5  # lowrank: share of each weight's parameters its factors keep
-    calibration: str | None = None  # similarity: text corpus the layer similarities are measured on
+    method: str = option("uniform", "how the emulator is made: uniform or similarity, optionally +share and "
+                         "+lowrank or +int8 (e.g. similarity+share)", flags=("--method", "--emulator-method"))
+    rank_fraction: float = option(0.5, "lowrank: share of each emulator weight's parameters the factors keep")
+    calibration: str | None = option(None, "similarity: text the layer similarities are measured on "
+                                     "(default: the --distill corpus)", metavar="CORPUS")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        _non_negative(problems, bottom=self.bottom, top=self.top)
+        non_negative(problems, bottom=self.bottom, top=self.top)
         if self.bottom == 0 and self.top == 0:
             problems.append("--bottom and --top are both 0: the adapter would be empty; use --bottom 2 --top 2")
         if self.emulator_layers is not None and self.drop_ratio is not None:
@@ -134,24 +150,26 @@ class DistillConfig(JsonConfig):
     the full stack's at the position it stands for.
     """
 
-    corpus: str
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 4
-    seq_len: int = 256
-    kd_weight: float = 1.0
-    lm_weight: float = 1.0
-    align: str = "final"
-    eval_every: int = 50
+    corpus: str = option(help="text corpus: .txt/.jsonl file or built-in name (austen)", flags=("--distill",),
+                         metavar="CORPUS")
+    steps: int = option(200, "optimizer steps", flags=("--distill-steps",))
+    lr: float = option(1e-4, "learning rate", flags=("--distill-lr",))
+    batch_size: int = option(4, "sequences per step", flags=("--distill-batch-size",))
+    seq_len: int = option(256, "tokens per sequence", flags=("--distill-seq-len",))
+    kd_weight: float = option(1.0, "weight of the normalised MSE to the full block")
+    lm_weight: float = option(1.0, "weight of the language-modelling loss")
+    align: str = option("final", "match only the emulator's output, or every kept layer's",
+                        choices=("final", "per-layer"))
+    eval_every: int = option(50, "steps between held-out checks and checkpoints", flags=("--distill-eval-every",))
     eval_windows: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        _positive(problems, distill_steps=self.steps, distill_lr=self.lr, distill_batch_size=self.batch_size,
+        positive(problems, distill_steps=self.steps, distill_lr=self.lr, distill_batch_size=self.batch_size,
                   distill_seq_len=self.seq_len, distill_eval_every=self.eval_every,
                   distill_eval_windows=self.eval_windows)
-        _non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight)
+        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight)
         if self.kd_weight == 0 and self.lm_weight == 0:
             problems.append("--kd-weight and --lm-weight are both 0: nothing to train; set one above 0")
         if self.align not in ("final", "per-layer"):
@@ -163,11 +181,11 @@ class DistillConfig(JsonConfig):
 class EmulateConfig(JsonConfig):
     """Model owner: build a bundle (adapter + emulator + frozen rest) from a full model."""
 
-    model: str
-    output: str
+    model: str = option(help="full model: local directory, hub id or built-in alias", positional=True)
+    output: str = option(help="bundle directory to write", flags=("-o", "--output"))
     split: SplitConfig = field(default_factory=SplitConfig)
     distill: DistillConfig | None = None
-    overwrite: bool = False
+    overwrite: bool = option(False, "replace an existing output directory")
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
@@ -180,38 +198,40 @@ class EmulateConfig(JsonConfig):
 class TrainConfig(JsonConfig):
     """How the trainable layers are trained: optimizer, schedule, batches, LoRA."""
 
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    epochs: float | None = None
-    max_steps: int | None = None
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    eval_every: int | None = None
-    seed: int = 0
+    lora_rank: int | None = option(None, "train LoRA of this rank in the adapter layers (merged on export)")
+    lora_alpha: float | None = option(None, "LoRA alpha (default 2 x rank)")
+    epochs: float | None = option(None, "passes over the data (default 1)", exclusive="steps")
+    max_steps: int | None = option(None, "optimizer steps", exclusive="steps")
+    lr: float = option(1e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.06, "share of steps spent warming up")
+    batch_size: int = option(8, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    seq_len: int = option(256, "maximum tokens per sequence")
+    eval_every: int | None = option(None, "validate every N steps (default: 5 times per run)")
+    seed: int = option(0, "seed of the shuffling and of torch")
     # Top-only adapters (bundles made with --bottom 0): run the emulator once per training sequence
-    # and reuse its output in every later step (offsite.emulator_cache). Off by default: the cache
-    # costs seq_len x hidden values per sequence.
-    cache_emulator: bool = False
+    # and reuse its output in every later step (offsite.training.emulator_cache). Off by default: the
+    # cache costs seq_len x hidden values per sequence.
+    cache_emulator: bool = option(False, "top-only adapter (bundle made with --bottom 0): run the emulator once "
+                                  "per sequence and reuse its output in later epochs")
     # Recompute the activations of the frozen blocks between adapter blocks in the backward
-    # pass instead of keeping them (offsite.checkpointing): less memory, one more forward.
-    checkpoint_emulator: bool = False
+    # pass instead of keeping them (offsite.training.checkpointing): less memory, one more forward.
+    checkpoint_emulator: bool = option(False, "recompute the emulator's activations in the backward pass instead "
+                                       "of keeping them: less memory, about one more emulator forward per step")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         if self.epochs is not None and self.max_steps is not None:
             problems.append("--epochs and --max-steps both given; pass only one")
-        _positive(problems, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+        positive(problems, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                   seq_len=self.seq_len, epochs=self.epochs, max_steps=self.max_steps,
                   lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, eval_every=self.eval_every)
         if self.lora_alpha is not None and self.lora_rank is None:
             problems.append("--lora-alpha needs --lora-rank")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup-ratio={self.warmup_ratio} must be in [0, 1)")
-        _non_negative(problems, weight_decay=self.weight_decay)
+        non_negative(problems, weight_decay=self.weight_decay)
         check(problems)
 
     def total_steps(self, num_sequences: int) -> int:
@@ -226,12 +246,12 @@ class TrainConfig(JsonConfig):
 class TuneConfig(JsonConfig):
     """Data owner: train the adapter of a bundle on private data."""
 
-    bundle: str
-    data: str
-    output: str
-    eval_data: str | None = None
+    bundle: str = option(help="bundle directory from `offsite emulate`", positional=True)
+    data: str = option(help="training data (.txt or .jsonl)")
+    output: str = option(help="adapter directory to write", flags=("-o", "--output"))
+    eval_data: str | None = option(None, "validation data; the best checkpoint by its metric is kept")
     train: TrainConfig = field(default_factory=TrainConfig)
-    overwrite: bool = False
+    overwrite: bool = option(False, "replace an existing output directory")
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -242,24 +262,34 @@ class TuneConfig(JsonConfig):
 class PlugConfig(JsonConfig):
     """Model owner: put a returned adapter into the full model."""
 
-    model: str
-    adapter: str
-    output: str
-    overwrite: bool = False
+    model: str = option(help="the full model the bundle was made from", positional=True)
+    adapter: str = option(help="adapter directory from `offsite tune`", positional=True)
+    output: str = option(help="plugged model directory to write", flags=("-o", "--output"))
+    overwrite: bool = option(False, "replace an existing output directory")
 
 
 @dataclass
 class EvalConfig(JsonConfig):
     """Score a full model, bundle or plugged model (optionally with an adapter) on a data file."""
 
-    model: str
-    data: str
-    adapter: str | None = None
-    seq_len: int = 512
-    batch_size: int = 8
-    limit: int | None = None
+    model: str = option(help="full model, bundle or plugged model", positional=True)
+    data: str = option(help="evaluation data (.txt or .jsonl)")
+    adapter: str | None = option(None, "apply this adapter file in memory first")
+    seq_len: int = option(512, "window length in tokens")
+    batch_size: int = option(8, "sequences per forward pass")
+    limit: int | None = option(None, "score only the first N examples (or documents)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        _positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit)
+        positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit)
         check(problems)
+
+
+@dataclass
+class ExportConfig(JsonConfig):
+    """Write a built-in dataset as jsonl, to see exactly what is trained and scored on."""
+
+    name: str = option(help="bbc-news, wordnet or austen, optionally with :train, :validation or :test",
+                       positional=True)
+    output: str = option(help="jsonl file to write", flags=("-o", "--output"))
+    overwrite: bool = option(False, "replace an existing output file")

@@ -17,16 +17,27 @@ from offsite.errors import OffsiteError
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; what the block writes there replaces `path` only if it succeeds."""
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON to a temp name beside `path`, then rename over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_text(path: Path, flag: str = "") -> str:
@@ -101,12 +112,19 @@ def _check_writable_parent(path: Path, flag: str) -> None:
         raise OffsiteError(f"{flag} {path}: cannot write into {ancestor} (permission denied); choose another path")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory that replaces `output` only if the block succeeds."""
     final = check_output_dir(output, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         yield tmp
         if final.exists():

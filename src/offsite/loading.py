@@ -6,9 +6,13 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import safe_open
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from offsite.adapter import METADATA
+from offsite.assets import resolve_model
+from offsite.constants import ADAPTER_METADATA, MODEL_CONFIG
 from offsite.errors import OffsiteError
 
 log = logging.getLogger(__name__)
@@ -16,8 +20,17 @@ log = logging.getLogger(__name__)
 
 def resolve(name_or_path: str) -> str:
     """A local directory for a built-in alias (built on first use), else the argument unchanged."""
-    from offsite.assets import resolve_model  # imported late: it is only needed for aliases
     return resolve_model(name_or_path)
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    """A model's config alone (no weights), e.g. to count its layers before any work starts."""
+    source = resolve(name_or_path)
+    _check_local(source)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise OffsiteError(f"could not read the config of MODEL '{name_or_path}': {_first_line(error)}") from None
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: bool = False) -> PreTrainedModel:
@@ -44,9 +57,6 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
 
 
 def _load_in_memory(source: Path, dtype: torch.dtype | str) -> PreTrainedModel:
-    from safetensors import safe_open
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     config = AutoConfig.from_pretrained(source)
     weights: dict[str, torch.Tensor] = {}
     for path in sorted(source.glob("*.safetensors")):
@@ -88,7 +98,7 @@ def _check_local(source: str) -> None:
         raise OffsiteError(f"model directory {source} does not exist; pass an existing directory, "
                            "a built-in alias (smollm2-135m) or a hub id")
     local = Path(source).expanduser()
-    if (local / METADATA).is_file() and not (local / "config.json").is_file():
+    if (local / ADAPTER_METADATA).is_file() and not (local / MODEL_CONFIG).is_file():
         raise OffsiteError(f"{source} is an adapter file, not a model; pass it with --adapter "
                            f"(offsite eval MODEL --adapter {source}) or to offsite plug MODEL {source}")
 

@@ -10,6 +10,8 @@ import resource
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from transformers.utils import logging as transformers_logging
+
 from offsite import allocator
 
 
@@ -66,5 +68,4 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 def _quiet_loading() -> None:
     """The parent has shown the model loading once; a stage's own process need not show it again."""
-    from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()

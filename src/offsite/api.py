@@ -1,0 +1,196 @@
+"""The protocol on one page: the model owner `emulate`s and `plug`s, the data owner `tune`s, anyone `evaluate`s.
+
+Each step is one typed function over a config dataclass (`offsite.config`); the `offsite`
+command calls only these and the studies. The pieces they put together live one layer down:
+`emulator` (making the emulator), `training` (the trainer), `exchange` (bundle, adapter file,
+fingerprint), `data` and `scoring`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
+from offsite.config import EmulateConfig, EvalConfig, ExportConfig, PlugConfig, TuneConfig
+from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
+from offsite.data import builtin
+from offsite.data.read import read_data, write_jsonl
+from offsite.data.types import Data, limit
+from offsite.emulator.build import build_emulator, calibration_corpus
+from offsite.emulator.distill import read_corpus
+from offsite.emulator.split import plan_split
+from offsite.errors import OffsiteError
+from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
+from offsite.exchange.bundle import Manifest, bundle_index, is_bundle, load_bundle, read_manifest, write_bundle
+from offsite.exchange.fingerprint import model_fingerprint
+from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
+from offsite.loading import load_model, load_tokenizer
+from offsite.scoring import score
+from offsite.training.trainer import train_layers, training_sequences
+
+log = logging.getLogger(__name__)
+
+
+def emulate(config: EmulateConfig) -> Path:
+    """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
+    sources = [config.model, config.split.calibration, config.distill.corpus if config.distill else None]
+    check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
+    corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
+    if config.split.selection == "similarity":
+        calibration_corpus(config)
+    log.info("loading full model %s", config.model)
+    model = load_model(config.model)
+    tokenizer = load_tokenizer(config.model)
+    plan = plan_split(model.config.num_hidden_layers, config.split)
+    base_fingerprint = model_fingerprint(model, plan.adapter)
+    base_model = {
+        "name_or_path": config.model,
+        "revision": getattr(model.config, "_commit_hash", None),
+        "model_type": model.config.model_type,
+        "num_layers": plan.num_layers,
+    }
+    checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
+    emulator_model, plan, emulator = build_emulator(model, tokenizer, plan, config, corpus, checkpoint)
+    del model
+    manifest = Manifest(base_model, config.split, plan, base_fingerprint, {}, emulator)
+    write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return Path(config.output)
+
+
+def tune(config: TuneConfig) -> Path:
+    """Data owner: train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`."""
+    check_output_dir(config.output, config.overwrite,
+                     inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
+    data = read_data(config.data)
+    eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
+    torch.manual_seed(config.train.seed)
+    # parking the cached blocks (training.emulator_cache) only frees memory if the weights are not file pages
+    model, manifest = load_bundle(config.bundle, in_memory=config.train.cache_emulator)
+    tokenizer = load_tokenizer(config.bundle)
+    positions = bundle_index(manifest)
+    sequences = training_sequences(data, tokenizer, config.train.seq_len)
+    if not sequences:
+        raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
+    with atomic_dir(config.output, config.overwrite) as tmp:
+        model = train_layers(model, tokenizer, sequences, [positions[i] for i in manifest.plan.adapter],
+                             config.train, tmp / METRICS, eval_data)
+        adapter = Adapter(
+            tensors=extract(model, {i: positions[i] for i in manifest.plan.adapter}),
+            fingerprint=manifest.fingerprint,
+            base_model=manifest.base_model,
+            training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
+        )
+        adapter.save(tmp)
+    return Path(config.output)
+
+
+def plug(config: PlugConfig) -> Path:
+    """Model owner: write the plugged model (full model + adapter) as a standard Hugging Face model directory."""
+    check_output_dir(config.output, config.overwrite, inputs=(config.model, config.adapter))
+    if is_bundle(config.model):
+        raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
+    adapter = load_adapter(config.adapter)
+    model = load_model(config.model)
+    plug_into(model, adapter, config.adapter)
+    log.info("plugged adapter layers %s into %s", adapter.layers, config.model)
+    with atomic_dir(config.output, config.overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(config.model).save_pretrained(tmp)
+    return Path(config.output)
+
+
+def load_for_eval(model_path: str, adapter_path: str | None) -> PreTrainedModel:
+    """A full model, bundle or plugged model, with an adapter file applied in memory if given."""
+    if not is_bundle(model_path):
+        model = load_model(model_path)
+        if adapter_path:
+            plug_into(model, load_adapter(adapter_path), adapter_path)
+        return model
+    model, manifest = load_bundle(model_path)
+    if adapter_path:
+        adapter = load_adapter(adapter_path)
+        if adapter.fingerprint != manifest.fingerprint:
+            raise OffsiteError(
+                f"adapter {adapter_path} was not trained for bundle {model_path}: fingerprints "
+                f"{adapter.fingerprint[:16]}… and {manifest.fingerprint[:16]}… differ"
+            )
+        apply(model, adapter, bundle_index(manifest), adapter_path)
+    return model
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Score `config.model` (optionally with `config.adapter`) on `config.data`: perplexity or choice accuracy."""
+    data: Data = read_data(config.data, default_split="test")
+    if config.limit is not None:
+        data = limit(data, config.limit)
+    model = load_for_eval(config.model, config.adapter)
+    tokenizer = load_tokenizer(config.model)
+    return score(model, tokenizer, data, config.seq_len, config.batch_size)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What `path` is (bundle, adapter or model) and its layers, sizes and fingerprint."""
+    root = Path(path)
+    if root.is_file():
+        raise OffsiteError(f"{root} is a file; pass a bundle, adapter or model directory")
+    if not root.is_dir():
+        raise OffsiteError(f"{root} does not exist; pass a bundle, adapter or model directory")
+    if is_bundle(root):  # a directory in the manifest's place gets read_json's error, not "model"
+        manifest = read_manifest(root)
+        return {
+            "kind": "bundle",
+            "path": str(root),
+            "base_model": manifest.base_model,
+            "split": manifest.split.to_dict(),
+            "layers": manifest.to_dict()["layers"],
+            "fingerprint": manifest.fingerprint,
+            "emulator_method": manifest.emulator.get("method", manifest.split.method),
+            "emulator_bytes": manifest.emulator.get("bytes"),
+            # Compressed or shared emulators need offsite's loader; plain ones load with from_pretrained too.
+            "loads_with": "offsite" if manifest.emulator.get("compression") or manifest.emulator.get("share")
+            else "from_pretrained or offsite",
+            "bytes": _size(root),
+        }
+    if (root / ADAPTER_METADATA).exists():
+        adapter = load_adapter(root)
+        return {
+            "kind": "adapter",
+            "path": str(root),
+            "base_model": adapter.base_model,
+            "layers": adapter.layers,
+            "fingerprint": adapter.fingerprint,
+            "parameters": sum(t.numel() for named in adapter.tensors.values() for t in named.values()),
+            "training": adapter.training.get("summary", {}),
+            "bytes": _size(root),
+        }
+    if (root / MODEL_CONFIG).is_file():
+        config = read_json(root / MODEL_CONFIG, "a model directory")
+        return {
+            "kind": "model",
+            "path": str(root),
+            "model_type": config.get("model_type"),
+            "num_layers": config.get("num_hidden_layers", config.get("n_layer")),
+            "bytes": _size(root),
+        }
+    raise OffsiteError(f"{root} is not a bundle (offsite.json), an adapter ({ADAPTER_METADATA}) or a model "
+                       f"({MODEL_CONFIG})")
+
+
+def export_data(config: ExportConfig) -> tuple[Path, str]:
+    """Write a built-in dataset as jsonl; return the file and the dataset's name."""
+    if not builtin.is_builtin(config.name):
+        raise OffsiteError(f"'{config.name}' is not a built-in dataset; available: {', '.join(builtin.BUILTIN)}")
+    output = check_output_file(config.output, config.overwrite)
+    data = read_data(config.name, flag="NAME")
+    return write_jsonl(data, output), data.source

@@ -1,0 +1,1 @@
+"""Training and evaluation data: types, readers, tokenisation and the built-in datasets."""

@@ -1,0 +1,60 @@
+"""What offsite trains and scores on: documents for language modelling, or multiple-choice examples."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Documents for language modelling."""
+
+    texts: list[str]
+    source: str
+    task = "lm"
+
+    def sha256(self) -> str:
+        """A hash of the texts, to record which corpus an emulator was made from."""
+        digest = hashlib.sha256()
+        for text in self.texts:
+            digest.update(text.encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    context: str
+    choices: tuple[str, ...]
+    label: int
+
+
+@dataclass(frozen=True)
+class ChoiceData:
+    """Multiple-choice examples: the model should prefer `choices[label]` after `context`."""
+
+    examples: list[ChoiceExample]
+    source: str
+    task = "choice"
+
+
+Data = Union[TextData, ChoiceData]
+
+
+def limit(data: Data, count: int) -> Data:
+    """The first `count` examples (or documents)."""
+    if isinstance(data, ChoiceData):
+        return ChoiceData(data.examples[:count], data.source)
+    return TextData(data.texts[:count], data.source)
+
+
+def truncate_text(data: TextData, windows: int, seq_len: int) -> TextData:
+    """About `windows` windows of `seq_len` tokens of text (5 characters a token is generous for English)."""
+    budget, texts = windows * seq_len * 5, []
+    for text in data.texts:
+        texts.append(text[:budget])
+        budget -= len(texts[-1])
+        if budget <= 0:
+            break
+    return TextData(texts, data.source)

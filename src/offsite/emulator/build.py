@@ -1,0 +1,92 @@
+"""How the model owner makes an emulator from the full model.
+
+The steps of `SplitConfig.method`, in order: choose the kept middle layers
+(`uniform` or `similarity`), factorise them (`lowrank`), let them run in place of
+the dropped layers (`share`), distil (optional), quantise (`int8`). Each step is
+its own module; this one only orders them and records what was done in the
+manifest's `emulator` entry, which is all a loader needs to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from offsite.config import EmulateConfig
+from offsite.data.read import read_text_corpus
+from offsite.data.tokens import lm_sequences
+from offsite.data.types import TextData
+from offsite.emulator.compress import COMPRESSIONS, compress, emulator_bytes
+from offsite.emulator.distill import distill
+from offsite.emulator.share import collapse, executed_plan, executed_positions, expand, nearest_schedule
+from offsite.emulator.similarity import select_by_similarity
+from offsite.emulator.split import SplitPlan
+from offsite.emulator.surgery import keep_layers
+from offsite.errors import OffsiteError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_WINDOWS = 16
+CALIBRATION_LEN = 256
+
+
+def calibration_corpus(config: EmulateConfig) -> str:
+    corpus = config.split.calibration or (config.distill.corpus if config.distill else None)
+    if corpus is None:
+        raise OffsiteError("--method similarity measures layer similarity on text: pass --calibration CORPUS "
+                           "(a .txt/.jsonl file or a built-in corpus such as austen), or --distill CORPUS")
+    return corpus
+
+
+def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
+                  config: EmulateConfig) -> tuple[SplitPlan, list[int], dict[str, Any]]:
+    """(plan with the kept middle layers, the kept layer standing in for each middle layer, what was measured)."""
+    middle = list(range(len(plan.bottom), plan.num_layers - len(plan.top)))
+    if config.split.selection == "uniform":
+        return plan, nearest_schedule(middle, list(plan.emulator)), {}
+    corpus_name = calibration_corpus(config)
+    corpus = read_calibration(corpus_name)
+    sequences = lm_sequences(tokenizer, corpus.texts, CALIBRATION_LEN)[:CALIBRATION_WINDOWS]
+    if not sequences:
+        raise OffsiteError(f"--calibration {corpus_name} gives no window of text; it needs more text")
+    kept, schedule, cka = select_by_similarity(model, middle, len(plan.emulator), sequences, tokenizer.pad_token_id)
+    measured = {"calibration": corpus_name, "calibration_sha256": corpus.sha256(), "windows": len(sequences),
+                "cka": [[round(v, 4) for v in row] for row in cka]}
+    return replace(plan, emulator=tuple(kept)), schedule, measured
+
+
+def read_calibration(corpus: str) -> TextData:
+    return read_text_corpus(corpus, "--calibration", "similarity")
+
+
+def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
+                   config: EmulateConfig, corpus: TextData | None, checkpoint: Path) -> tuple[PreTrainedModel, SplitPlan, dict[str, Any]]:
+    """The bundle's model (stored form), its final plan and the manifest's `emulator` entry."""
+    split = config.split
+    plan, schedule, measured = choose_layers(model, tokenizer, plan, config)
+    emulator_model = copy.deepcopy(model) if config.distill else model
+    keep_layers(emulator_model, plan.kept)
+    log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
+    stored_emulator = [len(plan.bottom) + i for i in range(len(plan.emulator))]
+    info: dict[str, Any] = {"method": split.method, "selection": split.selection, "similarity": measured or None,
+                            "share": {"schedule": schedule} if split.shares else None,
+                            "compression": None, "distill": None}
+    compression = COMPRESSIONS[split.compression] if split.compression else None
+    if compression and compression.before_distillation:  # e.g. lowrank: distillation repairs the truncation
+        info["compression"] = compress(emulator_model, stored_emulator, compression.name, split.rank_fraction)
+    stored = expand(emulator_model, executed_positions(plan, info)) if split.shares else None
+    if config.distill:
+        info["distill"] = distill(model, emulator_model, tokenizer, executed_plan(plan, info), config.distill,
+                                  corpus, checkpoint)
+        info["method"] = f"{split.method}+distill"
+    if stored is not None:
+        collapse(emulator_model, stored)
+    if compression and not compression.before_distillation:  # e.g. int8: its weights do not train
+        info["compression"] = compress(emulator_model, stored_emulator, compression.name, split.rank_fraction)
+    info["bytes"] = emulator_bytes(emulator_model, stored_emulator)
+    return emulator_model, plan, info

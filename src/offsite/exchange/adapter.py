@@ -1,0 +1,134 @@
+"""The adapter file: what the data owner returns.
+
+`adapter.safetensors` holds only adapter-layer tensors, keyed by *original*
+layer index (`layers.<original>.<name>`), so it means the same thing inside the
+bundle and inside the full model. `adapter.json` ties it to its base through the
+fingerprint and records how it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from offsite import __version__
+from offsite.arch import get_layers
+from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_METADATA, ADAPTER_WEIGHTS
+from offsite.errors import OffsiteError
+from offsite.exchange.fingerprint import model_fingerprint
+from offsite.files import atomic_file, read_json, write_json
+
+
+@dataclass
+class Adapter:
+    """Adapter weights by original layer index, and the metadata that travels with them."""
+
+    tensors: dict[int, dict[str, torch.Tensor]]
+    fingerprint: str
+    base_model: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.tensors)
+
+    def save(self, directory: Path) -> None:
+        flat = {f"layers.{index}.{name}": tensor.detach().contiguous().cpu()
+                for index, named in self.tensors.items() for name, tensor in named.items()}
+        with atomic_file(directory / ADAPTER_WEIGHTS) as tmp:
+            save_file(flat, str(tmp), metadata={"format": ADAPTER_FORMAT})
+        write_json(directory / ADAPTER_METADATA, {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "offsite_version": __version__,
+            "fingerprint": self.fingerprint,
+            "base_model": self.base_model,
+            "layers": self.layers,
+            "training": self.training,
+        })
+
+
+def load_adapter(directory: str | Path) -> Adapter:
+    root = Path(directory)
+    if not root.is_dir():
+        raise OffsiteError(f"adapter {root} does not exist or is not a directory; make one with `offsite tune`")
+    meta = read_json(root / ADAPTER_METADATA, "an offsite adapter (make one with `offsite tune`)")
+    if meta.get("format") != ADAPTER_FORMAT or meta.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise OffsiteError(f"{root / ADAPTER_METADATA} is not an offsite adapter of format version "
+                           f"{ADAPTER_FORMAT_VERSION}")
+    _check_metadata(meta, root / ADAPTER_METADATA)
+    try:
+        flat = load_file(str(root / ADAPTER_WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as error:
+        raise OffsiteError(f"cannot read {root / ADAPTER_WEIGHTS}: {error}") from None
+    tensors: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        prefix, index, name = (key.split(".", 2) + ["", ""])[:3]
+        if prefix != "layers" or not index.isdigit() or not name:
+            raise OffsiteError(f"{root / ADAPTER_WEIGHTS}: unexpected tensor key '{key}' (expected layers.<index>.<name>)")
+        tensors.setdefault(int(index), {})[name] = tensor
+    if sorted(tensors) != sorted(meta.get("layers", [])):
+        raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(tensors)} but {ADAPTER_METADATA} lists {meta.get('layers')}")
+    return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}))
+
+
+def _check_metadata(meta: dict[str, Any], path: Path) -> None:
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        raise OffsiteError(f"{path}: field 'layers' must be a list of layer indices, got {layers!r}")
+    for field in ("base_model", "training"):
+        if not isinstance(meta.get(field, {}), dict):
+            raise OffsiteError(f"{path}: field '{field}' must be a JSON object")
+
+
+def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Copy the adapter layers' weights out of `model`; `positions` maps original index -> layer position."""
+    layers = get_layers(model)
+    return {original: {k: v.detach().clone() for k, v in layers[position].state_dict().items()}
+            for original, position in positions.items()}
+
+
+def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
+    """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces."""
+    layers = get_layers(model)
+    for original, named in adapter.tensors.items():
+        if original not in positions:
+            raise OffsiteError(f"adapter {source} has layer {original}, which this model has no place for "
+                               f"(adapter layers here: {sorted(positions)})")
+        layer = layers[positions[original]]
+        expected = layer.state_dict()
+        missing = sorted(set(expected) - set(named))
+        unexpected = sorted(set(named) - set(expected))
+        if missing or unexpected:
+            raise OffsiteError(f"adapter {source}, layer {original}: missing keys {missing}, unexpected keys {unexpected}")
+        for name, tensor in named.items():
+            want = expected[name]
+            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+                raise OffsiteError(
+                    f"adapter {source}, layers.{original}.{name}: shape {tuple(tensor.shape)} {tensor.dtype} "
+                    f"but the model expects {tuple(want.shape)} {want.dtype}"
+                )
+        layer.load_state_dict(named, strict=True)
+
+
+def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path) -> None:
+    """Replace the full model's adapter layers in place, after checking the adapter was made for it."""
+    num_layers = model.config.num_hidden_layers
+    if any(index >= num_layers for index in adapter.layers):
+        raise OffsiteError(f"adapter {source} has layers {adapter.layers} but the model has only {num_layers} layers")
+    actual = model_fingerprint(model, adapter.layers)
+    if actual != adapter.fingerprint:
+        raise OffsiteError(
+            f"adapter {source} was made for another base model: its fingerprint is {adapter.fingerprint[:16]}…, "
+            f"this model's is {actual[:16]}…; plug it into the model its bundle was made from "
+            f"({adapter.base_model.get('name_or_path', 'unknown')})"
+        )
+    apply(model, adapter, {index: index for index in adapter.layers}, source)

@@ -1,0 +1,151 @@
+"""The bundle: an ordinary Hugging Face model directory holding adapter + emulator, plus its manifest.
+
+`offsite.json` records where every bundle layer came from, the split, the
+SHA-256 of every file and the base fingerprint that ties adapters to the full model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from offsite import __version__
+from offsite.config import SplitConfig
+from offsite.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
+from offsite.emulator.compress import valid_spec
+from offsite.emulator.load import load_emulator
+from offsite.emulator.share import executed_layers
+from offsite.emulator.split import ROLES, SplitPlan
+from offsite.errors import OffsiteError
+from offsite.files import atomic_dir, read_json, sha256_file, write_json
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed `offsite.json` of a bundle."""
+
+    base_model: dict[str, Any]
+    split: SplitConfig
+    plan: SplitPlan
+    fingerprint: str
+    files: dict[str, str]
+    emulator: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "offsite_version": __version__,
+            "base_model": self.base_model,
+            "split": self.split.to_dict(),
+            "layers": [
+                {"bundle_index": position, "original_index": original, "role": role}
+                for position, (original, role) in enumerate(self.plan.roles())
+            ],
+            "emulator": self.emulator,
+            "fingerprint": self.fingerprint,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path) -> "Manifest":
+        if data.get("format") != BUNDLE_FORMAT or data.get("format_version") != BUNDLE_FORMAT_VERSION:
+            raise OffsiteError(
+                f"{source} is not an offsite bundle manifest of format version {BUNDLE_FORMAT_VERSION} "
+                f"(found format={data.get('format')!r}, format_version={data.get('format_version')!r})"
+            )
+        try:
+            num_layers = int(data["base_model"]["num_layers"])
+            layers = [(e["original_index"], e["role"]) for e in data["layers"]]
+            _check_layers(layers, num_layers, source)
+            roles = {role: tuple(index for index, r in layers if r == role) for role in ROLES}
+            plan = SplitPlan(num_layers, roles["adapter_bottom"], roles["emulator"], roles["adapter_top"])
+            manifest = cls(data["base_model"], SplitConfig.from_dict(data["split"]), plan,
+                           str(data["fingerprint"]), dict(data["files"]), dict(data.get("emulator") or {}))
+        except (KeyError, TypeError, ValueError) as error:
+            raise OffsiteError(f"{source} is malformed: missing or invalid field {error}") from None
+        _check_emulator_entry(manifest.emulator, plan, source)
+        return manifest
+
+
+def _check_layers(layers: list[tuple[Any, Any]], num_layers: int, source: Path) -> None:
+    for index, role in layers:
+        if role not in ROLES:
+            raise OffsiteError(f"{source}: layer role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
+            raise OffsiteError(f"{source}: layer original_index {index!r} is not a layer of a "
+                               f"{num_layers}-layer base model")
+
+
+def _check_emulator_entry(info: dict[str, Any], plan: SplitPlan, source: Path) -> None:
+    """The emulator entry steers loading (shared layers, compressed modules): refuse one that cannot be right."""
+    share = info.get("share")
+    if share is not None:
+        schedule = share.get("schedule") if isinstance(share, dict) else None
+        if not isinstance(schedule, list) or not schedule or any(i not in plan.emulator for i in schedule):
+            raise OffsiteError(f"{source}: emulator.share.schedule must list emulator layers, from "
+                               f"{list(plan.emulator)}")
+    compression = info.get("compression")
+    if compression is not None:
+        modules = compression.get("modules") if isinstance(compression, dict) else None
+        if not isinstance(modules, dict) or not all(valid_spec(spec) for spec in modules.values()):
+            raise OffsiteError(f"{source}: emulator.compression.modules must map module names to "
+                               "{\"kind\": \"int8\"} or {\"kind\": \"lowrank\", \"rank\": <positive int>}")
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` holds a bundle manifest (a broken one too: reading it then names the problem)."""
+    return (Path(path) / MANIFEST).exists()
+
+
+def write_bundle(output: str | Path, overwrite: bool, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 manifest: Manifest) -> Path:
+    """Save the bundle's model and tokenizer, then `manifest` with their files' SHA-256, all at once."""
+    with atomic_dir(output, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json(tmp / MANIFEST, replace(manifest, files=files).to_dict())
+    return Path(output)
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    path = Path(bundle) / MANIFEST
+    if not Path(bundle).is_dir():
+        raise OffsiteError(f"bundle {bundle} does not exist or is not a directory; make one with `offsite emulate`")
+    return Manifest.from_dict(read_json(path, "an offsite bundle (make one with `offsite emulate`)"), path)
+
+
+def verify_files(bundle: str | Path, manifest: Manifest) -> None:
+    """Every file listed with its recorded SHA-256, and no file that is not listed."""
+    root = Path(bundle)
+    present = {p.name for p in root.iterdir() if p.is_file()} - {MANIFEST}
+    unexpected = sorted(present - set(manifest.files))
+    missing = sorted(set(manifest.files) - present)
+    if unexpected or missing:
+        raise OffsiteError(f"bundle {root} does not match its manifest: missing files {missing}, "
+                           f"unexpected files {unexpected}; ask the model owner for a fresh bundle")
+    for name, expected in manifest.files.items():
+        if sha256_file(root / name) != expected:
+            raise OffsiteError(f"bundle file {root / name} has been modified (SHA-256 differs from {MANIFEST}); "
+                               "ask the model owner for a fresh bundle")
+
+
+def load_bundle(bundle: str | Path, verify: bool = True, in_memory: bool = False) -> tuple[PreTrainedModel, Manifest]:
+    """Load a bundle as the causal LM the data owner trains, after checking its files against the manifest.
+
+    `in_memory`: read the weights into ordinary memory rather than mapping the file (for parking).
+    """
+    manifest = read_manifest(bundle)
+    if verify:
+        verify_files(bundle, manifest)
+    return load_emulator(Path(bundle), manifest.emulator, manifest.plan, in_memory), manifest
+
+
+def bundle_index(manifest: Manifest) -> dict[int, int]:
+    """Original index of each adapter layer -> its position in the model `load_bundle` returns."""
+    executed = executed_layers(manifest.plan, manifest.emulator)
+    return {original: executed.index(original) for original in manifest.plan.adapter}

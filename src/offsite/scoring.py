@@ -1,0 +1,99 @@
+"""Scoring a model: perplexity on text, accuracy on choice tasks (lm-eval's log-likelihood method)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from offsite.data.tokens import IGNORE, Sequence, collate, encode_pair, lm_sequences, token_log_probs
+from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
+from offsite.errors import OffsiteError
+
+
+@torch.no_grad()
+def sequence_scores(model: PreTrainedModel, sequences: list[Sequence], pad_id: int, batch_size: int,
+                    desc: str) -> list[tuple[float, int]]:
+    """(sum of log-probs of the scored tokens, number scored) for each sequence, in order.
+
+    Sequences are batched longest first so padding is small.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+        chunk = order[start: start + batch_size]
+        batch = collate([sequences[i] for i in chunk], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores = token_log_probs(logits, batch["labels"]).sum(-1)
+        counts = (batch["labels"] != IGNORE).sum(-1)
+        for row, index in enumerate(chunk):
+            results[index] = (float(scores[row]), int(counts[row]))
+    return results
+
+
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: TextData,
+               seq_len: int, batch_size: int) -> dict[str, Any]:
+    """Token-weighted perplexity over non-overlapping windows of `seq_len` tokens."""
+    sequences = lm_sequences(tokenizer, data.texts, seq_len)
+    if not sequences:
+        raise OffsiteError(f"{data.source}: the text is too short to score (needs at least 2 tokens)")
+    scores = sequence_scores(model, sequences, tokenizer.pad_token_id, batch_size, "perplexity")
+    total, count = sum(s for s, _ in scores), sum(n for _, n in scores)
+    return {"task": "lm", "n": count, "perplexity": math.exp(-total / count), "loss": -total / count}
+
+
+@torch.no_grad()
+def choice_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example: ChoiceExample,
+                   seq_len: int) -> list[float]:
+    """Summed log-likelihood of each choice after the context.
+
+    The shared context runs once; its KV cache is copied for each choice and all
+    continuations run as one batch. (lm-eval runs context + choice once per choice.)
+    A long context is cut from the left as training cuts it (`tokens.choice_sequence`):
+    the longest choice sees exactly the window it was trained with, `seq_len` inputs.
+    """
+    pairs = [encode_pair(tokenizer, example.context, choice) for choice in example.choices]
+    continuations = [continuation for _, continuation in pairs]
+    width = max(len(c) for c in continuations)
+    context = pairs[0][0][-max(1, seq_len + 1 - width):]
+    out = model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each choice's first token
+    scores = [float(first[c[0]]) for c in continuations]
+    if width == 1:
+        return scores
+    cache = out.cache
+    cache.batch_repeat_interleave(len(continuations))
+    batch = collate([Sequence(c[:-1], c[1:]) for c in continuations], tokenizer.pad_token_id)
+    mask = torch.cat([torch.ones(len(continuations), len(context), dtype=torch.long), batch["attention_mask"]], 1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, cache=cache).logits
+    rest = token_log_probs(logits, batch["labels"]).sum(-1)
+    return [head + float(tail) for head, tail in zip(scores, rest)]
+
+
+def choice_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[ChoiceExample],
+                    seq_len: int) -> dict[str, Any]:
+    """Accuracy by summed continuation log-likelihood, and by log-likelihood per byte (acc_norm)."""
+    correct = correct_norm = 0
+    for ex in tqdm(examples, desc="choices", leave=False, unit="example"):
+        loglik = choice_logliks(model, tokenizer, ex, seq_len)
+        per_byte = [ll / max(len(c.encode()), 1) for ll, c in zip(loglik, ex.choices)]
+        correct += int(max(range(len(loglik)), key=loglik.__getitem__) == ex.label)
+        correct_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == ex.label)
+    n = len(examples)
+    return {"task": "choice", "n": n, "accuracy": correct / n, "accuracy_norm": correct_norm / n}
+
+
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Data, seq_len: int,
+          batch_size: int) -> dict[str, Any]:
+    """Perplexity for text data, accuracy for choice data."""
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(data, ChoiceData):
+            return choice_accuracy(model, tokenizer, data.examples, seq_len)
+        return perplexity(model, tokenizer, data, seq_len, batch_size)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,1 @@
+"""`offsite bench`: the data owner's training speed and memory, full fine-tuning against offsite-tuning."""

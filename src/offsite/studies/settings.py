@@ -1,0 +1,127 @@
+"""What the studies run: the demo's and the ablation's settings, and the budgets of the built-in tasks.
+
+Kept apart from the studies themselves, which load models, so that the `offsite` command can
+build its flags from these dataclasses without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from offsite.config import DistillConfig, JsonConfig, SplitConfig, TrainConfig, option, positive
+from offsite.data.builtin import BUILTIN
+from offsite.errors import ConfigError, check
+
+
+@dataclass(frozen=True)
+class TaskBudget:
+    """How much of a task is trained and scored."""
+
+    train_examples: int  # choice examples, or LM training windows
+    eval_examples: int  # choice examples, or LM test windows
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float  # offsite-tuning (adapter only)
+    full_lr: float  # full fine-tuning, tuned separately: it moves every block
+
+
+BUDGETS: dict[str, dict[str, TaskBudget]] = {
+    "quick": {
+        "bbc-news": TaskBudget(160, 32, 20, 4, 160, 1e-4, 3e-5),
+        "wordnet": TaskBudget(320, 60, 20, 8, 64, 1e-4, 3e-5),
+        "austen": TaskBudget(20, 16, 10, 2, 256, 1e-4, 3e-5),
+    },
+    "default": {
+        "bbc-news": TaskBudget(640, 150, 80, 8, 160, 1e-4, 3e-5),
+        "wordnet": TaskBudget(1280, 300, 80, 16, 64, 1e-4, 3e-5),
+        "austen": TaskBudget(160, 64, 80, 2, 256, 1e-4, 3e-5),
+    },
+}
+
+
+# The demo's emulator is distilled (the paper's Table 1 emulators are); the quick budget distils briefly.
+DISTILL_BUDGETS: dict[str, DistillConfig] = {
+    "quick": DistillConfig(corpus="austen", steps=16, batch_size=4, seq_len=128, eval_every=8, eval_windows=8),
+    "default": DistillConfig(corpus="austen"),
+}
+
+
+@dataclass
+class DemoConfig(JsonConfig):
+    """What the demo runs: model, split, tasks and budget."""
+
+    model: str = option("smollm2-135m", "full model (default: the built-in smollm2-135m)")
+    output: str = option("offsite-demo", "report directory", flags=("--out",))
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(emulator_layers=8))
+    tasks: list[str] = option(help="built-in tasks", nargs="+",
+                              default_factory=lambda: ["bbc-news", "wordnet", "austen"])
+    quick: bool = option(False, "small budget: the whole run in under 10 minutes")
+    seed: int = option(0, "seed of every stage")
+    distill: DistillConfig | str | None = "budget"  # "budget": the budget's distillation; None: none
+    # TrainConfig fields that replace the budget's for the adapter (e.g. lr, lora_rank), for studies.
+    adapter_training: dict[str, Any] = field(default_factory=dict)
+    # With distillation, also measure the plain uniform emulator (default: not in the quick budget, to fit 10 min).
+    compare_uniform: bool | None = None
+    isolate: bool = True  # train in a fresh process, so its peak memory is its own
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, dict):
+            self.split = SplitConfig.from_dict(self.split)
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig.from_dict(self.distill)
+        if self.compare_uniform is None:
+            self.compare_uniform = not self.quick
+        if self.distill == "budget":
+            self.distill = DISTILL_BUDGETS[self.budget_name]
+        check([] if self.distill is None or isinstance(self.distill, DistillConfig) else
+              [f"distill={self.distill!r}: pass a DistillConfig, 'budget' or None"])
+        TrainConfig(**self.adapter_training)  # validates the overrides before any work starts
+        check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
+
+    @property
+    def budget_name(self) -> str:
+        return "quick" if self.quick else "default"
+
+
+@dataclass
+class AblateConfig(JsonConfig):
+    """Which methods to compare, on which task, with which budget."""
+
+    model: str = option("smollm2-135m", "full model (default: the built-in smollm2-135m)")
+    task: str = option("wordnet", "built-in task")
+    methods: list[str] = option(help="emulator methods as --method of emulate, '+distill' to distil with "
+                                "--distill", nargs="+",
+                                default_factory=lambda: ["uniform", "uniform+distill", "similarity", "share",
+                                                         "lowrank", "int8"])
+    output: str = option("offsite-ablate", "report directory", flags=("--out",))
+    bottom: int = option(2, "adapter layers at the bottom")
+    top: int = option(2, "adapter layers at the top")
+    emulator_layers: int = option(8, "the byte budget: a uniform emulator with this many layers")
+    rank_fraction: float = option(0.5, "lowrank: share of each emulator weight's parameters the factors keep")
+    calibration: str = option("austen", "similarity: corpus")
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(corpus="austen"))
+    quick: bool = option(False, "the demo's small budget")
+    seed: int = option(0, "seed of every stage")
+    isolate: bool = True  # train in a fresh process, as the demo does
+
+    def __post_init__(self) -> None:
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig.from_dict(self.distill)
+        problems = []
+        if self.task not in BUILTIN:
+            problems.append(f"--task: unknown task '{self.task}'; available: {', '.join(BUILTIN)}")
+        positive(problems, emulator_layers=self.emulator_layers)
+        check(problems)
+        for method in self.methods:
+            try:
+                self.split_for(method)  # validates each --methods entry
+            except ConfigError as error:
+                raise ConfigError([p.replace("--method=", "--methods ") for p in error.problems]) from None
+
+    def split_for(self, method: str, emulator_layers: int = 1) -> SplitConfig:
+        """The split of `method` (without '+distill') with `emulator_layers` kept middle layers."""
+        return SplitConfig(bottom=self.bottom, top=self.top, emulator_layers=emulator_layers,
+                           method=method.removesuffix("+distill"), rank_fraction=self.rank_fraction,
+                           calibration=self.calibration)

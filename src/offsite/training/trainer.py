@@ -1,0 +1,185 @@
+"""The trainer: chosen blocks of a model train (the adapter, or every block for full fine-tuning), the rest frozen.
+
+The data owner's `tune` trains a bundle's adapter with it; the demo's full fine-tuning baseline
+trains every block of the full model with the same loop, so the two differ only in what trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers.pytorch_utils import Conv1D
+
+from offsite.arch import get_layers, layer_paths
+from offsite.config import TrainConfig
+from offsite.data.tokens import Sequence, collate, lm_sequences, train_choice_sequence
+from offsite.data.types import ChoiceData, Data
+from offsite.scoring import score
+from offsite.training.checkpointing import checkpointed_blocks
+from offsite.training.emulator_cache import EmulatorCache
+from offsite.training.loss import batch_loss
+
+log = logging.getLogger(__name__)
+
+
+def freeze_all_but(model: nn.Module, positions: list[int]) -> list[nn.Parameter]:
+    """Make only the blocks at `positions` trainable; return their parameters."""
+    model.requires_grad_(False)
+    layers = get_layers(model)
+    for position in positions:
+        layers[position].requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def add_lora(model: PreTrainedModel, positions: list[int], rank: int, alpha: float | None) -> nn.Module:
+    """Wrap the linear maps of the adapter blocks (and only those) with peft LoRA."""
+    prefix = layer_paths(model).layers
+    targets = [
+        name for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+        and any(name.startswith(f"{prefix}.{p}.") for p in positions)
+    ]
+    lora = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=isinstance(model.get_submodule(targets[0]), Conv1D))
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 for a renamed attribute; nothing the user can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def training_sequences(data: Data, tokenizer, seq_len: int) -> list[Sequence]:
+    if isinstance(data, ChoiceData):
+        return [train_choice_sequence(tokenizer, ex, seq_len) for ex in data.examples]
+    return lm_sequences(tokenizer, data.texts, seq_len)
+
+
+@dataclass
+class Best:
+    """Best validation result so far and the trainable weights that produced it."""
+
+    metric: float | None = None
+    step: int | None = None
+    result: dict[str, Any] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, result: dict[str, Any], step: int, model: nn.Module) -> None:
+        # Higher accuracy is better; lower perplexity is better: compare on one scale.
+        value = result["accuracy"] if result["task"] == "choice" else -result["perplexity"]
+        if self.metric is None or value > self.metric:
+            self.metric, self.step, self.result = value, step, result
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def restore(self, model: nn.Module) -> None:
+        if self.weights is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.weights.items():
+                    params[name].copy_(value)
+
+
+def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], positions: list[int],
+                 settings: TrainConfig, metrics_path: Path, eval_data: Data | None = None) -> PreTrainedModel:
+    """Train the blocks at `positions` of `model` (everything else frozen) and return the trained model.
+
+    With LoRA the adapters are merged back, so the result has plain weights.
+    The training summary (steps, losses, timing; `seconds_per_step` excludes
+    validation) is stored in `model.offsite_training_summary`. With
+    `settings.cache_emulator`, the frozen blocks below the lowest trainable one
+    run once per sequence and are replayed, their weights parked on disk between
+    validations (see offsite.training.emulator_cache); with
+    `settings.checkpoint_emulator`, the frozen blocks above it recompute their
+    activations in the backward pass (see offsite.training.checkpointing).
+    """
+    freeze_all_but(model, positions)
+    start = time.perf_counter()
+    cache = (EmulatorCache.build(model, sequences, positions, tokenizer.pad_token_id, settings.batch_size)
+             if settings.cache_emulator else None)
+    cache_seconds = time.perf_counter() - start
+    trained = add_lora(model, positions, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else model
+    checkpointing = checkpointed_blocks(model, positions) if settings.checkpoint_emulator else contextlib.nullcontext()
+    parking = cache.frozen_blocks_parked() if cache is not None else contextlib.nullcontext()
+    with checkpointing, parking:
+        summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache)
+    if cache is not None:
+        summary["cache_seconds"] = cache_seconds
+    if settings.lora_rank:
+        model = trained.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    model.offsite_training_summary = summary
+    return model
+
+
+def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
+           settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None) -> dict[str, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.total_steps(len(sequences))
+    eval_every = settings.eval_every or max(1, steps // 5)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
+    batches = _batch_stream(sequences, settings, tokenizer.pad_token_id, cache)
+    best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
+    model.train()
+    with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="train", unit="step") as bar:
+        for step in range(1, steps + 1):
+            step_start = time.perf_counter()
+            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache)
+            step_seconds += time.perf_counter() - step_start
+            _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if eval_data is not None and (step % eval_every == 0 or step == steps):
+                with cache.frozen_blocks_loaded() if cache is not None else contextlib.nullcontext():
+                    result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
+                best.offer(result, step, model)
+                _log(metrics, {"step": step, "eval": result})
+                log.info("step %d validation %s", step, result)
+    seconds = time.perf_counter() - start
+    best.restore(model)
+    return {"steps": steps, "final_loss": loss, "best_step": best.step, "best_eval": best.result,
+            "train_sequences": len(sequences), "trainable_params": sum(p.numel() for p in params),
+            "seconds": seconds, "seconds_per_step": step_seconds / steps}
+
+
+def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int, cache: EmulatorCache | None = None):
+    """Endless shuffled micro-batches, reshuffled every epoch with the run's seed."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    while True:
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            indices = order[start: start + settings.batch_size]
+            batch = collate([sequences[i] for i in indices], pad_id)
+            if cache is not None:
+                batch["frozen_output"] = cache.batch(indices)
+            yield batch
+
+
+def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
+                    cache: EmulatorCache | None = None) -> float:
+    total = 0.0
+    for _ in range(grad_accum):
+        batch = next(batches)
+        loss = (cache.loss if cache is not None else batch_loss)(model, batch) / grad_accum
+        loss.backward()
+        total += loss.item()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _log(handle, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
