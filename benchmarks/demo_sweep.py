@@ -5,11 +5,11 @@ variant (full model zero-shot, full fine-tuning, bundles already built) are
 computed once. Each variant's report.json is kept as sweep/<label>.json, and
 sweep/sweep.md gathers the emulator-dependent rows of all of them.
 
-    python benchmarks/demo_sweep.py --out /tmp/runs/default \
-        --variant 'lr=3e-4:{"distill": "austen", "adapter_training": {"lr": 3e-4}}'
+    python benchmarks/demo_sweep.py benchmarks/variants/adapter-lr.json --out /tmp/runs/default
 
-A variant is LABEL:JSON, the JSON holding DemoConfig fields (split, distill,
-adapter_training, compare_uniform, quick, tasks).
+A variants file is a JSON object: label -> DemoConfig fields (split, distill, adapter_training,
+compare_uniform, quick, tasks); `"distill": "austen"` is the default distillation of that corpus.
+The studies behind docs/results/ are in benchmarks/variants/.
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ from offsite.studies.metrics import format_metric
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in")
 
 
-def run_variant(out: Path, label: str, fields: dict) -> dict:
+def variant_config(out: Path, fields: dict) -> DemoConfig:
+    """The demo of one variant: its fields, a corpus name as that corpus's default distillation."""
+    fields = dict(fields)
     if isinstance(fields.get("distill"), str):
         fields["distill"] = DistillConfig(corpus=fields["distill"]).to_dict()
     fields.setdefault("compare_uniform", False)
+    return DemoConfig(output=str(out), **fields)
+
+
+def run_variant(out: Path, label: str, fields: dict) -> dict:
     start = time.perf_counter()
-    demo(DemoConfig(output=str(out), **fields))
+    demo(variant_config(out, fields))
     kept = out / "sweep" / f"{label}.json"
     kept.parent.mkdir(exist_ok=True)
     shutil.copy(out / "report.json", kept)
@@ -58,17 +64,26 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_variants(path: Path) -> dict[str, dict]:
+    variants = json.loads(path.read_text())
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise SystemExit(f"{path}: expected a JSON object of label -> DemoConfig fields")
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--variant", action="append", required=True, help="LABEL:JSON")
+    parser.add_argument("variants", type=Path, help="JSON file: label -> DemoConfig fields")
+    parser.add_argument("--out", required=True, help="output directory shared by every variant")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these variants of the file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     reports = {}
-    for variant in args.variant:
-        label, _, blob = variant.partition(":")
-        reports[label] = run_variant(out, label, json.loads(blob))
+    for label, fields in read_variants(args.variants).items():
+        if args.only and label not in args.only:
+            continue
+        reports[label] = run_variant(out, label, fields)
         (out / "sweep" / "sweep.md").write_text(table(reports))
         print(table(reports), flush=True)
 

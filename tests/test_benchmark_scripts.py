@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from offsite import SplitConfig
+from offsite import OffsiteError, SplitConfig
 from offsite.studies.bench.settings import BenchConfig
 
 SCRIPTS = Path(__file__).parents[1] / "benchmarks"
@@ -44,3 +44,16 @@ def test_split_table_gives_both_gaps_per_split_and_task():
     assert "| 2-8-2 | wordnet | 0.400 | 0.700 | -10.0 pts | +30.0 pts | 1.50 | 1400 | 150 |" in text
     # austen: plug-in 44 against full FT 40 is 10% worse; against the emulator's 88, 100% better
     assert "| 2-10-2 | austen | 88.00 | 44.00 | -9.1% | +100.0% |" in text
+
+
+@pytest.mark.parametrize("variants", sorted((SCRIPTS / "variants").glob("*.json")), ids=lambda p: p.stem)
+def test_every_study_variant_is_a_valid_demo(variants, tmp_path):
+    script = load_script("demo_sweep")
+    configs = {label: script.variant_config(tmp_path, fields) for label, fields in script.read_variants(variants).items()}
+    assert configs and all(config.output == str(tmp_path) for config in configs.values())
+
+
+def test_a_bad_variant_is_refused(tmp_path):
+    script = load_script("demo_sweep")
+    with pytest.raises(OffsiteError, match="--emulator-layers=0"):
+        script.variant_config(tmp_path, {"split": {"emulator_layers": 0}})

@@ -1,0 +1,85 @@
+"""The `offsite` command's flags come from the config dataclasses: the same flags as before, their defaults the fields'."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from offsite.cli import _build_parser, _demo_distill, _options, from_args
+from offsite.config import COMPRESSIONS, DistillConfig, EvalConfig, SplitConfig, TrainConfig
+from offsite.emulator.compress import COMPRESSIONS as REGISTERED
+from offsite.studies.bench.settings import BenchConfig
+from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig
+
+COMMON = "--allocator --debug --quiet"
+SPLIT = "--bottom --top --emulator-layers --drop-ratio --emulator-method --rank-fraction --calibration"
+DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distill-seq-len --distill-eval-every "
+           "--kd-weight --lm-weight --align")
+# The long flags of every command as of 0.1.1, before the flags came from the config fields.
+FLAGS = {
+    "emulate": f"--output --overwrite {SPLIT} {DISTILL}",
+    "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
+            "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
+            "--checkpoint-emulator --overwrite",
+    "plug": "--output --overwrite",
+    "eval": "--data --adapter --seq-len --batch-size --limit --json",
+    "info": "--json",
+    "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay",
+    "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
+              f"{DISTILL} --quick --seed",
+    "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "
+             "--warmup-steps --lora-rank --epochs --settings --eval-examples --threads --in-process --json",
+    "setup-assets": "",
+}
+
+
+def subparser(command: str) -> argparse.ArgumentParser:
+    action = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def long_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+@pytest.mark.parametrize("command", sorted(FLAGS))
+def test_every_command_keeps_its_flags(command):
+    expected = set(f"{FLAGS[command]} {COMMON}".split())
+    if command in ("emulate", "demo", "bench"):
+        expected.add("--method")  # the alias of --emulator-method
+    assert long_flags(subparser(command)) == expected
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return _build_parser().parse_args(list(argv))
+
+
+def test_defaults_are_the_config_fields():
+    assert from_args(TrainConfig, parse("tune", "b", "--data", "d", "-o", "o")) == TrainConfig()
+    assert from_args(EvalConfig, parse("eval", "m", "--data", "d")) == EvalConfig(model="m", data="d")
+    emulate = parse("emulate", "m", "-o", "o", "--distill", "austen")
+    assert from_args(SplitConfig, emulate) == SplitConfig()
+    assert from_args(DistillConfig, emulate) == DistillConfig(corpus="austen")
+    ablate = parse("ablate")
+    assert from_args(AblateConfig, ablate, distill=from_args(DistillConfig, ablate)) == AblateConfig()
+    bench = parse("bench", "m")
+    assert from_args(BenchConfig, bench, split=from_args(SplitConfig, bench)) == BenchConfig(model="m")
+
+
+def test_demo_distillation_is_the_budget_unless_a_flag_says_otherwise():
+    assert _demo_distill(parse("demo")) == "budget"
+    assert _demo_distill(parse("demo", "--no-distill")) is None
+    # a flag replaces only its own field: the quick budget's short windows stay
+    quick = _demo_distill(parse("demo", "--quick", "--kd-weight", "30"))
+    assert quick == dataclasses.replace(DISTILL_BUDGETS["quick"], kd_weight=30.0)
+    assert _demo_distill(parse("demo", "--distill", "my.txt")).corpus == "my.txt"
+
+
+def test_every_option_has_help_and_a_single_default():
+    for cls in (SplitConfig, DistillConfig, TrainConfig, EvalConfig, AblateConfig, BenchConfig):
+        for field in _options(cls):
+            assert field.metadata["help"], f"{cls.__name__}.{field.name} has no help"
+
+
+def test_config_names_the_registered_compressions():
+    assert set(COMPRESSIONS) == set(REGISTERED)
