@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from offsite.config import DistillConfig
-from offsite.studies.settings import DemoConfig
 from offsite.studies.demo import demo
 from offsite.studies.demo_report import LABELS
 from offsite.studies.metrics import format_metric
+from offsite.studies.settings import DemoConfig
 
 ROWS = ("emulator_zero_shot", "emulator_finetune", "plug_in")
 

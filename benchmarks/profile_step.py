@@ -23,9 +23,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from offsite import allocator
-from offsite.studies.bench.settings import ALL_SETTINGS, CACHED, BenchConfig
-from offsite.studies.bench.measure import LR, bench_sequences, prepare_bundles, prepare_trainee, setting_model, step_batches, train_step
 from offsite.config import SplitConfig
+from offsite.studies.bench.measure import (
+    LR,
+    bench_sequences,
+    prepare_bundles,
+    prepare_trainee,
+    setting_model,
+    step_batches,
+    train_step,
+)
+from offsite.studies.bench.settings import ALL_SETTINGS, CACHED, BenchConfig
 from offsite.training.trainer import freeze_all_but
 
 # Operator name fragments -> the part of a step they belong to (first match wins).

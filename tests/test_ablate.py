@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from test_demo import tiny_tasks  # noqa: F401  (fixture)
 
-from offsite.studies.settings import AblateConfig
-from offsite.studies.ablate import ablate, budget_split
 from offsite.config import DistillConfig
 from offsite.errors import OffsiteError
-from test_demo import tiny_tasks  # noqa: F401  (fixture)
+from offsite.studies.ablate import ablate, budget_split
+from offsite.studies.settings import AblateConfig
 
 
 def test_layer_budget_gives_smaller_layers_more_depth():

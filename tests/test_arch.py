@@ -1,9 +1,9 @@
 import pytest
+from tiny_models import FAMILIES, make_tiny_model
 from torch import nn
 
 from offsite.arch import ARCHITECTURES, layer_paths, probe
 from offsite.errors import OffsiteError
-from tiny_models import FAMILIES, make_tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from offsite import assets
-from offsite.data import raw
 from offsite.assets import AssetError
+from offsite.data import raw
 
 # --- fixtures ------------------------------------------------------------------------
 

@@ -4,15 +4,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 from offsite import SplitConfig
-from offsite.studies.bench import bench as bench_module
-from offsite.studies.bench import settings as bench_settings
-from offsite.studies.bench.settings import SETTINGS, BenchConfig
-from offsite.studies.bench.bench import bench
-from offsite.studies.bench.table import format_bench
 from offsite.cli import main
-from tiny_models import make_tiny_model
+from offsite.studies.bench import settings as bench_settings
+from offsite.studies.bench.bench import bench
+from offsite.studies.bench.settings import SETTINGS, BenchConfig
+from offsite.studies.bench.table import format_bench
 
 TINY = dict(split=SplitConfig(bottom=2, top=2, emulator_layers=2), batch_size=2, seq_len=16, steps=2,
             warmup_steps=1, epochs=2, isolate=False, threads=1)

@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import NUM_LAYERS, input_batch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import NUM_LAYERS, input_batch
 from offsite import EmulateConfig, SplitConfig, emulate
 from offsite.arch import get_layers
 from offsite.constants import MANIFEST
-from offsite.exchange.bundle import load_bundle, read_manifest
 from offsite.errors import OffsiteError
+from offsite.exchange.bundle import load_bundle, read_manifest
 
 BUNDLE_FILES = {"config.json", "generation_config.json", "model.safetensors", "offsite.json",
                 "tokenizer.json", "tokenizer_config.json"}

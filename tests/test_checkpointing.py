@@ -4,17 +4,17 @@ import json
 
 import pytest
 import torch
+from test_tune import run_tune
 
 from offsite import EmulateConfig, SplitConfig, emulate
-from offsite.exchange.adapter import load_adapter
 from offsite.arch import get_layers
+from offsite.data.tokens import IGNORE, Sequence, collate
+from offsite.exchange.adapter import load_adapter
 from offsite.exchange.bundle import bundle_index, load_bundle
+from offsite.studies.bench.tensor_memory import TensorPeak, existing_tensors
 from offsite.training.checkpointing import checkpointed_blocks, gradient_pass_positions
 from offsite.training.loss import batch_loss
-from offsite.studies.bench.tensor_memory import TensorPeak, existing_tensors
-from offsite.data.tokens import IGNORE, Sequence, collate
 from offsite.training.trainer import freeze_all_but
-from test_tune import run_tune
 
 
 def sandwich(model_dir, out):

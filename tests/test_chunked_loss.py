@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import make_tiny_model
 
+from offsite.data.tokens import Sequence, collate
+from offsite.studies.bench.tensor_memory import TensorPeak, existing_tensors
 from offsite.training import chunked_loss as chunked_module
 from offsite.training.chunked_loss import ChunkedHeadLoss, plain_head
 from offsite.training.loss import batch_loss
-from offsite.studies.bench.tensor_memory import TensorPeak, existing_tensors
-from offsite.data.tokens import Sequence, collate
 from offsite.training.trainer import freeze_all_but
-from tiny_models import make_tiny_model
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

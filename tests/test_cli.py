@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import SAMPLE_TEXT
 
 from offsite.cli import main
-from tiny_models import SAMPLE_TEXT
 
 
 @pytest.fixture

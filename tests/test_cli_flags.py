@@ -83,3 +83,11 @@ def test_every_option_has_help_and_a_single_default():
 
 def test_config_names_the_registered_compressions():
     assert set(COMPRESSIONS) == set(REGISTERED)
+
+
+def test_help_shows_each_default_once_from_the_field():
+    text = " ".join(subparser("tune").format_help().split())
+    assert "peak learning rate (default 0.0001)" in text and "AdamW weight decay (default 0.0)" in text
+    assert "LoRA alpha (default 2 x rank)" in text  # a help that explains its default is left as it is
+    demo = " ".join(subparser("demo").format_help().split())
+    assert "--kd-weight KD_WEIGHT weight of the normalised MSE to the full block (default: the budget's)" in demo

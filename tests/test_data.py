@@ -1,14 +1,12 @@
 import json
 
 import pytest
-
-from offsite.data.types import ChoiceData, TextData
+from tiny_models import tiny_tokenizer
 
 from offsite.data.read import read_data
-from offsite.errors import OffsiteError
 from offsite.data.tokens import IGNORE, encode_pair, lm_sequences, train_choice_sequence
-from offsite.data.types import ChoiceExample
-from tiny_models import tiny_tokenizer
+from offsite.data.types import ChoiceData, ChoiceExample, TextData
+from offsite.errors import OffsiteError
 
 
 def write_lines(path, lines):

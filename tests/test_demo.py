@@ -5,14 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import SAMPLE_TEXT
 
+from offsite.config import DistillConfig
 from offsite.data import builtin as tasks
 from offsite.data.types import ChoiceData, ChoiceExample, TextData
-from offsite.config import DistillConfig
-from offsite.studies.settings import BUDGETS, DISTILL_BUDGETS, DemoConfig, TaskBudget
 from offsite.studies.demo import demo
 from offsite.studies.demo_report import claims
-from tiny_models import SAMPLE_TEXT
+from offsite.studies.settings import BUDGETS, DISTILL_BUDGETS, DemoConfig, TaskBudget
 
 
 @pytest.fixture

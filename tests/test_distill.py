@@ -3,17 +3,17 @@
 import json
 
 import torch
+from conftest import input_batch
 from transformers import AutoModelForCausalLM
 
-from conftest import input_batch
 from offsite import EmulateConfig, SplitConfig, emulate
 from offsite.arch import get_layers
-from offsite.exchange.bundle import read_manifest
 from offsite.config import DistillConfig
 from offsite.emulator.distill import alignment_targets, distill, kd_loss, read_corpus
-from offsite.loading import load_tokenizer
-from offsite.emulator.surgery import keep_layers
 from offsite.emulator.split import plan_split
+from offsite.emulator.surgery import keep_layers
+from offsite.exchange.bundle import read_manifest
+from offsite.loading import load_tokenizer
 
 
 def test_alignment_targets_match_each_kept_layer_with_the_end_of_its_span():

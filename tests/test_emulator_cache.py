@@ -4,17 +4,17 @@ import json
 
 import pytest
 import torch
+from test_tune import run_tune
 
 from offsite import EmulateConfig, OffsiteError, SplitConfig, emulate
+from offsite.api import load_for_eval
+from offsite.data.tokens import IGNORE, Sequence, collate
 from offsite.exchange.adapter import load_adapter
 from offsite.exchange.bundle import bundle_index, load_bundle
 from offsite.training.emulator_cache import EmulatorCache
 from offsite.training.loss import batch_loss
-from offsite.api import load_for_eval
 from offsite.training.parking import parked
-from offsite.data.tokens import IGNORE, Sequence, collate
 from offsite.training.trainer import freeze_all_but
-from test_tune import run_tune
 
 
 @pytest.fixture(autouse=True)

@@ -1,24 +1,24 @@
 """Emulator methods (similarity, share, lowrank, int8) on tiny random models."""
 
 import copy
+
 import pytest
 import torch
+from conftest import input_batch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import input_batch
 from offsite import EmulateConfig, SplitConfig, emulate
-from offsite.exchange.adapter import extract
-from offsite.arch import get_layers
-from offsite.exchange.bundle import bundle_index, load_bundle, read_manifest
-from offsite.emulator.compress import Int8Linear, LowRankLinear, emulator_bytes, rank_for
-from offsite.config import DistillConfig, TrainConfig, TuneConfig
-from offsite.errors import OffsiteError
-from offsite.exchange.adapter import plug_into
-from offsite.emulator.share import nearest_schedule
-from offsite.emulator.surgery import slice_config
-from offsite.emulator.similarity import contiguous_medoids, linear_cka
 from offsite.api import tune
+from offsite.arch import get_layers
+from offsite.config import DistillConfig, TrainConfig, TuneConfig
+from offsite.emulator.compress import Int8Linear, LowRankLinear, emulator_bytes, rank_for
+from offsite.emulator.share import nearest_schedule
+from offsite.emulator.similarity import contiguous_medoids, linear_cka
+from offsite.emulator.surgery import slice_config
+from offsite.errors import OffsiteError
+from offsite.exchange.adapter import extract, plug_into
+from offsite.exchange.bundle import bundle_index, load_bundle, read_manifest
 
 FAMILIES = ["llama", "gpt2", "opt", "qwen2", "gemma3_text"]
 

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import SAMPLE_TEXT
 from transformers import AutoModelForCausalLM
 
-from offsite.data.types import ChoiceExample, TextData
-from offsite.scoring import choice_accuracy, choice_logliks, perplexity
-from offsite.loading import load_tokenizer
 from offsite.data.tokens import encode_pair
-from tiny_models import SAMPLE_TEXT
+from offsite.data.types import ChoiceExample, TextData
+from offsite.loading import load_tokenizer
+from offsite.scoring import choice_accuracy, choice_logliks, perplexity
 
 
 @pytest.fixture
@@ -97,8 +97,8 @@ def test_blocked_windows_are_token_weighted(llama):
 
 
 def test_loss_with_logits_only_at_scored_positions_is_exact(family, model_dirs):
-    from offsite.training.loss import batch_loss, mean_loss
     from offsite.data.tokens import choice_sequence, collate
+    from offsite.training.loss import batch_loss, mean_loss
     model, tok = family_model(model_dirs, family)
     batch = collate([choice_sequence(tok, "The river was quiet that", " morning", 64),
                      choice_sequence(tok, "Boil fresh water, warm the pot", " and add leaves", 64)], tok.pad_token_id)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILIES, input_batch
+
 from offsite.loading import load_model
 
 

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from conftest import input_batch
+from test_bundle import logits, make_bundle
 from transformers import AutoModelForCausalLM
 
-from conftest import input_batch
 from offsite import PlugConfig, plug
+from offsite.api import load_for_eval
+from offsite.errors import OffsiteError
 from offsite.exchange.adapter import Adapter, extract, load_adapter
 from offsite.exchange.bundle import bundle_index, load_bundle
-from offsite.errors import OffsiteError
-from offsite.api import load_for_eval
-from test_bundle import logits, make_bundle
 
 
 def untrained_adapter(bundle, directory):

@@ -1,8 +1,8 @@
 import pytest
 
 from offsite.config import SplitConfig
-from offsite.errors import ConfigError
 from offsite.emulator.split import plan_split, uniform_indices
+from offsite.errors import ConfigError
 
 
 def test_uniform_keeps_both_ends_and_spreads_evenly():

@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 
 from offsite.data import builtin as tasks
-from offsite.data.types import ChoiceData, TextData
 from offsite.data.read import read_data
+from offsite.data.types import ChoiceData, TextData
 from offsite.errors import OffsiteError
 
 

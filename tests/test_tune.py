@@ -4,21 +4,21 @@ import json
 import warnings
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import input_batch
-from offsite import TrainConfig, TuneConfig, tune
-from offsite.exchange.adapter import load_adapter
-from offsite.arch import get_layers, layer_paths
-from offsite.exchange.bundle import bundle_index, load_bundle
-from offsite.data.types import TextData
-from offsite.api import load_for_eval
-from offsite.training.loss import mean_loss
-from offsite.scoring import score
-from offsite.loading import load_tokenizer
-from offsite.training.trainer import Best, add_lora, freeze_all_but
 from test_bundle import make_bundle
 from tiny_models import SAMPLE_TEXT
+from transformers import AutoModelForCausalLM
+
+from offsite import TrainConfig, TuneConfig, tune
+from offsite.api import load_for_eval
+from offsite.arch import get_layers, layer_paths
+from offsite.data.types import TextData
+from offsite.exchange.adapter import load_adapter
+from offsite.exchange.bundle import bundle_index, load_bundle
+from offsite.loading import load_tokenizer
+from offsite.scoring import score
+from offsite.training.loss import mean_loss
+from offsite.training.trainer import Best, add_lora, freeze_all_but
 
 
 def test_only_adapter_parameters_get_gradients(family, model_dirs, tmp_path):

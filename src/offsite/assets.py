@@ -205,8 +205,7 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
         raise AssetError("Reading GGUF files needs the gguf package. Run: pip install gguf==0.19.0")
     import torch  # noqa: PLC0415 - lazy: the CLI imports this module, and only a conversion needs torch
     from tqdm.auto import tqdm  # noqa: PLC0415 - lazy, with torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,  # noqa: PLC0415 - lazy, with torch
-                              LlamaForCausalLM)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - lazy, with torch
 
     steps = tqdm(total=3, desc=f"Converting {gguf_path.name}", unit="step")
     steps.set_postfix_str("dequantizing weights")

@@ -18,8 +18,17 @@ import typing
 from typing import Any, Callable
 
 from offsite import allocator
-from offsite.config import (DistillConfig, EmulateConfig, EvalConfig, ExportConfig, PlugConfig, SplitConfig,
-                            TrainConfig, TuneConfig, flag)
+from offsite.config import (
+    DistillConfig,
+    EmulateConfig,
+    EvalConfig,
+    ExportConfig,
+    PlugConfig,
+    SplitConfig,
+    TrainConfig,
+    TuneConfig,
+    flag,
+)
 from offsite.errors import OffsiteError
 from offsite.studies.bench.settings import BenchConfig
 from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
@@ -107,7 +116,7 @@ def add_options(parser: Any, cls: type, defaults: Any = None, only: tuple[str, .
 def _help(text: str, default: Any, unset: str | None, kind: Any) -> str:
     if unset:
         return f"{text} (default: {unset})"
-    if default in (None, False, dataclasses.MISSING) or kind is bool or "default" in text:
+    if default is None or default is dataclasses.MISSING or kind is bool or "default" in text:
         return text
     shown = " ".join(default) if isinstance(default, list) else default
     return f"{text} (default {shown})"

@@ -71,7 +71,7 @@ class SplitConfig(JsonConfig):
     Exactly one of `emulator_layers` (K, how many middle layers the emulator
     keeps) and `drop_ratio` (fraction of middle layers dropped) may be set; with
     neither, the emulator keeps the whole middle block. Whether the numbers fit
-    a given model is checked by `offsite.split.plan_split`, which knows its depth.
+    a given model is checked by `offsite.emulator.split.plan_split`, which knows its depth.
     """
 
     bottom: int = option(2, "adapter layers at the bottom")

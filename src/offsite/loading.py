@@ -7,8 +7,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from offsite.assets import resolve_model
@@ -38,7 +44,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
 
     transformers maps safetensors files into memory, so the weights stay file pages for as
     long as any tensor of the file is alive. `in_memory` (local directories) reads them into
-    ordinary memory instead, so that freeing some of them (offsite.parking) really frees it.
+    ordinary memory instead, so that freeing some of them (offsite.training.parking) really frees it.
     """
     source = resolve(name_or_path)
     _check_local(source)

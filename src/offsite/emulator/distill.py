@@ -42,7 +42,7 @@ def alignment_targets(plan: SplitPlan, align: str) -> list[tuple[int, int]]:
     middle layer stands for itself and the dropped layers after it, so its output
     is matched with the full stack's output just before the next kept layer.
     """
-    b, k = len(plan.bottom), len(plan.emulator)
+    b = len(plan.bottom)
     ends = list(plan.emulator[1:]) + [plan.num_layers - len(plan.top)]
     pairs = [(b + i + 1, end) for i, end in enumerate(ends)]
     return pairs if align == "per-layer" else pairs[-1:]

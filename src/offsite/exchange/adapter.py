@@ -84,9 +84,9 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                for i in layers):
         raise OffsiteError(f"{path}: field 'layers' must be a list of layer indices, got {layers!r}")
-    for field in ("base_model", "training"):
-        if not isinstance(meta.get(field, {}), dict):
-            raise OffsiteError(f"{path}: field '{field}' must be a JSON object")
+    for name in ("base_model", "training"):
+        if not isinstance(meta.get(name, {}), dict):
+            raise OffsiteError(f"{path}: field '{name}' must be a JSON object")
 
 
 def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, torch.Tensor]]:

@@ -10,13 +10,13 @@ memory is its own:
 - `offsite`, `offsite_lora`: the adapter of a bundle trains through the emulator, with
   logits only at the scored positions (offsite's training loss);
 - `offsite_top_cached`: a top-only adapter (the same split with `--bottom 0`) with the
-  emulator's output cached (offsite.emulator_cache), timed over several epochs, cache
+  emulator's output cached (offsite.training.emulator_cache), timed over several epochs, cache
   building included.
 
 Per setting: tokens/s (median step after warm-up, optimizer step included; for the cached
 setting, all tokens over all epochs divided by the wall time including the cache), peak
 resident memory (VmHWM), peak tensor memory (torch's MemTracker over one extra step, after
-the timed ones, so optimizer state exists), trainable parameters. `offsite.flops` gives
+the timed ones, so optimizer state exists), trainable parameters. `offsite.studies.bench.flops` gives
 the analytic limit of each ratio.
 """
 
@@ -32,15 +32,21 @@ from offsite.config import SplitConfig
 from offsite.errors import OffsiteError
 from offsite.processes import in_fresh_process
 from offsite.studies.bench.flops import FORMULA, Plan, Shapes, plan_modes, token_cost
-from offsite.studies.bench.measure import (machine, model_config, model_shapes, prepare_bundles, run_evaluation,
-                                           run_setting)
+from offsite.studies.bench.measure import (
+    machine,
+    model_config,
+    model_shapes,
+    prepare_bundles,
+    run_evaluation,
+    run_setting,
+)
 from offsite.studies.bench.settings import CACHED, CHECKPOINTED, BenchConfig, uses_lora
 
 log = logging.getLogger(__name__)
 
 
 def flop_costs(config: BenchConfig, shapes: Shapes) -> dict[str, float]:
-    """MACs per training token of every setting (see offsite.flops)."""
+    """MACs per training token of every setting (see offsite.studies.bench.flops)."""
     costs = {}
     for name, plan in config.plans(shapes.num_layers).items():
         if name != "full_ft" and name not in config.settings:
