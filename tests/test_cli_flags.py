@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 
-from offsite.cli import _build_parser, _demo_distill, _options, from_args
+from offsite.cli import _build_parser, _demo_config, _demo_distill, _options, from_args
 from offsite.config import COMPRESSIONS, DistillConfig, EvalConfig, SplitConfig, TrainConfig
 from offsite.emulator.compress import COMPRESSIONS as REGISTERED
 from offsite.studies.bench.settings import BenchConfig
-from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig
+from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
 
 COMMON = "--allocator --debug --quiet"
 SPLIT = "--bottom --top --emulator-layers --drop-ratio --emulator-method --rank-fraction --calibration"
@@ -64,6 +64,12 @@ def test_defaults_are_the_config_fields():
     assert from_args(AblateConfig, ablate, distill=from_args(DistillConfig, ablate)) == AblateConfig()
     bench = parse("bench", "m")
     assert from_args(BenchConfig, bench, split=from_args(SplitConfig, bench)) == BenchConfig(model="m")
+
+
+def test_the_demo_without_flags_is_the_default_demo():
+    """Its stage caches stay valid: no adapter override appears that was not asked for (the demo's --seed too)."""
+    assert _demo_config(parse("demo")) == DemoConfig()
+    assert _demo_config(parse("demo", "--seed", "3", "--lr", "3e-4")).adapter_training == {"lr": 3e-4}
 
 
 def test_demo_distillation_is_the_budget_unless_a_flag_says_otherwise():

@@ -128,10 +128,10 @@ def from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
     return cls(**{**given, **values})
 
 
-def _given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The fields of `cls` whose flags were given (added with `unset`, so None means not given)."""
+def _given(cls: type, args: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The fields of `cls` (or those in `only`) whose flags were given: added with `unset`, so None is not given."""
     return {f.name: getattr(args, _dest(f)) for f in _options(cls)
-            if hasattr(args, _dest(f)) and getattr(args, _dest(f)) is not None}
+            if (only is None or f.name in only) and getattr(args, _dest(f), None) is not None}
 
 
 def _split(args: argparse.Namespace) -> SplitConfig:
@@ -157,6 +157,10 @@ def _distill_flags(parser: argparse.ArgumentParser, defaults: DistillConfig | No
 
 def _distill(args: argparse.Namespace) -> DistillConfig | None:
     return from_args(DistillConfig, args) if args.distill else None
+
+
+# TrainConfig fields the demo lets a flag replace for every task's adapter (its own --seed is the demo's)
+DEMO_ADAPTER_FLAGS = ("lr", "lora_rank", "weight_decay")
 
 
 # --- the parser ----------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _distill_flags(demo, unset="the budget's")
     demo.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
     add_options(demo, DemoConfig, only=("seed",))
-    add_options(demo, TrainConfig, only=("lr", "lora_rank", "weight_decay"), unset="the budget's")
+    add_options(demo, TrainConfig, only=DEMO_ADAPTER_FLAGS, unset="the budget's")
 
     ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")
     add_options(ablate, AblateConfig)
@@ -280,10 +284,14 @@ def _demo_distill(args: argparse.Namespace) -> DistillConfig | str | None:
     return dataclasses.replace(DISTILL_BUDGETS["quick" if args.quick else "default"], **given)
 
 
+def _demo_config(args: argparse.Namespace) -> DemoConfig:
+    return from_args(DemoConfig, args, split=_split(args), distill=_demo_distill(args),
+                     adapter_training=_given(TrainConfig, args, only=DEMO_ADAPTER_FLAGS))
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     from offsite.studies.demo import demo  # noqa: PLC0415 - lazy torch (see above)
-    out = demo(from_args(DemoConfig, args, split=_split(args), distill=_demo_distill(args),
-                         adapter_training=_given(TrainConfig, args)))
+    out = demo(_demo_config(args))
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
 
