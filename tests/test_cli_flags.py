@@ -1,6 +1,8 @@
 """The `offsite` command's flags come from the config dataclasses: the same flags as before, their defaults the fields'."""
 
 import argparse
+import subprocess
+import sys
 import dataclasses
 
 import pytest
@@ -97,3 +99,11 @@ def test_help_shows_each_default_once_from_the_field():
     assert "LoRA alpha (default 2 x rank)" in text  # a help that explains its default is left as it is
     demo = " ".join(subparser("demo").format_help().split())
     assert "--kd-weight KD_WEIGHT weight of the normalised MSE to the full block (default: the budget's)" in demo
+
+
+def test_the_command_starts_without_torch():
+    """`offsite --help` and the allocator's restart stay fast: building the parser loads no torch."""
+    code = ("import sys, offsite.cli; offsite.cli._build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -146,13 +146,9 @@ def _split_flags(parser: argparse.ArgumentParser, defaults: SplitConfig | None =
 
 def _distill_flags(parser: argparse.ArgumentParser, defaults: DistillConfig | None = None,
                    unset: str | None = None) -> None:
+    """The distillation flags; by default without a corpus, which means no distillation."""
     group = parser.add_argument_group("distillation (optional): train the emulator to match the full middle block")
-    if defaults is None and unset is None:
-        group.add_argument("--distill", metavar="CORPUS", help=_options(DistillConfig)[0].metadata["help"])
-        add_options(group, DistillConfig, DistillConfig(corpus="unused"),
-                    only=tuple(f.name for f in _options(DistillConfig)[1:]))
-    else:
-        add_options(group, DistillConfig, defaults, unset=unset)
+    add_options(group, DistillConfig, defaults or DistillConfig(corpus=None), unset=unset)  # type: ignore[arg-type]
 
 
 def _distill(args: argparse.Namespace) -> DistillConfig | None:
