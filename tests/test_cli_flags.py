@@ -1,9 +1,9 @@
 """The `offsite` command's flags come from the config dataclasses: the same flags as before, their defaults the fields'."""
 
 import argparse
+import dataclasses
 import subprocess
 import sys
-import dataclasses
 
 import pytest
 
