@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The model owner's records of issued bundles (offsite.exchange.issued) go to a folder of this run,
+# never to the user's own state; spawned stage processes inherit it.
+os.environ["OFFSITE_STATE"] = tempfile.mkdtemp(prefix="offsite-test-state-")
 
 from tiny_models import FAMILIES, SAMPLE_TEXT, save_tiny_model  # noqa: E402
 

@@ -23,8 +23,8 @@ FLAGS = {
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite",
-    "plug": "--output --overwrite",
-    "eval": "--data --adapter --seq-len --batch-size --limit --json",
+    "plug": "--output --overwrite --bundle",  # --bundle: new in the hardening (the layers plug may replace)
+    "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json",
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay",
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "

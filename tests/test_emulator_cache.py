@@ -79,7 +79,7 @@ def test_cached_tuning_trains_the_same_adapter_and_plugs_in(model_dirs, sample_t
     assert numbers and numbers == pytest.approx({k: plain_summary["best_eval"][k] for k in numbers}, rel=1e-5)
     untrained, _ = load_bundle(bundle)
     assert not torch.equal(untrained.model.layers[4].mlp.up_proj.weight, adapter.tensors[7]["mlp.up_proj.weight"])
-    plugged = load_for_eval(str(model_dirs["llama"]), str(cached))  # plugging works as usual
+    plugged = load_for_eval(str(model_dirs["llama"]), str(cached))[0]  # plugging works as usual
     assert torch.equal(plugged.model.layers[7].mlp.up_proj.weight, adapter.tensors[7]["mlp.up_proj.weight"])
 
 

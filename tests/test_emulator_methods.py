@@ -98,7 +98,7 @@ def test_untrained_adapter_from_any_method_plugs_back_exactly(family, method, mo
     from offsite.exchange.adapter import Adapter
     adapter = Adapter(extract(model, {i: positions[i] for i in manifest.plan.adapter}), manifest.fingerprint,
                       manifest.base_model, {})
-    plug_into(full, adapter, str(bundle))
+    plug_into(full, adapter, str(bundle), tuple(adapter.layers))
     assert torch.equal(logits(full, ids), expected)
 
 

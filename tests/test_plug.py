@@ -95,9 +95,9 @@ def test_eval_applies_adapter_to_bundle_and_to_full_model(model_dirs, tmp_path):
     adapter = untrained_adapter(bundle, tmp_path / "a")
     ids = input_batch()
     bundle_model, _ = load_bundle(bundle)
-    assert torch.equal(logits(load_for_eval(str(bundle), str(adapter)), ids), logits(bundle_model, ids))
+    assert torch.equal(logits(load_for_eval(str(bundle), str(adapter))[0], ids), logits(bundle_model, ids))
     full = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"])
-    assert torch.equal(logits(load_for_eval(str(model_dirs["qwen2"]), str(adapter)), ids), logits(full, ids))
+    assert torch.equal(logits(load_for_eval(str(model_dirs["qwen2"]), str(adapter))[0], ids), logits(full, ids))
     other = make_bundle(model_dirs["llama"], tmp_path / "other")
     with pytest.raises(OffsiteError, match="was not trained for bundle"):
-        load_for_eval(str(other), str(adapter))
+        load_for_eval(str(other), str(adapter))[0]

@@ -38,7 +38,7 @@ def test_only_adapter_parameters_get_gradients(family, model_dirs, tmp_path):
 
 
 def train_perplexity(bundle, adapter=None):
-    model = load_for_eval(str(bundle), str(adapter) if adapter else None)
+    model = load_for_eval(str(bundle), str(adapter) if adapter else None)[0]
     return score(model, load_tokenizer(str(bundle)), TextData([SAMPLE_TEXT], "sample"), 64, 8)["perplexity"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
 from offsite.config import EmulateConfig, EvalConfig, ExportConfig, PlugConfig, TuneConfig
@@ -27,7 +27,8 @@ from offsite.emulator.distill import read_corpus
 from offsite.emulator.split import plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
-from offsite.exchange.bundle import Manifest, bundle_index, is_bundle, load_bundle, read_manifest, write_bundle
+from offsite.exchange import issued
+from offsite.exchange.bundle import Manifest, bundle_index, is_bundle, open_bundle, read_manifest, write_bundle
 from offsite.exchange.fingerprint import model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.loading import load_model, load_tokenizer
@@ -60,6 +61,7 @@ def emulate(config: EmulateConfig) -> Path:
     del model
     manifest = Manifest(base_model, config.split, plan, base_fingerprint, {}, emulator)
     write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest)
+    issued.record(manifest, config.output)  # plug later replaces only these layers
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
 
@@ -72,8 +74,7 @@ def tune(config: TuneConfig) -> Path:
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
     # parking the cached blocks (training.emulator_cache) only frees memory if the weights are not file pages
-    model, manifest = load_bundle(config.bundle, in_memory=config.train.cache_emulator)
-    tokenizer = load_tokenizer(config.bundle)
+    model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator)
     positions = bundle_index(manifest)
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
     if not sequences:
@@ -97,8 +98,9 @@ def plug(config: PlugConfig) -> Path:
     if is_bundle(config.model):
         raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
     adapter = load_adapter(config.adapter)
+    layers = issued.issued_layers(adapter, config.adapter, config.bundle)
     model = load_model(config.model)
-    plug_into(model, adapter, config.adapter)
+    plug_into(model, adapter, config.adapter, layers)
     log.info("plugged adapter layers %s into %s", adapter.layers, config.model)
     with atomic_dir(config.output, config.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -106,14 +108,20 @@ def plug(config: PlugConfig) -> Path:
     return Path(config.output)
 
 
-def load_for_eval(model_path: str, adapter_path: str | None) -> PreTrainedModel:
-    """A full model, bundle or plugged model, with an adapter file applied in memory if given."""
+def load_for_eval(model_path: str, adapter_path: str | None, bundle: str | None = None
+                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A full model, bundle or plugged model and its tokenizer, with an adapter file applied in memory if given.
+
+    An adapter on a full model replaces only the layers of the bundle issued for it (`bundle`, else
+    the model owner's record), as `plug` does.
+    """
     if not is_bundle(model_path):
         model = load_model(model_path)
         if adapter_path:
-            plug_into(model, load_adapter(adapter_path), adapter_path)
-        return model
-    model, manifest = load_bundle(model_path)
+            adapter = load_adapter(adapter_path)
+            plug_into(model, adapter, adapter_path, issued.issued_layers(adapter, adapter_path, bundle))
+        return model, load_tokenizer(model_path)
+    model, tokenizer, manifest = open_bundle(model_path)
     if adapter_path:
         adapter = load_adapter(adapter_path)
         if adapter.fingerprint != manifest.fingerprint:
@@ -122,7 +130,7 @@ def load_for_eval(model_path: str, adapter_path: str | None) -> PreTrainedModel:
                 f"{adapter.fingerprint[:16]}… and {manifest.fingerprint[:16]}… differ"
             )
         apply(model, adapter, bundle_index(manifest), adapter_path)
-    return model
+    return model, tokenizer
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
@@ -130,8 +138,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     data: Data = read_data(config.data, default_split="test")
     if config.limit is not None:
         data = limit(data, config.limit)
-    model = load_for_eval(config.model, config.adapter)
-    tokenizer = load_tokenizer(config.model)
+    model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
     return score(model, tokenizer, data, config.seq_len, config.batch_size)
 
 

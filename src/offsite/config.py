@@ -33,16 +33,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
 
 def non_negative(problems: list[str], **values: float | int | None) -> None:
     for name, value in values.items():
-        if value is not None and value < 0:
+        if value is not None and not math.isfinite(value):
+            problems.append(f"{flag(name)}={value} must be a finite number")
+        elif value is not None and value < 0:
             problems.append(f"{flag(name)}={value} is negative; use 0 or more")
 
 
 def positive(problems: list[str], **values: float | int | None) -> None:
     for name, value in values.items():
-        if value is not None and not value > 0:
-            problems.append(f"{flag(name)}={value} must be greater than 0")
-        elif value == math.inf:
+        if value is not None and not math.isfinite(value):
             problems.append(f"{flag(name)}={value} must be a finite number")
+        elif value is not None and not value > 0:
+            problems.append(f"{flag(name)}={value} must be greater than 0")
 
 
 class JsonConfig:
@@ -265,6 +267,8 @@ class PlugConfig(JsonConfig):
     model: str = option(help="the full model the bundle was made from", positional=True)
     adapter: str = option(help="adapter directory from `offsite tune`", positional=True)
     output: str = option(help="plugged model directory to write", flags=("-o", "--output"))
+    bundle: str | None = option(None, "the bundle you sent for this adapter: only its adapter layers may be "
+                                "replaced (default: the record `offsite emulate` kept on this machine)")
     overwrite: bool = option(False, "replace an existing output directory")
 
 
@@ -275,6 +279,8 @@ class EvalConfig(JsonConfig):
     model: str = option(help="full model, bundle or plugged model", positional=True)
     data: str = option(help="evaluation data (.txt or .jsonl)")
     adapter: str | None = option(None, "apply this adapter file in memory first")
+    bundle: str | None = option(None, "with --adapter on a full model: the bundle issued for the adapter, whose "
+                                "adapter layers are the only ones it may replace (default: the owner's record)")
     seq_len: int = option(512, "window length in tokens")
     batch_size: int = option(8, "sequences per forward pass")
     limit: int | None = option(None, "score only the first N examples (or documents)")

@@ -14,5 +14,6 @@ ADAPTER_FORMAT_VERSION = 1
 # One JSON object a line: the training loss of every step and every validation result.
 METRICS = "metrics.jsonl"
 
-# A Hugging Face model directory's config.
+# A Hugging Face model directory's configs.
 MODEL_CONFIG = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"

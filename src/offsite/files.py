@@ -14,6 +14,17 @@ from typing import Any, Iterator
 from offsite.errors import OffsiteError
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """A string from the other party as it may reach a terminal: escaped on one line, and cut short."""
+    shown = ascii(text)[1:-1]
+    return shown if len(shown) <= limit else shown[:limit] + "…"
+
+
+def is_version(value: Any, version: int) -> bool:
+    """`value` is the integer `version` (JSON's true is not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == version
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

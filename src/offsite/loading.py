@@ -1,4 +1,9 @@
-"""Loading full models and tokenizers by local path or hub id, with errors a user can act on."""
+"""Loading full models and tokenizers by local path or hub id, with errors a user can act on.
+
+Every file may come from the other party, so loading never runs code shipped with a model
+(`trust_remote_code=False` on every call, and a model that asks for its own code is refused
+outright) and never unpickles weights (safetensors only, local or from a hub).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from offsite.assets import resolve_model
-from offsite.constants import ADAPTER_METADATA, MODEL_CONFIG
+from offsite.constants import ADAPTER_METADATA, MODEL_CONFIG, TOKENIZER_CONFIG
 from offsite.errors import OffsiteError
+from offsite.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     source = resolve(name_or_path)
     _check_local(source)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise OffsiteError(f"could not read the config of MODEL '{name_or_path}': {_first_line(error)}") from None
 
@@ -52,18 +58,21 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
         if in_memory and _has_safetensors(source):
             model = _load_in_memory(Path(source), dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source),
+                                                         trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise OffsiteError(
             f"could not load model '{name_or_path}': {_first_line(error)}. "
-            "Pass a local model directory, a built-in alias (smollm2-135m) or a reachable hub id"
+            "Pass a local model directory, a built-in alias (smollm2-135m) or a reachable hub id with "
+            "safetensors weights (offsite never unpickles: convert a pytorch_model.bin with "
+            "`model.save_pretrained(dir, safe_serialization=True)`)"
         ) from error
     model.eval()
     return model
 
 
 def _load_in_memory(source: Path, dtype: torch.dtype | str) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     weights: dict[str, torch.Tensor] = {}
     for path in sorted(source.glob("*.safetensors")):
         with safe_open(str(path), framework="pt", backend="pread") as file:  # read, not mapped
@@ -76,7 +85,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     source = resolve(name_or_path)
     _check_local(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise OffsiteError(f"could not load the tokenizer of '{name_or_path}': {_first_line(error)}") from error
     if tokenizer.pad_token_id is None:
@@ -85,17 +94,15 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _has_safetensors(source: str) -> bool | None:
-    """True for local dirs with safetensors (so a stray pickle is never read); None lets hub ids decide."""
+def _has_safetensors(source: str) -> bool:
+    """Always True: safetensors only, so a pickle is never read (a hub id without them fails to load)."""
     path = Path(source)
-    if path.is_dir():
-        if any(path.glob("*.safetensors")):
-            return True
+    if path.is_dir() and not any(path.glob("*.safetensors")):
         raise OffsiteError(
             f"{path} holds no *.safetensors weights; offsite never loads pickled weights. "
             "Convert it with `model.save_pretrained(dir, safe_serialization=True)`"
         )
-    return None
+    return True
 
 
 def _check_local(source: str) -> None:
@@ -107,6 +114,24 @@ def _check_local(source: str) -> None:
     if (local / ADAPTER_METADATA).is_file() and not (local / MODEL_CONFIG).is_file():
         raise OffsiteError(f"{source} is an adapter file, not a model; pass it with --adapter "
                            f"(offsite eval MODEL --adapter {source}) or to offsite plug MODEL {source}")
+    if local.is_dir():
+        refuse_remote_code(local)
+
+
+def refuse_remote_code(directory: Path) -> None:
+    """A model directory that ships Python code, or whose configs point at some (`auto_map`), is refused.
+
+    transformers would otherwise ask whether to run that code (and run it on "y").
+    """
+    code = sorted(p.name for p in directory.rglob("*.py"))
+    if code:
+        raise OffsiteError(f"{directory} holds Python files ({', '.join(code[:3])}); offsite never runs code that "
+                           "comes with a model: remove them or ask for a model without them")
+    for name in (MODEL_CONFIG, TOKENIZER_CONFIG):
+        path = directory / name
+        if path.is_file() and "auto_map" in read_json(path, "a model directory"):
+            raise OffsiteError(f"{path} has an 'auto_map' entry, which asks to run code shipped with the model; "
+                               "offsite never runs it: remove the entry or use a model of a type transformers knows")
 
 
 def _first_line(error: BaseException) -> str:

@@ -33,9 +33,9 @@ def load_emulator(bundle: Path, info: dict[str, Any], plan: SplitPlan, in_memory
 
 def _load_compressed(bundle: Path, compression: dict[str, Any]) -> PreTrainedModel:
     """Build the architecture without weights, swap in the compressed modules, then load the stored tensors."""
-    config = AutoConfig.from_pretrained(bundle)
+    config = AutoConfig.from_pretrained(bundle, trust_remote_code=False)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     rebuild(model, compression)
     state = {}
     for path in sorted(bundle.glob("*.safetensors")):

@@ -8,13 +8,15 @@ fingerprint and records how it was trained.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -23,7 +25,8 @@ from offsite.arch import get_layers
 from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_METADATA, ADAPTER_WEIGHTS
 from offsite.errors import OffsiteError
 from offsite.exchange.fingerprint import model_fingerprint
-from offsite.files import atomic_file, read_json, write_json
+from offsite.exchange.checks import refuse_non_finite
+from offsite.files import atomic_file, is_version, one_line, read_json, write_json
 
 
 @dataclass
@@ -42,8 +45,10 @@ class Adapter:
     def save(self, directory: Path) -> None:
         flat = {f"layers.{index}.{name}": tensor.detach().contiguous().cpu()
                 for index, named in self.tensors.items() for name, tensor in named.items()}
+        refuse_non_finite(flat, "the adapter to export")
+        weights = save(flat, metadata={"format": ADAPTER_FORMAT})
         with atomic_file(directory / ADAPTER_WEIGHTS) as tmp:
-            save_file(flat, str(tmp), metadata={"format": ADAPTER_FORMAT})
+            tmp.write_bytes(weights)
         write_json(directory / ADAPTER_METADATA, {
             "format": ADAPTER_FORMAT,
             "format_version": ADAPTER_FORMAT_VERSION,
@@ -51,29 +56,42 @@ class Adapter:
             "fingerprint": self.fingerprint,
             "base_model": self.base_model,
             "layers": self.layers,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "training": self.training,
         })
 
 
+# layers.<original index>.<name>: ASCII digits without leading zeros, so no two keys name one tensor
+_KEY = re.compile(r"layers\.(0|[1-9][0-9]*)\.([A-Za-z0-9_.]+)", re.ASCII)
+
+
 def load_adapter(directory: str | Path) -> Adapter:
+    """Read an adapter file strictly: one read of the weights, checked against `adapter.json`, finite values only."""
     root = Path(directory)
     if not root.is_dir():
         raise OffsiteError(f"adapter {root} does not exist or is not a directory; make one with `offsite tune`")
     meta = read_json(root / ADAPTER_METADATA, "an offsite adapter (make one with `offsite tune`)")
-    if meta.get("format") != ADAPTER_FORMAT or meta.get("format_version") != ADAPTER_FORMAT_VERSION:
+    if meta.get("format") != ADAPTER_FORMAT or not is_version(meta.get("format_version"), ADAPTER_FORMAT_VERSION):
         raise OffsiteError(f"{root / ADAPTER_METADATA} is not an offsite adapter of format version "
                            f"{ADAPTER_FORMAT_VERSION}")
     _check_metadata(meta, root / ADAPTER_METADATA)
+    path = root / ADAPTER_WEIGHTS
     try:
-        flat = load_file(str(root / ADAPTER_WEIGHTS))
-    except (FileNotFoundError, SafetensorError, OSError) as error:
-        raise OffsiteError(f"cannot read {root / ADAPTER_WEIGHTS}: {error}") from None
+        data = path.read_bytes()  # once: what is checked is what is loaded
+        if "weights_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
+            raise OffsiteError(f"{path} has been modified or damaged (SHA-256 differs from {ADAPTER_METADATA}); "
+                               "ask the data owner to send the adapter again")
+        flat = load(data)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise OffsiteError(f"cannot read {path}: {one_line(str(error))}") from None
     tensors: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
-        prefix, index, name = (key.split(".", 2) + ["", ""])[:3]
-        if prefix != "layers" or not index.isdigit() or not name:
-            raise OffsiteError(f"{root / ADAPTER_WEIGHTS}: unexpected tensor key '{key}' (expected layers.<index>.<name>)")
-        tensors.setdefault(int(index), {})[name] = tensor
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise OffsiteError(f"{path}: unexpected tensor key {one_line(key)} (expected layers.<index>.<name>, "
+                               "the index in ASCII digits without leading zeros)")
+        tensors.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+    refuse_non_finite(flat, str(path))
     if sorted(tensors) != sorted(meta.get("layers", [])):
         raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(tensors)} but {ADAPTER_METADATA} lists {meta.get('layers')}")
     return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}))
@@ -87,6 +105,11 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     for name in ("base_model", "training"):
         if not isinstance(meta.get(name, {}), dict):
             raise OffsiteError(f"{path}: field '{name}' must be a JSON object")
+    if not isinstance(meta.get("fingerprint"), str) or not re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"]):
+        raise OffsiteError(f"{path}: field 'fingerprint' must be a SHA-256 in hex")
+    if "weights_sha256" in meta and not (isinstance(meta["weights_sha256"], str)
+                                         and re.fullmatch(r"[0-9a-f]{64}", meta["weights_sha256"])):
+        raise OffsiteError(f"{path}: field 'weights_sha256' must be a SHA-256 in hex")
 
 
 def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -119,8 +142,15 @@ def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source:
         layer.load_state_dict(named, strict=True)
 
 
-def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path) -> None:
-    """Replace the full model's adapter layers in place, after checking the adapter was made for it."""
+def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path, issued: tuple[int, ...]) -> None:
+    """Replace the full model's adapter layers in place, after checking the adapter was made for it.
+
+    `issued`: the adapter layers of the bundle the model owner sent (see `exchange.issued`). The
+    adapter's own list is not trusted: a fingerprint can be computed over any layers the bundle holds.
+    """
+    if not adapter.layers or tuple(adapter.layers) != tuple(sorted(issued)):
+        raise OffsiteError(f"adapter {source} replaces layers {adapter.layers}, but the bundle issued for this "
+                           f"base has adapter layers {sorted(issued)}; refusing to plug it")
     num_layers = model.config.num_hidden_layers
     if any(index >= num_layers for index in adapter.layers):
         raise OffsiteError(f"adapter {source} has layers {adapter.layers} but the model has only {num_layers} layers")

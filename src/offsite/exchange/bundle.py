@@ -6,9 +6,13 @@ SHA-256 of every file and the base fingerprint that ties adapters to the full mo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -20,7 +24,9 @@ from offsite.emulator.load import load_emulator
 from offsite.emulator.share import executed_layers
 from offsite.emulator.split import ROLES, SplitPlan
 from offsite.errors import OffsiteError
-from offsite.files import atomic_dir, read_json, sha256_file, write_json
+from offsite.exchange.checks import refuse_non_finite
+from offsite.files import atomic_dir, is_version, one_line, read_json, sha256_file, write_json
+from offsite.loading import load_tokenizer, refuse_remote_code
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: Path) -> "Manifest":
-        if data.get("format") != BUNDLE_FORMAT or data.get("format_version") != BUNDLE_FORMAT_VERSION:
+        if data.get("format") != BUNDLE_FORMAT or not is_version(data.get("format_version"), BUNDLE_FORMAT_VERSION):
             raise OffsiteError(
                 f"{source} is not an offsite bundle manifest of format version {BUNDLE_FORMAT_VERSION} "
                 f"(found format={data.get('format')!r}, format_version={data.get('format_version')!r})"
@@ -119,30 +125,63 @@ def read_manifest(bundle: str | Path) -> Manifest:
     return Manifest.from_dict(read_json(path, "an offsite bundle (make one with `offsite emulate`)"), path)
 
 
-def verify_files(bundle: str | Path, manifest: Manifest) -> None:
-    """Every file listed with its recorded SHA-256, and no file that is not listed."""
+@contextlib.contextmanager
+def verified_copy(bundle: str | Path, manifest: Manifest) -> Iterator[Path]:
+    """A private copy of the bundle's files, each read once, hashed and checked against the manifest.
+
+    Loading from the copy means what was checked is what is loaded: a file swapped in the bundle
+    after the check is never read. A bundle is a flat folder of the listed files and nothing else.
+    """
     root = Path(bundle)
-    present = {p.name for p in root.iterdir() if p.is_file()} - {MANIFEST}
+    entries = list(root.iterdir())
+    odd = sorted(p.name for p in entries if p.is_symlink() or not p.is_file())
+    if odd:
+        raise OffsiteError(f"bundle {root} holds symlinks or folders ({one_line(', '.join(odd))}); a bundle is a "
+                           "flat folder of files: ask the model owner for a fresh bundle")
+    present = {p.name for p in entries} - {MANIFEST}
     unexpected = sorted(present - set(manifest.files))
     missing = sorted(set(manifest.files) - present)
     if unexpected or missing:
-        raise OffsiteError(f"bundle {root} does not match its manifest: missing files {missing}, "
-                           f"unexpected files {unexpected}; ask the model owner for a fresh bundle")
-    for name, expected in manifest.files.items():
-        if sha256_file(root / name) != expected:
-            raise OffsiteError(f"bundle file {root / name} has been modified (SHA-256 differs from {MANIFEST}); "
-                               "ask the model owner for a fresh bundle")
+        raise OffsiteError(f"bundle {root} does not match its manifest: missing files {one_line(str(missing))}, "
+                           f"unexpected files {one_line(str(unexpected))}; ask the model owner for a fresh bundle")
+    with tempfile.TemporaryDirectory(prefix="offsite-bundle-") as private:
+        for name, expected in manifest.files.items():
+            if _copy_hashing(root / name, Path(private) / name) != expected:
+                raise OffsiteError(f"bundle file {root / name} has been modified (SHA-256 differs from {MANIFEST}); "
+                                   "ask the model owner for a fresh bundle")
+        refuse_remote_code(Path(private))
+        yield Path(private)
 
 
-def load_bundle(bundle: str | Path, verify: bool = True, in_memory: bool = False) -> tuple[PreTrainedModel, Manifest]:
-    """Load a bundle as the causal LM the data owner trains, after checking its files against the manifest.
+def _copy_hashing(source: Path, target: Path) -> str:
+    """Copy `source` to `target` and return the SHA-256 of exactly the bytes copied."""
+    digest = hashlib.sha256()
+    descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a symlink swapped in is not followed
+    with os.fdopen(descriptor, "rb") as reader, open(target, "wb") as writer:
+        for chunk in iter(lambda: reader.read(1 << 22), b""):
+            digest.update(chunk)
+            writer.write(chunk)
+    return digest.hexdigest()
+
+
+def open_bundle(bundle: str | Path, in_memory: bool = False
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Manifest]:
+    """The bundle's model (as the data owner trains it), its tokenizer and its manifest, from a verified copy.
 
     `in_memory`: read the weights into ordinary memory rather than mapping the file (for parking).
     """
     manifest = read_manifest(bundle)
-    if verify:
-        verify_files(bundle, manifest)
-    return load_emulator(Path(bundle), manifest.emulator, manifest.plan, in_memory), manifest
+    with verified_copy(bundle, manifest) as private:
+        model = load_emulator(private, manifest.emulator, manifest.plan, in_memory)
+        tokenizer = load_tokenizer(str(private))
+    refuse_non_finite(model.state_dict().items(), f"bundle {bundle}")
+    return model, tokenizer, manifest
+
+
+def load_bundle(bundle: str | Path, in_memory: bool = False) -> tuple[PreTrainedModel, Manifest]:
+    """`open_bundle` without the tokenizer."""
+    model, _, manifest = open_bundle(bundle, in_memory)
+    return model, manifest
 
 
 def bundle_index(manifest: Manifest) -> dict[int, int]:

@@ -105,9 +105,11 @@ def full_finetune_stage(model_name: str, train_file: str, test_file: str, settin
     return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
 
 
-def _evaluate(model: str, adapter: str | None, test_file: str, budget: TaskBudget) -> dict[str, Any]:
-    return score(load_for_eval(model, adapter), load_tokenizer(model), read_data(test_file),
-                 budget.seq_len, EVAL_BATCH_SIZE)
+def _evaluate(model: str, adapter: str | None, test_file: str, budget: TaskBudget,
+              bundle: str | None = None) -> dict[str, Any]:
+    """`offsite eval`; `bundle`: the bundle an adapter on the full model was trained on."""
+    loaded, tokenizer = load_for_eval(model, adapter, bundle)
+    return score(loaded, tokenizer, read_data(test_file), budget.seq_len, EVAL_BATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
         needs=adapter / ADAPTER_WEIGHTS, **inputs)
     emulated = cache.run("emulator_finetune", lambda: _evaluate(bundle, str(adapter), str(test_file), budget),
                          adapter=tuned["summary"], **inputs)
-    plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget),
+    plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget, bundle),
                         adapter=tuned["summary"], **inputs)
     return {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
             "timing": _timing(tuned)}
