@@ -26,8 +26,8 @@ from offsite.emulator.build import build_emulator, calibration_corpus
 from offsite.emulator.distill import read_corpus
 from offsite.emulator.split import plan_split
 from offsite.errors import OffsiteError
-from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
 from offsite.exchange import issued
+from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
 from offsite.exchange.bundle import Manifest, bundle_index, is_bundle, open_bundle, read_manifest, write_bundle
 from offsite.exchange.fingerprint import model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
@@ -57,7 +57,8 @@ def emulate(config: EmulateConfig) -> Path:
         "num_layers": plan.num_layers,
     }
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
-    emulator_model, plan, emulator = build_emulator(model, tokenizer, plan, config, corpus, checkpoint)
+    emulator_model, plan, emulator = build_emulator(model, tokenizer, plan, config, corpus, checkpoint,
+                                                    base_fingerprint)
     del model
     manifest = Manifest(base_model, config.split, plan, base_fingerprint, {}, emulator)
     write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest)

@@ -42,6 +42,9 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data:
         raise OffsiteError(f"{data.source}: the text is too short to score (needs at least 2 tokens)")
     scores = sequence_scores(model, sequences, tokenizer.pad_token_id, batch_size, "perplexity")
     total, count = sum(s for s, _ in scores), sum(n for _, n in scores)
+    if not math.isfinite(total):
+        raise OffsiteError(f"{data.source}: the model's log-likelihood is not finite ({total}); its weights or "
+                           "activations overflow, so there is no perplexity to report")
     return {"task": "lm", "n": count, "perplexity": math.exp(-total / count), "loss": -total / count}
 
 

@@ -65,7 +65,8 @@ def read_calibration(corpus: str) -> TextData:
 
 
 def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
-                   config: EmulateConfig, corpus: TextData | None, checkpoint: Path) -> tuple[PreTrainedModel, SplitPlan, dict[str, Any]]:
+                   config: EmulateConfig, corpus: TextData | None, checkpoint: Path,
+                   base_fingerprint: str = "") -> tuple[PreTrainedModel, SplitPlan, dict[str, Any]]:
     """The bundle's model (stored form), its final plan and the manifest's `emulator` entry."""
     split = config.split
     plan, schedule, measured = choose_layers(model, tokenizer, plan, config)
@@ -81,8 +82,10 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         info["compression"] = compress(emulator_model, stored_emulator, compression.name, split.rank_fraction)
     stored = expand(emulator_model, executed_positions(plan, info)) if split.shares else None
     if config.distill:
+        # A checkpoint left by an interrupted run resumes only into the same full model, split and method.
+        identity = {"fingerprint": base_fingerprint, "split": split.identity(), "kept": list(plan.kept)}
         info["distill"] = distill(model, emulator_model, tokenizer, executed_plan(plan, info), config.distill,
-                                  corpus, checkpoint)
+                                  corpus, checkpoint, identity)
         info["method"] = f"{split.method}+distill"
     if stored is not None:
         collapse(emulator_model, stored)

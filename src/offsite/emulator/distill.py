@@ -30,6 +30,7 @@ from offsite.data.types import TextData, truncate_text
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.files import atomic_file
+from offsite.numerics import check_step
 from offsite.scoring import perplexity
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,13 @@ def read_corpus(settings: DistillConfig) -> TextData:
 
 
 def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
-            settings: DistillConfig, corpus: TextData, checkpoint_dir: Path) -> dict[str, Any]:
+            settings: DistillConfig, corpus: TextData, checkpoint_dir: Path,
+            identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `student`'s emulator layers in place; return a summary for the manifest.
 
     `checkpoint_dir` holds the run's state every `eval_every` steps (safetensors and
-    JSON), so a rerun after an interruption resumes from there.
+    JSON), so a rerun after an interruption resumes from there, but only a run of the same
+    `identity` (the full model's fingerprint, the split and the method: see `emulator.build`).
     """
     heldout = _heldout(settings.corpus)
     sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
@@ -88,7 +91,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         layer.requires_grad_(True)
     params = [p for layer in emulator for p in layer.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
-    state = _resume(checkpoint_dir, emulator, optimizer, settings)
+    state = _resume(checkpoint_dir, emulator, optimizer, settings, identity or {})
     pairs = alignment_targets(plan, settings.align)
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(sequences), generator=generator).tolist()
@@ -102,7 +105,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             step = state["step"]
             picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
             kd, lm = _step(full, student, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs, settings,
-                           optimizer)
+                           optimizer, step + 1)
             state["step"] = step + 1
             history.append({"step": step + 1, "kd": kd, "lm": lm})
             bar.update()
@@ -136,7 +139,7 @@ def _score(model: PreTrainedModel, tokenizer, data: TextData) -> float:
 
 
 def _step(full, student, batch_sequences: list[Sequence], pad_id: int, pairs, settings: DistillConfig,
-          optimizer) -> tuple[float, float]:
+          optimizer, step: int) -> tuple[float, float]:
     batch = collate(batch_sequences, pad_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
@@ -151,6 +154,8 @@ def _step(full, student, batch_sequences: list[Sequence], pad_id: int, pairs, se
     kd = kd_loss(out.hidden_states, full_hidden, pairs, batch["attention_mask"])
     loss = settings.kd_weight * kd + settings.lm_weight * lm
     loss.backward()
+    check_step(loss, [p for group in optimizer.param_groups for p in group["params"]], step, "distillation",
+               "lower --distill-lr, or check the corpus and the full model")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return kd.item(), lm.item()
@@ -169,8 +174,9 @@ def _load_emulator_weights(emulator: list[torch.nn.Module], weights: dict[str, t
         layer.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
 
 
-def _resume(checkpoint_dir: Path, emulator, optimizer, settings: DistillConfig) -> dict[str, Any]:
-    fresh: dict[str, Any] = {"step": 0, "settings": settings.to_dict()}
+def _resume(checkpoint_dir: Path, emulator, optimizer, settings: DistillConfig,
+            identity: dict[str, Any]) -> dict[str, Any]:
+    fresh: dict[str, Any] = {"step": 0, "settings": settings.to_dict(), "identity": identity}
     if not (checkpoint_dir / "state.json").is_file():
         return fresh
     try:
@@ -178,8 +184,11 @@ def _resume(checkpoint_dir: Path, emulator, optimizer, settings: DistillConfig) 
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise OffsiteError(f"{checkpoint_dir / 'state.json'} is corrupt; delete {checkpoint_dir} to distil "
                            "from the start") from None
-    if _resumable(state.get("settings", {})) != _resumable(settings.to_dict()):
+    if not isinstance(state, dict) or _resumable(state.get("settings", {})) != _resumable(settings.to_dict()):
         log.warning("ignoring checkpoint %s: it was made with other distillation settings", checkpoint_dir)
+        return fresh
+    if state.get("identity") != identity:
+        log.warning("ignoring checkpoint %s: it was made from another full model, split or method", checkpoint_dir)
         return fresh
     saved = load_file(str(checkpoint_dir / "emulator.safetensors"))
     expected = {name: tensor.shape for name, tensor in _emulator_weights(emulator).items()}

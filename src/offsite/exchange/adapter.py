@@ -25,8 +25,8 @@ from offsite.arch import get_layers
 from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_METADATA, ADAPTER_WEIGHTS
 from offsite.errors import OffsiteError
 from offsite.exchange.fingerprint import model_fingerprint
-from offsite.exchange.checks import refuse_non_finite
 from offsite.files import atomic_file, is_version, one_line, read_json, write_json
+from offsite.numerics import refuse_non_finite
 
 
 @dataclass

@@ -24,9 +24,9 @@ from offsite.emulator.load import load_emulator
 from offsite.emulator.share import executed_layers
 from offsite.emulator.split import ROLES, SplitPlan
 from offsite.errors import OffsiteError
-from offsite.exchange.checks import refuse_non_finite
 from offsite.files import atomic_dir, is_version, one_line, read_json, sha256_file, write_json
 from offsite.loading import load_tokenizer, refuse_remote_code
+from offsite.numerics import refuse_non_finite
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from offsite.arch import get_layers, layer_paths
 from offsite.config import TrainConfig
 from offsite.data.tokens import Sequence, collate, lm_sequences, train_choice_sequence
 from offsite.data.types import ChoiceData, Data
+from offsite.numerics import check_step
 from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
 from offsite.training.emulator_cache import EmulatorCache
@@ -135,7 +136,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="train", unit="step") as bar:
         for step in range(1, steps + 1):
             step_start = time.perf_counter()
-            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache)
+            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step)
             step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
@@ -167,17 +168,19 @@ def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int,
 
 
 def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
-                    cache: EmulatorCache | None = None) -> float:
-    total = 0.0
+                    cache: EmulatorCache | None, step: int) -> float:
+    total = torch.zeros(())
     for _ in range(grad_accum):
         batch = next(batches)
         loss = (cache.loss if cache is not None else batch_loss)(model, batch) / grad_accum
         loss.backward()
-        total += loss.item()
+        total += loss.detach()
+    check_step(total, [p for group in optimizer.param_groups for p in group["params"]], step, "training",
+               "lower --lr (or --weight-decay), or check the data and the bundle")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total.item()
 
 
 def _log(handle, record: dict[str, Any]) -> None:

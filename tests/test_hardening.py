@@ -1,0 +1,266 @@
+"""Files from the other party can never run code, overwrite the wrong layers or poison a model.
+
+Each test here failed on 0.1.1 (the audit of issue 14) and passes now.
+"""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import NUM_LAYERS
+from safetensors.torch import load_file, save_file
+from test_bundle import make_bundle
+from test_plug import untrained_adapter
+from tiny_models import SAMPLE_TEXT
+
+from offsite import (
+    DistillConfig,
+    EmulateConfig,
+    EvalConfig,
+    PlugConfig,
+    SplitConfig,
+    TrainConfig,
+    TuneConfig,
+    emulate,
+    evaluate,
+    plug,
+    tune,
+)
+from offsite.arch import get_layers
+from offsite.cli import main
+from offsite.errors import OffsiteError
+from offsite.exchange import bundle as bundle_module
+from offsite.exchange.adapter import Adapter, load_adapter
+from offsite.exchange.bundle import load_bundle, read_manifest
+from offsite.exchange.fingerprint import fingerprint
+from offsite.files import sha256_file
+from offsite.loading import load_model, load_tokenizer
+
+
+def rehash(bundle):
+    """What a hostile sender does after editing a bundle: make the manifest agree with the files."""
+    manifest = json.loads((bundle / "offsite.json").read_text())
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(bundle.iterdir())
+                         if p.is_file() and p.name != "offsite.json"}
+    (bundle / "offsite.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(SAMPLE_TEXT)
+    return path
+
+
+# --- 1. no code from the other party runs ------------------------------------------------------------
+
+@pytest.mark.parametrize("config_file", ["config.json", "tokenizer_config.json"])
+def test_a_model_that_asks_for_its_own_code_is_refused(model_dirs, tmp_path, config_file):
+    model = shutil.copytree(model_dirs["llama"], tmp_path / "m")
+    config = json.loads((model / config_file).read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel", "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (model / config_file).write_text(json.dumps(config))
+    with pytest.raises(OffsiteError, match="auto_map"):
+        load_model(str(model))
+    with pytest.raises(OffsiteError, match="auto_map"):
+        load_tokenizer(str(model))
+
+
+def test_a_bundle_shipping_python_files_is_refused(model_dirs, tmp_path, train_file):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    (bundle / "evil.py").write_text("open('/tmp/pwned', 'w')\n")
+    rehash(bundle)
+    with pytest.raises(OffsiteError, match="Python files"):
+        tune(TuneConfig(bundle=str(bundle), data=str(train_file), output=str(tmp_path / "a")))
+    assert not (tmp_path / "a").exists()
+
+
+# --- 2. plug replaces only the layers the model owner issued -------------------------------------------
+
+def forged_adapter(model_dir, bundle, out, layers):
+    """An adapter over layers the bundle holds in full, with a fingerprint the data owner can compute."""
+    manifest = read_manifest(bundle)
+    full = load_model(str(model_dir))
+    blocks = get_layers(full)
+    tensors = {i: {k: v + 1.0 for k, v in blocks[i].state_dict().items()} for i in layers}
+    forged = fingerprint({i: blocks[i] for i in layers}, "llama", NUM_LAYERS)
+    out.mkdir()
+    Adapter(tensors, forged, manifest.base_model).save(out)
+    return out
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 3, 6, 7], []])
+def test_plug_refuses_an_adapter_that_replaces_other_layers(model_dirs, tmp_path, layers):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b", emulator_layers=NUM_LAYERS - 4)  # layer 3 in full
+    adapter = forged_adapter(model_dirs["llama"], bundle, tmp_path / "a", layers)
+    for given in (None, str(bundle)):
+        with pytest.raises(OffsiteError, match="fingerprint|refusing"):
+            plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p"),
+                            bundle=given))
+    assert not (tmp_path / "p").exists()
+
+
+def test_plug_without_a_record_asks_for_the_bundle(model_dirs, tmp_path, monkeypatch):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    monkeypatch.setenv("OFFSITE_STATE", str(tmp_path / "another-machine"))
+    with pytest.raises(OffsiteError, match="pass --bundle BUNDLE"):
+        plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p")))
+    plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p"),
+                    bundle=str(bundle)))
+
+
+# --- 3. nothing non-finite ----------------------------------------------------------------------------
+
+def test_an_adapter_with_nan_is_refused_naming_the_tensor(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    weights = load_file(adapter / "adapter.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0] = float("nan")
+    save_file(weights, adapter / "adapter.safetensors", metadata={"format": "offsite-adapter"})
+    meta = json.loads((adapter / "adapter.json").read_text())
+    meta["weights_sha256"] = sha256_file(adapter / "adapter.safetensors")
+    (adapter / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(OffsiteError, match=f"tensor {name} holds NaN"):
+        load_adapter(adapter)
+
+
+def test_a_bundle_with_nan_weights_is_refused(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    weights = load_file(bundle / "model.safetensors")
+    name = next(k for k in sorted(weights) if "layers.2." in k)
+    weights[name][0] = float("inf")
+    save_file(weights, bundle / "model.safetensors", metadata={"format": "pt"})
+    rehash(bundle)
+    with pytest.raises(OffsiteError, match="NaN or infinite"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "b", "--data", "t.txt", "-o", "a", "--weight-decay", "inf"], "--weight-decay=inf must be a finite"),
+    (["tune", "b", "--data", "t.txt", "-o", "a", "--weight-decay", "nan"], "--weight-decay=nan must be a finite"),
+    (["emulate", "m", "-o", "b", "--distill", "austen", "--kd-weight", "nan"], "--kd-weight=nan must be a finite"),
+    (["emulate", "m", "-o", "b", "--distill", "austen", "--lm-weight", "inf"], "--lm-weight=inf must be a finite"),
+])
+def test_float_flags_must_be_finite_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_training_stops_at_the_first_non_finite_loss(model_dirs, tmp_path, train_file):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    with pytest.raises(OffsiteError, match="training step .*(loss is|gradient is)"):
+        tune(TuneConfig(bundle=str(bundle), data=str(train_file), output=str(tmp_path / "a"),
+                        train=TrainConfig(max_steps=4, lr=1e30, batch_size=2, seq_len=32)))
+    assert not (tmp_path / "a").exists()
+
+
+# --- 4. what is checked is what is loaded -----------------------------------------------------------------
+
+def test_a_file_swapped_after_the_check_is_never_loaded(model_dirs, tmp_path, monkeypatch):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    other = make_bundle(model_dirs["llama"], tmp_path / "o", bottom=1, top=3)  # same files, other weights
+    honest, _ = load_bundle(bundle)
+    copy = bundle_module._copy_hashing
+
+    def then_swap(source, target):
+        digest = copy(source, target)
+        if source.name == "model.safetensors":  # the attacker swaps the file right after it was hashed
+            shutil.copy(other / "model.safetensors", source)
+        return digest
+
+    monkeypatch.setattr(bundle_module, "_copy_hashing", then_swap)
+    loaded, _ = load_bundle(bundle)
+    assert all(torch.equal(a, b) for a, b in zip(honest.state_dict().values(), loaded.state_dict().values()))
+
+
+# --- 5. distillation checkpoints resume only into the same full model and split ----------------------------
+
+def test_a_distillation_checkpoint_of_another_model_is_not_resumed(model_dirs, tmp_path, train_file, monkeypatch,
+                                                                  caplog):
+    distill = DistillConfig(corpus=str(train_file), steps=4, eval_every=2, batch_size=2, seq_len=32)
+    split = SplitConfig(bottom=2, top=2, emulator_layers=2)
+    out = tmp_path / "bundle"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after distilling, before the bundle was written
+
+    with monkeypatch.context() as patch:
+        patch.setattr("offsite.api.write_bundle", crash)
+        with pytest.raises(KeyboardInterrupt):
+            emulate(EmulateConfig(model=str(model_dirs["llama"]), output=str(out), split=split, distill=distill))
+    assert (tmp_path / ".bundle.distill" / "state.json").is_file()
+    with caplog.at_level(logging.WARNING, logger="offsite"):
+        emulate(EmulateConfig(model=str(model_dirs["qwen2"]), output=str(out), split=split, distill=distill))
+    assert "made from another full model" in caplog.text
+    fresh = emulate(EmulateConfig(model=str(model_dirs["qwen2"]), output=str(tmp_path / "fresh"), split=split,
+                                  distill=distill))
+    assert load_file(out / "model.safetensors").keys() == load_file(fresh / "model.safetensors").keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(out / "model.safetensors").values(),
+                                                 load_file(fresh / "model.safetensors").values()))
+
+
+# --- other bugs of the audit -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rename", [lambda k: k.replace("layers.0.", "layers.00."),
+                                    lambda k: k.replace("layers.0.", "layers.\u0660.")], ids=["leading-zero", "arabic-digit"])
+def test_adapter_keys_are_parsed_canonically(model_dirs, tmp_path, rename):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    weights = load_file(adapter / "adapter.safetensors")
+    save_file({rename(k): v for k, v in weights.items()}, adapter / "adapter.safetensors")
+    meta = json.loads((adapter / "adapter.json").read_text())
+    meta.pop("weights_sha256")
+    (adapter / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(OffsiteError, match="unexpected tensor key"):
+        load_adapter(adapter)
+
+
+def test_adapter_weights_are_checked_against_adapter_json(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    weights = load_file(adapter / "adapter.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, adapter / "adapter.safetensors",
+              metadata={"format": "offsite-adapter"})
+    with pytest.raises(OffsiteError, match="modified or damaged"):
+        load_adapter(adapter)
+
+
+@pytest.mark.parametrize("kind", ["bundle", "adapter"])
+def test_format_version_true_is_not_version_1(model_dirs, tmp_path, kind):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    target = bundle / "offsite.json" if kind == "bundle" else untrained_adapter(bundle, tmp_path / "a") / "adapter.json"
+    data = json.loads(target.read_text())
+    data["format_version"] = True
+    target.write_text(json.dumps(data))
+    with pytest.raises(OffsiteError, match="format version 1"):
+        read_manifest(bundle) if kind == "bundle" else load_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("odd", ["symlink", "folder"])
+def test_bundles_are_flat_folders_of_files(model_dirs, tmp_path, odd):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    (tmp_path / "secret").write_text("not for the data owner\n")
+    if odd == "symlink":
+        (bundle / "generation_config.json").unlink()
+        (bundle / "generation_config.json").symlink_to(tmp_path / "secret")
+        rehash(bundle)
+    else:
+        (bundle / "extra").mkdir()
+    with pytest.raises(OffsiteError, match="symlinks or folders"):
+        load_bundle(bundle)
+
+
+def test_eval_json_never_prints_nan(model_dirs, tmp_path, train_file):
+    """A bundle whose weights overflow gets a one-line error, never a score of NaN."""
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    weights = load_file(bundle / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)  # logits overflow
+    save_file(weights, bundle / "model.safetensors", metadata={"format": "pt"})
+    rehash(bundle)
+    with pytest.raises(OffsiteError, match="log-likelihood is not finite"):
+        evaluate(EvalConfig(model=str(bundle), data=str(train_file), seq_len=32))
