@@ -22,7 +22,7 @@ FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL}",
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
-            "--checkpoint-emulator --overwrite",
+            "--checkpoint-emulator --overwrite --checkpoint-every",
     "plug": "--output --overwrite --bundle",  # --bundle: new in the hardening (the layers plug may replace)
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json",
     "info": "--json",

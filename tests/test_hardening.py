@@ -196,7 +196,7 @@ def test_a_distillation_checkpoint_of_another_model_is_not_resumed(model_dirs, t
     assert (tmp_path / ".bundle.distill" / "state.json").is_file()
     with caplog.at_level(logging.WARNING, logger="offsite"):
         emulate(EmulateConfig(model=str(model_dirs["qwen2"]), output=str(out), split=split, distill=distill))
-    assert "made from another full model" in caplog.text
+    assert "made by a run with other inputs or settings" in caplog.text
     fresh = emulate(EmulateConfig(model=str(model_dirs["qwen2"]), output=str(tmp_path / "fresh"), split=split,
                                   distill=distill))
     assert load_file(out / "model.safetensors").keys() == load_file(fresh / "model.safetensors").keys()

@@ -8,6 +8,8 @@ fingerprint), `data` and `scoring`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,6 +23,7 @@ from offsite.config import EmulateConfig, EvalConfig, ExportConfig, PlugConfig, 
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
+from offsite.data.tokens import Sequence
 from offsite.data.types import Data, limit
 from offsite.emulator.build import build_emulator, calibration_corpus
 from offsite.emulator.distill import read_corpus
@@ -33,6 +36,7 @@ from offsite.exchange.fingerprint import model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.loading import load_model, load_tokenizer
 from offsite.scoring import score
+from offsite.training.resume import Resumable
 from offsite.training.trainer import train_layers, training_sequences
 
 log = logging.getLogger(__name__)
@@ -80,9 +84,11 @@ def tune(config: TuneConfig) -> Path:
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
     if not sequences:
         raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
+    resumable = Resumable(Path(config.output).with_name(f".{Path(config.output).name}.tune"),
+                          _run_identity(manifest, sequences, eval_data, config), config.checkpoint_every)
     with atomic_dir(config.output, config.overwrite) as tmp:
         model = train_layers(model, tokenizer, sequences, [positions[i] for i in manifest.plan.adapter],
-                             config.train, tmp / METRICS, eval_data)
+                             config.train, tmp / METRICS, eval_data, resumable)
         adapter = Adapter(
             tensors=extract(model, {i: positions[i] for i in manifest.plan.adapter}),
             fingerprint=manifest.fingerprint,
@@ -90,7 +96,17 @@ def tune(config: TuneConfig) -> Path:
             training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
         )
         adapter.save(tmp)
+    resumable.remove()
     return Path(config.output)
+
+
+def _run_identity(manifest: Manifest, sequences: list[Sequence], eval_data: Data | None,
+                  config: TuneConfig) -> dict[str, Any]:
+    """What a checkpoint must share with a rerun to be resumed: the bundle, the data and the settings."""
+    digest = hashlib.sha256(json.dumps([[s.input_ids, s.labels] for s in sequences]).encode())
+    return {"bundle": manifest.files, "fingerprint": manifest.fingerprint, "sequences": digest.hexdigest(),
+            "eval_data": hashlib.sha256(repr(eval_data).encode()).hexdigest(),  # dataclass repr: every example
+            "train": config.train.to_dict()}
 
 
 def plug(config: PlugConfig) -> Path:

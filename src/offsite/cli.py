@@ -187,7 +187,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
     add_options(tune, TuneConfig, only=("bundle", "data", "output", "eval_data"))
     add_options(tune, TrainConfig)
-    add_options(tune, TuneConfig, only=("overwrite",))
+    add_options(tune, TuneConfig, only=("checkpoint_every", "overwrite"))
 
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
 
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"offsite {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"offsite {args.command}: interrupted; no partial output was left behind", file=sys.stderr)
+        print(f"offsite {args.command}: interrupted; no partial output was left behind (tune and emulate --distill "
+              "keep a checkpoint: the same command resumes from it)", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
         if args.debug:

@@ -254,10 +254,16 @@ class TuneConfig(JsonConfig):
     eval_data: str | None = option(None, "validation data; the best checkpoint by its metric is kept")
     train: TrainConfig = field(default_factory=TrainConfig)
     overwrite: bool = option(False, "replace an existing output directory")
+    # Kept out of TrainConfig: how often a run saves its state does not change what it trains.
+    checkpoint_every: int | None = option(None, "save a checkpoint to resume from every N steps (default: at each "
+                                          "validation, at most 100 steps apart); a rerun resumes from it")
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
+        problems: list[str] = []
+        positive(problems, checkpoint_every=self.checkpoint_every)
+        check(problems)
 
 
 @dataclass

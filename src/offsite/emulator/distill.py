@@ -9,7 +9,6 @@ train; adapter layers, embeddings, norm and head keep their pretrained weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.arch import get_layers
+from offsite.checkpoints import load_optimizer, load_tensors, optimizer_tensors, read_state, save_checkpoint
 from offsite.config import DistillConfig
 from offsite.data.builtin import is_builtin
 from offsite.data.read import read_text_corpus
@@ -29,7 +29,6 @@ from offsite.data.tokens import Sequence, collate, lm_sequences
 from offsite.data.types import TextData, truncate_text
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.files import atomic_file
 from offsite.numerics import check_step
 from offsite.scoring import perplexity
 
@@ -176,51 +175,26 @@ def _load_emulator_weights(emulator: list[torch.nn.Module], weights: dict[str, t
 
 def _resume(checkpoint_dir: Path, emulator, optimizer, settings: DistillConfig,
             identity: dict[str, Any]) -> dict[str, Any]:
+    # More steps may be asked for: the other settings, the full model, the split and the method must match.
+    identity = {**identity, "settings": {k: v for k, v in settings.to_dict().items() if k != "steps"}}
     fresh: dict[str, Any] = {"step": 0, "settings": settings.to_dict(), "identity": identity}
-    if not (checkpoint_dir / "state.json").is_file():
+    state = read_state(checkpoint_dir, identity)
+    if state is None:
         return fresh
-    try:
-        state = json.loads((checkpoint_dir / "state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OffsiteError(f"{checkpoint_dir / 'state.json'} is corrupt; delete {checkpoint_dir} to distil "
-                           "from the start") from None
-    if not isinstance(state, dict) or _resumable(state.get("settings", {})) != _resumable(settings.to_dict()):
-        log.warning("ignoring checkpoint %s: it was made with other distillation settings", checkpoint_dir)
-        return fresh
-    if state.get("identity") != identity:
-        log.warning("ignoring checkpoint %s: it was made from another full model, split or method", checkpoint_dir)
-        return fresh
-    saved = load_file(str(checkpoint_dir / "emulator.safetensors"))
+    saved = load_tensors(checkpoint_dir, "emulator")
     expected = {name: tensor.shape for name, tensor in _emulator_weights(emulator).items()}
     if {name: tensor.shape for name, tensor in saved.items()} != expected:
-        # The same settings but another emulator (e.g. another --method) was distilled for this output.
         log.warning("ignoring checkpoint %s: it holds another emulator's layers", checkpoint_dir)
         return fresh
     _load_emulator_weights(emulator, saved)
-    flat = load_file(str(checkpoint_dir / "optimizer.safetensors"))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in flat.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = tensor
-    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+    load_optimizer(optimizer, load_tensors(checkpoint_dir, "optimizer"))
     log.info("resuming distillation from step %d (%s)", state["step"], checkpoint_dir)
     return state
 
 
-def _resumable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings a checkpoint must share to be continued; more steps may be asked for."""
-    return {k: v for k, v in settings.items() if k != "steps"}
-
-
 def _save(checkpoint_dir: Path, emulator, optimizer, state: dict[str, Any]) -> None:
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    flat = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
-    for name, tensors in (("emulator", _emulator_weights(emulator)), ("optimizer", flat)):
-        with atomic_file(checkpoint_dir / f"{name}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    # state.json last: a checkpoint counts only once its weights are complete
-    with atomic_file(checkpoint_dir / "state.json") as tmp:
-        tmp.write_text(json.dumps(state))
+    save_checkpoint(checkpoint_dir, {"emulator": _emulator_weights(emulator), "optimizer": optimizer_tensors(optimizer)},
+                    state)
 
 
 def _offer(state: dict[str, Any], heldout_ppl: float, emulator, checkpoint_dir: Path) -> None:

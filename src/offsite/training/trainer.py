@@ -31,6 +31,7 @@ from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
 from offsite.training.emulator_cache import EmulatorCache
 from offsite.training.loss import batch_loss
+from offsite.training.resume import Resumable
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class Best:
 
 
 def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], positions: list[int],
-                 settings: TrainConfig, metrics_path: Path, eval_data: Data | None = None) -> PreTrainedModel:
+                 settings: TrainConfig, metrics_path: Path, eval_data: Data | None = None,
+                 checkpoint: Resumable | None = None) -> PreTrainedModel:
     """Train the blocks at `positions` of `model` (everything else frozen) and return the trained model.
 
     With LoRA the adapters are merged back, so the result has plain weights.
@@ -101,7 +103,9 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     run once per sequence and are replayed, their weights parked on disk between
     validations (see offsite.training.emulator_cache); with
     `settings.checkpoint_emulator`, the frozen blocks above it recompute their
-    activations in the backward pass (see offsite.training.checkpointing).
+    activations in the backward pass (see offsite.training.checkpointing). With
+    `checkpoint`, the run saves its state every few steps and on SIGTERM, and resumes from
+    it (see offsite.training.resume).
     """
     freeze_all_but(model, positions)
     start = time.perf_counter()
@@ -112,7 +116,7 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     checkpointing = checkpointed_blocks(model, positions) if settings.checkpoint_emulator else contextlib.nullcontext()
     parking = cache.frozen_blocks_parked() if cache is not None else contextlib.nullcontext()
     with checkpointing, parking:
-        summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache)
+        summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache, checkpoint)
     if cache is not None:
         summary["cache_seconds"] = cache_seconds
     if settings.lora_rank:
@@ -124,7 +128,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
 
 
 def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
-           settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None) -> dict[str, Any]:
+           settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None,
+           checkpoint: Resumable | None = None) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.total_steps(len(sequences))
@@ -132,9 +137,14 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     batches = _batch_stream(sequences, settings, tokenizer.pad_token_id, cache)
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
+    done = checkpoint.resume(model, optimizer, scheduler, best, metrics_path) if checkpoint else 0
+    for _ in range(done * settings.grad_accum):  # the data position: the same batches in the same order
+        next(batches)
+    save_every = (checkpoint.every if checkpoint else None) or min(eval_every, 100)
     model.train()
-    with open(metrics_path, "w") as metrics, tqdm(total=steps, desc="train", unit="step") as bar:
-        for step in range(1, steps + 1):
+    with (open(metrics_path, "a") as metrics, tqdm(total=steps, initial=done, desc="train", unit="step") as bar,
+          checkpoint.saved_on_sigterm() if checkpoint else contextlib.nullcontext() as stop):
+        for step in range(done + 1, steps + 1):
             step_start = time.perf_counter()
             loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step)
             step_seconds += time.perf_counter() - step_start
@@ -147,6 +157,10 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
                 best.offer(result, step, model)
                 _log(metrics, {"step": step, "eval": result})
                 log.info("step %d validation %s", step, result)
+            if checkpoint and step < steps and (step % save_every == 0 or stop.requested):
+                checkpoint.save(step, model, optimizer, scheduler, best, metrics_path)
+                if stop.requested:
+                    raise KeyboardInterrupt  # the CLI says how to resume
     seconds = time.perf_counter() - start
     best.restore(model)
     return {"steps": steps, "final_loss": loss, "best_step": best.step, "best_eval": best.result,
