@@ -23,6 +23,7 @@ from offsite import (
     SplitConfig,
     TrainConfig,
     TuneConfig,
+    describe,
     emulate,
     evaluate,
     plug,
@@ -30,6 +31,7 @@ from offsite import (
 )
 from offsite.arch import get_layers
 from offsite.cli import main
+from offsite.data.read import read_data
 from offsite.errors import OffsiteError
 from offsite.exchange import bundle as bundle_module
 from offsite.exchange.adapter import Adapter, load_adapter
@@ -264,3 +266,87 @@ def test_eval_json_never_prints_nan(model_dirs, tmp_path, train_file):
     rehash(bundle)
     with pytest.raises(OffsiteError, match="log-likelihood is not finite"):
         evaluate(EvalConfig(model=str(bundle), data=str(train_file), seq_len=32))
+
+
+# --- inputs that used to end in an unexpected error ---------------------------------------------------------
+
+def test_deeply_nested_json_and_lone_surrogates_get_one_line_errors(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    (bundle / "offsite.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(OffsiteError, match="nests too deeply"):
+        read_manifest(bundle)
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine \\ud800 line"}\n')
+    with pytest.raises(OffsiteError, match="lone surrogate"):
+        read_data(str(data))
+
+
+def test_a_manifest_rank_larger_than_the_weight_is_refused(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b", method="uniform+lowrank")
+    manifest = json.loads((bundle / "offsite.json").read_text())
+    name = next(iter(manifest["emulator"]["compression"]["modules"]))
+    manifest["emulator"]["compression"]["modules"][name]["rank"] = 10**12
+    (bundle / "offsite.json").write_text(json.dumps(manifest))
+    with pytest.raises(OffsiteError, match="more than its"):
+        load_bundle(bundle)
+
+
+def test_truncated_bundle_weights_get_a_one_line_error(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    data = (bundle / "model.safetensors").read_bytes()
+    (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
+    rehash(bundle)
+    with pytest.raises(OffsiteError, match="could not load model"):
+        load_bundle(bundle)
+
+
+def test_a_window_longer_than_the_model_positions_is_refused_before_work(model_dirs, tmp_path, train_file):
+    model = shutil.copytree(model_dirs["opt"], tmp_path / "opt")
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 128
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OffsiteError, match="--seq-len=512 is longer than this model's 128 positions"):
+        evaluate(EvalConfig(model=str(model), data=str(train_file)))
+
+
+@pytest.mark.parametrize("case", ["symlink", "not-an-output", "cwd"])
+def test_outputs_never_replace_what_they_should_not(model_dirs, tmp_path, monkeypatch, case):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file\n")
+    output = {"symlink": tmp_path / "link", "not-an-output": mine, "cwd": tmp_path / "work"}[case]
+    if case == "symlink":
+        output.symlink_to(mine)
+    if case == "cwd":
+        (output / "x").mkdir(parents=True)
+        (output / "x" / "adapter.json").write_text("{}")
+        monkeypatch.chdir(output / "x")
+        output = output / "x"
+    with pytest.raises(OffsiteError, match="symlink|not an offsite output|current directory"):
+        plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(output), overwrite=True))
+    assert (mine / "notes.txt").read_text() == "the user's own file\n"
+
+
+def test_temp_directories_of_killed_runs_are_removed(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    stale = tmp_path / ".p.tmp-999999999-abcd"  # no such process
+    stale.mkdir()
+    plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p")))
+    assert not stale.exists() and (tmp_path / "p").is_dir()
+
+
+def test_info_verifies_what_it_describes(model_dirs, tmp_path, capsys):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    assert describe(bundle)["verified"].startswith("files match")
+    weights = load_file(bundle / "model.safetensors")
+    name = sorted(weights)[3]
+    weights[name] = weights[name] * float("nan")
+    save_file(weights, bundle / "model.safetensors", metadata={"format": "pt"})
+    assert main(["info", str(bundle)]) == 1
+    assert "has been modified" in capsys.readouterr().err
+    rehash(bundle)
+    assert main(["info", str(bundle)]) == 1
+    assert "holds NaN or infinite values" in capsys.readouterr().err

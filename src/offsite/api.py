@@ -31,10 +31,10 @@ from offsite.emulator.split import plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange import issued
 from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
-from offsite.exchange.bundle import Manifest, bundle_index, is_bundle, open_bundle, read_manifest, write_bundle
+from offsite.exchange.bundle import Manifest, bundle_index, check_bundle, is_bundle, open_bundle, write_bundle
 from offsite.exchange.fingerprint import model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
-from offsite.loading import load_model, load_tokenizer
+from offsite.loading import check_window, load_config, load_model, load_tokenizer
 from offsite.scoring import score
 from offsite.training.resume import Resumable
 from offsite.training.trainer import train_layers, training_sequences
@@ -47,6 +47,8 @@ def emulate(config: EmulateConfig) -> Path:
     sources = [config.model, config.split.calibration, config.distill.corpus if config.distill else None]
     check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
     corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
+    if config.distill:
+        check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
         calibration_corpus(config)
     log.info("loading full model %s", config.model)
@@ -80,6 +82,7 @@ def tune(config: TuneConfig) -> Path:
     torch.manual_seed(config.train.seed)
     # parking the cached blocks (training.emulator_cache) only frees memory if the weights are not file pages
     model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator)
+    check_window(model.config, config.train.seq_len)
     positions = bundle_index(manifest)
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
     if not sequences:
@@ -155,6 +158,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     data: Data = read_data(config.data, default_split="test")
     if config.limit is not None:
         data = limit(data, config.limit)
+    check_window(load_config(config.model), config.seq_len)
     model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
     return score(model, tokenizer, data, config.seq_len, config.batch_size)
 
@@ -171,7 +175,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not root.is_dir():
         raise OffsiteError(f"{root} does not exist; pass a bundle, adapter or model directory")
     if is_bundle(root):  # a directory in the manifest's place gets read_json's error, not "model"
-        manifest = read_manifest(root)
+        manifest = check_bundle(root)  # a damaged or tampered bundle is an error here too
         return {
             "kind": "bundle",
             "path": str(root),
@@ -185,6 +189,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "loads_with": "offsite" if manifest.emulator.get("compression") or manifest.emulator.get("share")
             else "from_pretrained or offsite",
             "bytes": _size(root),
+            "verified": "files match the manifest; no code; weights finite",
         }
     if (root / ADAPTER_METADATA).exists():
         adapter = load_adapter(root)
@@ -197,6 +202,9 @@ def describe(path: str | Path) -> dict[str, Any]:
             "parameters": sum(t.numel() for named in adapter.tensors.values() for t in named.values()),
             "training": adapter.training.get("summary", {}),
             "bytes": _size(root),
+            "verified": ("weights match adapter.json's SHA-256; keys canonical; weights finite"
+                         if adapter.weights_sha256 else "keys canonical; weights finite (no SHA-256 recorded: "
+                         "an adapter written by an older offsite)"),
         }
     if (root / MODEL_CONFIG).is_file():
         config = read_json(root / MODEL_CONFIG, "a model directory")

@@ -191,7 +191,7 @@ def _build_model(alias: str, source: GgufModel, entry: Path) -> None:
     if installed not in (None, source.version):
         logger.warning("%s %s is installed, offsite expects %s", source.distribution, installed, source.version)
     logger.info("Building the %s cache in %s from %s (30-50 s, 1.6 GB RAM)", alias, entry, gguf_path)
-    with atomic_dir(entry, overwrite=True) as tmp:  # a stale entry is replaced only by a complete one
+    with atomic_dir(entry, overwrite=True, markers=None) as tmp:  # a stale entry is replaced only by a complete one
         _dequantize_gguf(gguf_path, tmp)
         logger.info("Hashing the cached files")
         write_marker(tmp, {"alias": alias, "hub_id": source.hub_id, "distribution": source.distribution,
@@ -249,7 +249,7 @@ def fetch_deb(package: str, full_check: bool = False) -> Path:
         if not _needs_build(entry, full_check):
             return entry
         with tempfile.TemporaryDirectory(prefix=f".{entry.name}.download-", dir=entry.parent) as download, \
-                atomic_dir(entry, overwrite=True) as root:
+                atomic_dir(entry, overwrite=True, markers=None) as root:
             deb = _obtain_deb(package, Path(download), entry)
             _extract_deb(deb, root)
             write_marker(root, {"package": package, "deb": deb.name, "deb_sha256": sha256_file(deb)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -11,7 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from offsite.constants import ADAPTER_METADATA, MANIFEST, MODEL_CONFIG
 from offsite.errors import OffsiteError
+
+# What makes a directory an offsite output, which --overwrite may replace: a bundle, an adapter file,
+# a (plugged) model directory.
+OUTPUT_MARKERS = (MANIFEST, ADAPTER_METADATA, MODEL_CONFIG)
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -65,30 +71,48 @@ def read_text(path: Path, flag: str = "") -> str:
                            "(e.g. iconv -t UTF-8)") from None
 
 
+# offsite.json, adapter.json and model configs are kilobytes; a bigger one is damaged or hostile.
+JSON_LIMIT = 64 * 2**20
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
+        if path.is_file() and path.stat().st_size > JSON_LIMIT:
+            raise OffsiteError(f"{path} is larger than {JSON_LIMIT >> 20} MiB; it cannot be {what}'s JSON")
         data = json.loads(read_text(path))
     except FileNotFoundError:
         raise OffsiteError(f"{path.parent} is not {what}: {path.name} is missing") from None
     except json.JSONDecodeError as error:
         raise OffsiteError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise OffsiteError(f"{path} nests too deeply to be {what}'s JSON") from None
     if not isinstance(data, dict):
         raise OffsiteError(f"{path} must hold a JSON object")
     return data
 
 
 def check_output_dir(output: str | Path, overwrite: bool, flag: str = "-o/--output",
-                     inputs: tuple[str | Path, ...] = ()) -> Path:
+                     inputs: tuple[str | Path, ...] = (), markers: tuple[str, ...] | None = OUTPUT_MARKERS) -> Path:
     """Refuse to replace existing data unless asked, before any long work starts.
 
     `inputs` are the paths the command reads: even with --overwrite, an output may not replace one of them.
+    `markers`: --overwrite replaces a directory only if it holds one of these files (None: any directory).
     """
     path = Path(output)
+    if path.is_symlink():
+        raise OffsiteError(f"{flag} {path} is a symlink; pass the directory it points to, or another path")
     if path.exists() and not path.is_dir():
         raise OffsiteError(f"{flag} {path} exists and is not a directory; choose another path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise OffsiteError(f"{flag} {path} already exists and is not empty; pass --overwrite or choose another path")
+    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+        raise OffsiteError(f"{flag} {path} is the current directory or above it; choose a new directory")
     _check_inputs_kept(path, flag, inputs)
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OffsiteError(f"{flag} {path} already exists and is not empty; pass --overwrite or choose another "
+                               "path")
+        if markers is not None and not any((path / marker).is_file() for marker in markers):
+            raise OffsiteError(f"{flag} {path} is not an offsite output (no {', '.join(markers)}); "
+                               "--overwrite replaces only those, so your files stay: choose another path")
     _check_writable_parent(path, flag)
     return path
 
@@ -123,6 +147,24 @@ def _check_writable_parent(path: Path, flag: str) -> None:
         raise OffsiteError(f"{flag} {path}: cannot write into {ancestor} (permission denied); choose another path")
 
 
+def _remove_stale(final: Path) -> None:
+    """Temp directories of earlier runs on `final` that were killed (their process is gone) are removed."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*-*"):
+        pid = stale.name[len(final.name) + 6:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -130,12 +172,18 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp directory that replaces `output` only if the block succeeds."""
-    final = check_output_dir(output, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
+def atomic_dir(output: str | Path, overwrite: bool = False,
+               markers: tuple[str, ...] | None = OUTPUT_MARKERS) -> Iterator[Path]:
+    """Yield a temp directory that replaces `output` only if the block succeeds (`markers`: see check_output_dir)."""
+    final = check_output_dir(output, overwrite, markers=markers)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
+    except OSError as error:
+        raise OffsiteError(f"-o/--output {final}: cannot create a directory there ({error.strerror}); "
+                           "choose another path") from None
     try:
         yield tmp
         if final.exists():

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from offsite.assets import resolve_model
 from offsite.constants import ADAPTER_METADATA, MODEL_CONFIG, TOKENIZER_CONFIG
 from offsite.errors import OffsiteError
-from offsite.files import read_json
+from offsite.files import one_line, read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ def load_config(name_or_path: str) -> PretrainedConfig:
         raise OffsiteError(f"could not read the config of MODEL '{name_or_path}': {_first_line(error)}") from None
 
 
+def check_window(config: PretrainedConfig, seq_len: int, flag: str = "--seq-len") -> None:
+    """A window longer than the model's learned positions would index past them: refuse it before any work."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and seq_len > limit:
+        raise OffsiteError(f"{flag}={seq_len} is longer than this model's {limit} positions; use {flag} {limit} "
+                           "or less")
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: bool = False) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code.
 
@@ -60,9 +68,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source),
                                                          trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as error:  # incl. truncated weights
         raise OffsiteError(
-            f"could not load model '{name_or_path}': {_first_line(error)}. "
+            f"could not load model '{name_or_path}': {one_line(_first_line(error))}. "
             "Pass a local model directory, a built-in alias (smollm2-135m) or a reachable hub id with "
             "safetensors weights (offsite never unpickles: convert a pytorch_model.bin with "
             "`model.save_pretrained(dir, safe_serialization=True)`)"

@@ -62,8 +62,14 @@ def _read_jsonl(path: Path, flag: str) -> Data:
 def _parse_line(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
+        json.dumps(record, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) is not text
     except json.JSONDecodeError as error:
         raise OffsiteError(f"{where}: invalid JSON ({error.msg}); each line must be one JSON object") from None
+    except RecursionError:
+        raise OffsiteError(f"{where}: the JSON nests too deeply; each line must be one flat JSON object") from None
+    except UnicodeEncodeError:
+        raise OffsiteError(f"{where}: a string holds a lone surrogate (e.g. \\ud800), which is not text; "
+                           "fix or drop the line") from None
     if not isinstance(record, dict):
         raise OffsiteError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record

@@ -166,6 +166,9 @@ def rebuild(model: nn.Module, compression: dict[str, Any]) -> None:
                                f"{model.config.model_type} model does not have") from None
         weight, bias = _dense(module)
         out_features, in_features = weight.shape
+        if spec["kind"] == "lowrank" and spec["rank"] > min(in_features, out_features):
+            raise OffsiteError(f"the bundle's manifest gives {name!r} rank {spec['rank']}, more than its "
+                               f"{out_features} x {in_features} weight can have; ask the model owner for a fresh bundle")
         set_submodule(model, name, COMPRESSIONS[spec["kind"]].empty(in_features, out_features, bias is not None, spec))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -13,6 +14,7 @@ from offsite.emulator.compress import rebuild
 from offsite.emulator.share import executed_positions, expand
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
+from offsite.files import one_line
 from offsite.loading import load_model
 
 
@@ -38,9 +40,13 @@ def _load_compressed(bundle: Path, compression: dict[str, Any]) -> PreTrainedMod
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     rebuild(model, compression)
     state = {}
-    for path in sorted(bundle.glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        for path in sorted(bundle.glob("*.safetensors")):
+            state.update(load_file(str(path)))
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except (SafetensorError, RuntimeError) as error:  # truncated files, tensors of the wrong shape
+        raise OffsiteError(f"bundle {bundle}: its weights do not fit its manifest ({one_line(str(error))[:300]})"
+                           ) from None
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     empty = [name for name, p in model.named_parameters() if p.is_meta]

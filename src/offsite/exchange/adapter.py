@@ -37,6 +37,7 @@ class Adapter:
     fingerprint: str
     base_model: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None  # as adapter.json recorded it (older adapter files have none)
 
     @property
     def layers(self) -> list[int]:
@@ -94,7 +95,8 @@ def load_adapter(directory: str | Path) -> Adapter:
     refuse_non_finite(flat, str(path))
     if sorted(tensors) != sorted(meta.get("layers", [])):
         raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(tensors)} but {ADAPTER_METADATA} lists {meta.get('layers')}")
-    return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}))
+    return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}),
+                   meta.get("weights_sha256"))
 
 
 def _check_metadata(meta: dict[str, Any], path: Path) -> None:

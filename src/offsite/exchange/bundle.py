@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite import __version__
@@ -176,6 +177,21 @@ def open_bundle(bundle: str | Path, in_memory: bool = False
         tokenizer = load_tokenizer(str(private))
     refuse_non_finite(model.state_dict().items(), f"bundle {bundle}")
     return model, tokenizer, manifest
+
+
+def check_bundle(bundle: str | Path) -> Manifest:
+    """Everything loading checks, without building the model: files against the manifest, no code, finite weights."""
+    manifest = read_manifest(bundle)
+    with verified_copy(bundle, manifest) as private:
+        for path in sorted(private.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as weights:
+                    refuse_non_finite(((name, weights.get_tensor(name)) for name in weights.keys()),
+                                      f"bundle {bundle}, {path.name}")
+            except SafetensorError as error:
+                raise OffsiteError(f"bundle {bundle}, {path.name}: not readable safetensors ({one_line(str(error))})"
+                                   ) from None
+    return manifest
 
 
 def load_bundle(bundle: str | Path, in_memory: bool = False) -> tuple[PreTrainedModel, Manifest]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from offsite.config import SplitConfig
-from offsite.errors import OffsiteError
+from offsite.loading import check_window
 from offsite.processes import in_fresh_process
 from offsite.studies.bench.flops import FORMULA, Plan, Shapes, plan_modes, token_cost
 from offsite.studies.bench.measure import (
@@ -66,9 +66,7 @@ def flop_costs(config: BenchConfig, shapes: Shapes) -> dict[str, float]:
 def check_fits(config: BenchConfig, shapes: Shapes) -> None:
     """Refuse settings the model cannot run before any work starts."""
     config.plans(shapes.num_layers)  # plan_split names the split flag to change
-    limit = getattr(model_config(config), "max_position_embeddings", None)
-    if isinstance(limit, int) and config.seq_len > limit:
-        raise OffsiteError(f"--seq-len={config.seq_len} is longer than this model's {limit} positions")
+    check_window(model_config(config), config.seq_len)
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
