@@ -350,3 +350,16 @@ def test_info_verifies_what_it_describes(model_dirs, tmp_path, capsys):
     rehash(bundle)
     assert main(["info", str(bundle)]) == 1
     assert "holds NaN or infinite values" in capsys.readouterr().err
+
+
+def test_untrusted_strings_reach_the_terminal_escaped_on_one_line(model_dirs, tmp_path, capsys):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    meta = json.loads((adapter / "adapter.json").read_text())
+    meta["base_model"]["name_or_path"] = "evil\n\x1b[2Joffsite plug: plugged fine\x1b[0m"  # shown when refused
+    (adapter / "adapter.json").write_text(json.dumps(meta))
+    assert main(["plug", str(model_dirs["qwen2"]), str(adapter), "-o", str(tmp_path / "p"),
+                 "--bundle", str(bundle)]) == 1  # another base model: refused, naming the one the file claims
+    lines = [line for line in capsys.readouterr().err.splitlines() if "offsite plug" in line]
+    assert len(lines) == 1 and lines[0].startswith("offsite plug: error:"), lines  # no forged second line
+    assert "\x1b" not in lines[0] and "\\x1b[2J" in lines[0] and "evil\\n" in lines[0]

@@ -30,6 +30,7 @@ from offsite.config import (
     flag,
 )
 from offsite.errors import OffsiteError
+from offsite.files import one_line
 from offsite.studies.bench.settings import BenchConfig
 from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
 
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except OffsiteError as error:
         if args.debug:
             raise
-        print(f"offsite {args.command}: error: {error}", file=sys.stderr)
+        print(f"offsite {args.command}: error: {one_line(str(error), limit=None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"offsite {args.command}: interrupted; no partial output was left behind (tune and emulate --distill "
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
         if args.debug:
             raise
-        print(f"offsite {args.command}: unexpected error: {type(error).__name__}: {error} "
+        print(f"offsite {args.command}: unexpected error: {type(error).__name__}: {one_line(str(error))} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from offsite.errors import check
+from offsite.errors import ConfigError, check
 
 
 def flag(name: str) -> str:
@@ -55,10 +57,43 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        """The config a JSON object describes; wrong field names and value types are refused, all at once."""
+        if not isinstance(data, dict):
+            raise ConfigError([f"{cls.__name__} must be a JSON object, got {type(data).__name__}"])
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        check([f"unknown {cls.__name__} field '{k}'; known fields: {sorted(known)}" for k in unknown])
+        hints = typing.get_type_hints(cls)
+        problems = [f"unknown {cls.__name__} field {k!r}; known fields: {sorted(known)}" for k in sorted(set(data) - known)]
+        problems += [f"{cls.__name__} field {k!r} must be {_type_name(hints[k])}, got {type(v).__name__}"
+                     for k, v in data.items() if k in known and not _matches(v, hints[k])]
+        check(problems)
         return cls(**data)
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (a nested config may be given as its JSON object)."""
+    if kind is Any:
+        return True
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(kind)[0]) for v in value)
+    if typing.get_origin(kind) is dict or kind is dict:
+        return isinstance(value, dict)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(kind, type) and issubclass(kind, JsonConfig):
+        return isinstance(value, (dict, kind))
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _type_name(kind: Any) -> str:
+    return str(kind).replace("typing.", "").replace("offsite.config.", "")
 
 
 SELECTIONS = ("uniform", "similarity")

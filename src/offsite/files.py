@@ -20,10 +20,11 @@ from offsite.errors import OffsiteError
 OUTPUT_MARKERS = (MANIFEST, ADAPTER_METADATA, MODEL_CONFIG)
 
 
-def one_line(text: str, limit: int = 200) -> str:
-    """A string from the other party as it may reach a terminal: escaped on one line, and cut short."""
-    shown = ascii(text)[1:-1]
-    return shown if len(shown) <= limit else shown[:limit] + "…"
+def one_line(text: str, limit: int | None = 200) -> str:
+    """A string from the other party as it may reach a terminal: control characters (newlines, escape codes)
+    escaped, so it stays on one line and cannot move the cursor or recolour the screen; cut short at `limit`."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown if limit is None or len(shown) <= limit else shown[:limit] + "…"
 
 
 def is_version(value: Any, version: int) -> bool:

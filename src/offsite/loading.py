@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -41,8 +41,11 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     _check_local(source)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
-        raise OffsiteError(f"could not read the config of MODEL '{name_or_path}': {_first_line(error)}") from None
+    except OffsiteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers parses what the other party wrote; any failure is theirs
+        raise OffsiteError(f"could not read the config of MODEL '{name_or_path}': {one_line(_first_line(error))}"
+                           ) from None
 
 
 def check_window(config: PretrainedConfig, seq_len: int, flag: str = "--seq-len") -> None:
@@ -68,7 +71,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source),
                                                          trust_remote_code=False)
-    except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as error:  # incl. truncated weights
+    except OffsiteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - as in load_config; truncated weights, odd configs
         raise OffsiteError(
             f"could not load model '{name_or_path}': {one_line(_first_line(error))}. "
             "Pass a local model directory, a built-in alias (smollm2-135m) or a reachable hub id with "
@@ -94,8 +99,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     _check_local(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
-        raise OffsiteError(f"could not load the tokenizer of '{name_or_path}': {_first_line(error)}") from error
+    except OffsiteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - as in load_config
+        raise OffsiteError(f"could not load the tokenizer of '{name_or_path}': {one_line(_first_line(error))}"
+                           ) from error
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss and score, so any id works.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -35,9 +35,13 @@ def load_emulator(bundle: Path, info: dict[str, Any], plan: SplitPlan, in_memory
 
 def _load_compressed(bundle: Path, compression: dict[str, Any]) -> PreTrainedModel:
     """Build the architecture without weights, swap in the compressed modules, then load the stored tensors."""
-    config = AutoConfig.from_pretrained(bundle, trust_remote_code=False)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(bundle, trust_remote_code=False)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - transformers parses what the other party wrote
+        raise OffsiteError(f"bundle {bundle}: config.json does not describe a model ({one_line(str(error))[:300]})"
+                           ) from None
     rebuild(model, compression)
     state = {}
     try:
