@@ -243,6 +243,15 @@ def test_format_version_true_is_not_version_1(model_dirs, tmp_path, kind):
         read_manifest(bundle) if kind == "bundle" else load_adapter(tmp_path / "a")
 
 
+def test_adapter_files_are_flat_folders_of_files(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    (adapter / "adapter.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (adapter / "adapter.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(OffsiteError, match="symlinks or folders"):
+        load_adapter(adapter)
+
+
 @pytest.mark.parametrize("odd", ["symlink", "folder"])
 def test_bundles_are_flat_folders_of_files(model_dirs, tmp_path, odd):
     bundle = make_bundle(model_dirs["llama"], tmp_path / "b")

@@ -71,6 +71,10 @@ def load_adapter(directory: str | Path) -> Adapter:
     root = Path(directory)
     if not root.is_dir():
         raise OffsiteError(f"adapter {root} does not exist or is not a directory; make one with `offsite tune`")
+    links = sorted(p.name for p in root.iterdir() if p.is_symlink() or p.is_dir())
+    if links:
+        raise OffsiteError(f"adapter {root} holds symlinks or folders ({one_line(', '.join(links))}); an adapter file "
+                           "is a flat folder of files: ask the data owner to send it again")
     meta = read_json(root / ADAPTER_METADATA, "an offsite adapter (make one with `offsite tune`)")
     if meta.get("format") != ADAPTER_FORMAT or not is_version(meta.get("format_version"), ADAPTER_FORMAT_VERSION):
         raise OffsiteError(f"{root / ADAPTER_METADATA} is not an offsite adapter of format version "
