@@ -19,11 +19,11 @@ DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distil
            "--kd-weight --lm-weight --align")
 # The long flags of every command as of 0.1.1, before the flags came from the config fields.
 FLAGS = {
-    "emulate": f"--output --overwrite {SPLIT} {DISTILL}",
+    "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign",  # --sign, --trust, --bundle: new in the hardening
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
-            "--checkpoint-emulator --overwrite --checkpoint-every",
-    "plug": "--output --overwrite --bundle",  # --bundle: new in the hardening (the layers plug may replace)
+            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign",
+    "plug": "--output --overwrite --bundle --trust",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json",
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay",
@@ -32,6 +32,7 @@ FLAGS = {
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "
              "--warmup-steps --lora-rank --epochs --settings --eval-examples --threads --in-process --json",
     "setup-assets": "",
+    "keygen": "--overwrite",
 }
 
 

@@ -15,7 +15,7 @@ def test_unreadable_file_is_named_with_the_fix(tmp_path, monkeypatch):
     def denied(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_text", denied)  # root reads chmod-000 files, so simulate the denial
+    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads chmod-000 files, so simulate the denial
     with pytest.raises(OffsiteError, match=r"manifest.json cannot be read \(permission denied\); make it readable"):
         read_json(path, "a bundle")
 

@@ -372,3 +372,30 @@ def test_untrusted_strings_reach_the_terminal_escaped_on_one_line(model_dirs, tm
     lines = [line for line in capsys.readouterr().err.splitlines() if "offsite plug" in line]
     assert len(lines) == 1 and lines[0].startswith("offsite plug: error:"), lines  # no forged second line
     assert "\x1b" not in lines[0] and "\\x1b[2J" in lines[0] and "evil\\n" in lines[0]
+
+
+# --- signatures ----------------------------------------------------------------------------------------------
+
+def test_signed_bundles_and_adapters_are_checked_against_the_trusted_key(model_dirs, tmp_path, train_file, capsys):
+    assert main(["keygen", str(tmp_path / "owner")]) == 0 and main(["keygen", str(tmp_path / "customer")]) == 0
+    assert (tmp_path / "owner").stat().st_mode & 0o077 == 0  # the private key is the owner's alone
+    bundle = emulate(EmulateConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "b"),
+                                   split=SplitConfig(emulator_layers=2), sign=str(tmp_path / "owner")))
+    settings = TrainConfig(max_steps=2, batch_size=2, seq_len=32)
+    with pytest.raises(OffsiteError, match="is not signed by the key"):  # signed, but by someone else
+        tune(TuneConfig(bundle=str(bundle), data=str(train_file), output=str(tmp_path / "a"), train=settings,
+                        trust=str(tmp_path / "customer.pub")))
+    adapter = tune(TuneConfig(bundle=str(bundle), data=str(train_file), output=str(tmp_path / "a"), train=settings,
+                              trust=str(tmp_path / "owner.pub"), sign=str(tmp_path / "customer")))
+    plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p"),
+                    trust=str(tmp_path / "customer.pub")))
+    meta = json.loads((adapter / "adapter.json").read_text())
+    meta["base_model"]["note"] = "changed after signing"
+    (adapter / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(OffsiteError, match="is not signed by the key"):
+        plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p2"),
+                        trust=str(tmp_path / "customer.pub")))
+    (adapter / "adapter.json.sig").unlink()
+    with pytest.raises(OffsiteError, match="is not signed"):
+        plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p2"),
+                        trust=str(tmp_path / "customer.pub")))

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
-from offsite.config import EmulateConfig, EvalConfig, ExportConfig, PlugConfig, TuneConfig
+from offsite.config import EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig, TuneConfig
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
@@ -29,7 +29,7 @@ from offsite.emulator.build import build_emulator, calibration_corpus
 from offsite.emulator.distill import read_corpus
 from offsite.emulator.split import plan_split
 from offsite.errors import OffsiteError
-from offsite.exchange import issued
+from offsite.exchange import issued, signing
 from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
 from offsite.exchange.bundle import Manifest, bundle_index, check_bundle, is_bundle, open_bundle, write_bundle
 from offsite.exchange.fingerprint import model_fingerprint
@@ -46,6 +46,8 @@ def emulate(config: EmulateConfig) -> Path:
     """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
     sources = [config.model, config.split.calibration, config.distill.corpus if config.distill else None]
     check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
+    if config.sign:
+        signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
     corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
     if config.distill:
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
@@ -67,7 +69,7 @@ def emulate(config: EmulateConfig) -> Path:
                                                     base_fingerprint)
     del model
     manifest = Manifest(base_model, config.split, plan, base_fingerprint, {}, emulator)
-    write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest)
+    write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest, sign=config.sign)
     issued.record(manifest, config.output)  # plug later replaces only these layers
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
@@ -77,11 +79,13 @@ def tune(config: TuneConfig) -> Path:
     """Data owner: train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`."""
     check_output_dir(config.output, config.overwrite,
                      inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
+    if config.sign:
+        signing.check_private_key(config.sign)  # a bad key fails now, not after training
     data = read_data(config.data)
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
     # parking the cached blocks (training.emulator_cache) only frees memory if the weights are not file pages
-    model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator)
+    model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator, trust=config.trust)
     check_window(model.config, config.train.seq_len)
     positions = bundle_index(manifest)
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
@@ -98,7 +102,7 @@ def tune(config: TuneConfig) -> Path:
             base_model=manifest.base_model,
             training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
         )
-        adapter.save(tmp)
+        adapter.save(tmp, sign=config.sign)
     resumable.remove()
     return Path(config.output)
 
@@ -117,7 +121,7 @@ def plug(config: PlugConfig) -> Path:
     check_output_dir(config.output, config.overwrite, inputs=(config.model, config.adapter))
     if is_bundle(config.model):
         raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
-    adapter = load_adapter(config.adapter)
+    adapter = load_adapter(config.adapter, trust=config.trust)
     layers = issued.issued_layers(adapter, config.adapter, config.bundle)
     model = load_model(config.model)
     plug_into(model, adapter, config.adapter, layers)
@@ -217,6 +221,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         }
     raise OffsiteError(f"{root} is not a bundle (offsite.json), an adapter ({ADAPTER_METADATA}) or a model "
                        f"({MODEL_CONFIG})")
+
+
+def keygen(config: KeygenConfig) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair for signing bundles or adapter files; return (private, public)."""
+    return signing.keygen(config.key, config.overwrite)
 
 
 def export_data(config: ExportConfig) -> tuple[Path, str]:

@@ -23,6 +23,7 @@ from offsite.config import (
     EmulateConfig,
     EvalConfig,
     ExportConfig,
+    KeygenConfig,
     PlugConfig,
     SplitConfig,
     TrainConfig,
@@ -183,12 +184,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(emulate, EmulateConfig, only=("model", "output"))
     _split_flags(emulate)
     _distill_flags(emulate)
-    add_options(emulate, EmulateConfig, only=("overwrite",))
+    add_options(emulate, EmulateConfig, only=("overwrite", "sign"))
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
     add_options(tune, TuneConfig, only=("bundle", "data", "output", "eval_data"))
     add_options(tune, TrainConfig)
-    add_options(tune, TuneConfig, only=("checkpoint_every", "overwrite"))
+    add_options(tune, TuneConfig, only=("checkpoint_every", "trust", "sign", "overwrite"))
 
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
 
@@ -225,6 +226,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(data_commands.add_parser("export", help="write a built-in dataset as jsonl"), ExportConfig)
 
     add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
+    add_options(add_command("keygen", help="make a key pair to sign bundles or adapter files (--sign, --trust)"),
+                KeygenConfig)
     return parser
 
 
@@ -263,6 +266,13 @@ def _run_data(args: argparse.Namespace) -> None:
     from offsite.api import export_data  # noqa: PLC0415 - lazy torch (see above)
     path, source = export_data(from_args(ExportConfig, args))
     print(f"wrote {path} ({source})")
+
+
+def _run_keygen(args: argparse.Namespace) -> None:
+    from offsite.api import keygen  # noqa: PLC0415 - lazy torch (see above)
+    private, public = keygen(from_args(KeygenConfig, args))
+    print(f"private key written to {private} (keep it; pass it to --sign); public key to {public} "
+          "(send it; the other party passes it to --trust)")
 
 
 def _run_setup_assets(args: argparse.Namespace) -> None:
@@ -322,7 +332,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "plug": _run_plug, "eval": _run_eval, "info": _run_info,
     "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
-    "ablate": _run_ablate,
+    "ablate": _run_ablate, "keygen": _run_keygen,
 }
 
 

@@ -223,6 +223,7 @@ class EmulateConfig(JsonConfig):
     split: SplitConfig = field(default_factory=SplitConfig)
     distill: DistillConfig | None = None
     overwrite: bool = option(False, "replace an existing output directory")
+    sign: str | None = option(None, "sign the bundle with this private key (from `offsite keygen`)", metavar="KEY")
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
@@ -292,6 +293,10 @@ class TuneConfig(JsonConfig):
     # Kept out of TrainConfig: how often a run saves its state does not change what it trains.
     checkpoint_every: int | None = option(None, "save a checkpoint to resume from every N steps (default: at each "
                                           "validation, at most 100 steps apart); a rerun resumes from it")
+    trust: str | None = option(None, "refuse the bundle unless it is signed with this public key (the model "
+                               "owner's KEY.pub)", metavar="PUBKEY")
+    sign: str | None = option(None, "sign the adapter file with this private key (from `offsite keygen`)",
+                              metavar="KEY")
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -310,6 +315,8 @@ class PlugConfig(JsonConfig):
     output: str = option(help="plugged model directory to write", flags=("-o", "--output"))
     bundle: str | None = option(None, "the bundle you sent for this adapter: only its adapter layers may be "
                                 "replaced (default: the record `offsite emulate` kept on this machine)")
+    trust: str | None = option(None, "refuse the adapter unless it is signed with this public key (the data "
+                               "owner's KEY.pub)", metavar="PUBKEY")
     overwrite: bool = option(False, "replace an existing output directory")
 
 
@@ -340,3 +347,11 @@ class ExportConfig(JsonConfig):
                        positional=True)
     output: str = option(help="jsonl file to write", flags=("-o", "--output"))
     overwrite: bool = option(False, "replace an existing output file")
+
+
+@dataclass
+class KeygenConfig(JsonConfig):
+    """Make a signing key pair: KEY (private, for --sign) and KEY.pub (public, for the other party's --trust)."""
+
+    key: str = option(help="private key file to write; the public key goes to KEY.pub", positional=True)
+    overwrite: bool = option(False, "replace existing key files")

@@ -58,15 +58,25 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_text(path: Path, flag: str = "") -> str:
-    """A UTF-8 text file's contents, or a one-line error naming it (and the flag that named it) and the fix."""
+def read_bytes(path: Path, flag: str = "") -> bytes:
+    """A file's bytes, or a one-line error naming it (and the flag that named it) and the fix."""
     named = f"{flag} {path}" if flag else str(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except IsADirectoryError:
         raise OffsiteError(f"{named} is a directory; pass a file") from None
     except PermissionError:
         raise OffsiteError(f"{named} cannot be read (permission denied); make it readable or pass a copy") from None
+
+
+def read_text(path: Path, flag: str = "") -> str:
+    """A UTF-8 text file's contents, or a one-line error naming it (and the flag that named it) and the fix."""
+    return decode_utf8(read_bytes(path, flag), f"{flag} {path}" if flag else str(path))
+
+
+def decode_utf8(data: bytes, named: str) -> str:
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise OffsiteError(f"{named} is not UTF-8 text (byte {error.start}); convert it to UTF-8 "
                            "(e.g. iconv -t UTF-8)") from None
@@ -77,10 +87,16 @@ JSON_LIMIT = 64 * 2**20
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    return read_json_bytes(path, what)[1]
+
+
+def read_json_bytes(path: Path, what: str) -> tuple[bytes, dict[str, Any]]:
+    """A JSON object file's bytes, read once, and the object they hold (e.g. to verify a signature of them)."""
     try:
         if path.is_file() and path.stat().st_size > JSON_LIMIT:
             raise OffsiteError(f"{path} is larger than {JSON_LIMIT >> 20} MiB; it cannot be {what}'s JSON")
-        data = json.loads(read_text(path))
+        raw = read_bytes(path)
+        data = json.loads(decode_utf8(raw, str(path)))
     except FileNotFoundError:
         raise OffsiteError(f"{path.parent} is not {what}: {path.name} is missing") from None
     except json.JSONDecodeError as error:
@@ -89,7 +105,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise OffsiteError(f"{path} nests too deeply to be {what}'s JSON") from None
     if not isinstance(data, dict):
         raise OffsiteError(f"{path} must hold a JSON object")
-    return data
+    return raw, data
 
 
 def check_output_dir(output: str | Path, overwrite: bool, flag: str = "-o/--output",

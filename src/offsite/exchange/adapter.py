@@ -24,8 +24,9 @@ from offsite import __version__
 from offsite.arch import get_layers
 from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_METADATA, ADAPTER_WEIGHTS
 from offsite.errors import OffsiteError
+from offsite.exchange import signing
 from offsite.exchange.fingerprint import model_fingerprint
-from offsite.files import atomic_file, is_version, one_line, read_json, write_json
+from offsite.files import atomic_file, is_version, one_line, read_json_bytes, write_json
 from offsite.numerics import refuse_non_finite
 
 
@@ -43,7 +44,8 @@ class Adapter:
     def layers(self) -> list[int]:
         return sorted(self.tensors)
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, sign: str | Path | None = None) -> None:
+        """Write the adapter file into `directory`; `sign`: a private key to sign adapter.json with."""
         flat = {f"layers.{index}.{name}": tensor.detach().contiguous().cpu()
                 for index, named in self.tensors.items() for name, tensor in named.items()}
         refuse_non_finite(flat, "the adapter to export")
@@ -60,14 +62,19 @@ class Adapter:
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "training": self.training,
         })
+        if sign is not None:
+            signing.sign(directory / ADAPTER_METADATA, sign)
 
 
 # layers.<original index>.<name>: ASCII digits without leading zeros, so no two keys name one tensor
 _KEY = re.compile(r"layers\.(0|[1-9][0-9]*)\.([A-Za-z0-9_.]+)", re.ASCII)
 
 
-def load_adapter(directory: str | Path) -> Adapter:
-    """Read an adapter file strictly: one read of the weights, checked against `adapter.json`, finite values only."""
+def load_adapter(directory: str | Path, trust: str | Path | None = None) -> Adapter:
+    """Read an adapter file strictly: one read of the weights, checked against `adapter.json`, finite values only.
+
+    `trust`: the data owner's public key; `adapter.json` must be signed with it.
+    """
     root = Path(directory)
     if not root.is_dir():
         raise OffsiteError(f"adapter {root} does not exist or is not a directory; make one with `offsite tune`")
@@ -75,7 +82,9 @@ def load_adapter(directory: str | Path) -> Adapter:
     if links:
         raise OffsiteError(f"adapter {root} holds symlinks or folders ({one_line(', '.join(links))}); an adapter file "
                            "is a flat folder of files: ask the data owner to send it again")
-    meta = read_json(root / ADAPTER_METADATA, "an offsite adapter (make one with `offsite tune`)")
+    raw, meta = read_json_bytes(root / ADAPTER_METADATA, "an offsite adapter (make one with `offsite tune`)")
+    if trust is not None:
+        signing.verify(raw, root / ADAPTER_METADATA, trust)  # the very bytes parsed above
     if meta.get("format") != ADAPTER_FORMAT or not is_version(meta.get("format_version"), ADAPTER_FORMAT_VERSION):
         raise OffsiteError(f"{root / ADAPTER_METADATA} is not an offsite adapter of format version "
                            f"{ADAPTER_FORMAT_VERSION}")

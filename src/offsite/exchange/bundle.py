@@ -25,7 +25,8 @@ from offsite.emulator.load import load_emulator
 from offsite.emulator.share import executed_layers
 from offsite.emulator.split import ROLES, SplitPlan
 from offsite.errors import OffsiteError
-from offsite.files import atomic_dir, is_version, one_line, read_json, sha256_file, write_json
+from offsite.exchange import signing
+from offsite.files import atomic_dir, is_version, one_line, read_json_bytes, sha256_file, write_json
 from offsite.loading import load_tokenizer, refuse_remote_code
 from offsite.numerics import refuse_non_finite
 
@@ -109,21 +110,28 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def write_bundle(output: str | Path, overwrite: bool, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 manifest: Manifest) -> Path:
-    """Save the bundle's model and tokenizer, then `manifest` with their files' SHA-256, all at once."""
+                 manifest: Manifest, sign: str | Path | None = None) -> Path:
+    """Save the bundle's model and tokenizer, then `manifest` with their files' SHA-256 (signed with the
+    private key `sign`, if given), all at once."""
     with atomic_dir(output, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         write_json(tmp / MANIFEST, replace(manifest, files=files).to_dict())
+        if sign is not None:
+            signing.sign(tmp / MANIFEST, sign)
     return Path(output)
 
 
-def read_manifest(bundle: str | Path) -> Manifest:
+def read_manifest(bundle: str | Path, trust: str | Path | None = None) -> Manifest:
+    """The bundle's manifest; with `trust` (a public key), only if signed by it."""
     path = Path(bundle) / MANIFEST
     if not Path(bundle).is_dir():
         raise OffsiteError(f"bundle {bundle} does not exist or is not a directory; make one with `offsite emulate`")
-    return Manifest.from_dict(read_json(path, "an offsite bundle (make one with `offsite emulate`)"), path)
+    raw, data = read_json_bytes(path, "an offsite bundle (make one with `offsite emulate`)")
+    if trust is not None:
+        signing.verify(raw, path, trust)  # the very bytes parsed below
+    return Manifest.from_dict(data, path)
 
 
 @contextlib.contextmanager
@@ -139,7 +147,7 @@ def verified_copy(bundle: str | Path, manifest: Manifest) -> Iterator[Path]:
     if odd:
         raise OffsiteError(f"bundle {root} holds symlinks or folders ({one_line(', '.join(odd))}); a bundle is a "
                            "flat folder of files: ask the model owner for a fresh bundle")
-    present = {p.name for p in entries} - {MANIFEST}
+    present = {p.name for p in entries} - {MANIFEST, signing.signature_file(MANIFEST)}
     unexpected = sorted(present - set(manifest.files))
     missing = sorted(set(manifest.files) - present)
     if unexpected or missing:
@@ -165,13 +173,14 @@ def _copy_hashing(source: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
-def open_bundle(bundle: str | Path, in_memory: bool = False
+def open_bundle(bundle: str | Path, in_memory: bool = False, trust: str | Path | None = None
                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Manifest]:
     """The bundle's model (as the data owner trains it), its tokenizer and its manifest, from a verified copy.
 
     `in_memory`: read the weights into ordinary memory rather than mapping the file (for parking).
+    `trust`: the model owner's public key; the bundle must be signed with it.
     """
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, trust)
     with verified_copy(bundle, manifest) as private:
         model = load_emulator(private, manifest.emulator, manifest.plan, in_memory)
         tokenizer = load_tokenizer(str(private))
