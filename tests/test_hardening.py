@@ -26,6 +26,7 @@ from offsite import (
     describe,
     emulate,
     evaluate,
+    loading,
     plug,
     tune,
 )
@@ -399,3 +400,35 @@ def test_signed_bundles_and_adapters_are_checked_against_the_trusted_key(model_d
     with pytest.raises(OffsiteError, match="is not signed"):
         plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p2"),
                         trust=str(tmp_path / "customer.pub")))
+
+
+def test_every_from_pretrained_pins_trust_remote_code_and_safetensors(model_dirs, monkeypatch):
+    """Also for hub ids, where a cache holding only pytorch_model.bin would otherwise be unpickled."""
+    seen = {}
+
+    def record(source, **kwargs):
+        seen.update(kwargs)
+        raise OSError("no model.safetensors in this repository")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", record)
+    with pytest.raises(OffsiteError, match="never unpickles"):
+        loading.load_model("some-org/some-model")
+    assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+
+
+def test_a_low_rank_factor_of_the_wrong_shape_is_refused(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b", method="uniform+lowrank")
+    weights = load_file(bundle / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith(".down.weight"))
+    weights[name] = torch.zeros(weights[name].shape[0] + 1, weights[name].shape[1])
+    save_file(weights, bundle / "model.safetensors", metadata={"format": "pt"})
+    rehash(bundle)
+    with pytest.raises(OffsiteError, match="weights do not fit its manifest"):
+        load_bundle(bundle)
+
+
+def test_an_output_where_no_directory_can_be_made_gets_one_line(model_dirs, tmp_path, capsys):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = untrained_adapter(bundle, tmp_path / "a")
+    assert main(["plug", str(model_dirs["llama"]), str(adapter), "-o", "/proc/offsite-test"]) == 1
+    assert "cannot" in capsys.readouterr().err.splitlines()[-1]

@@ -210,7 +210,8 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
     steps = tqdm(total=3, desc=f"Converting {gguf_path.name}", unit="step")
     steps.set_postfix_str("dequantizing weights")
     gguf = {"gguf_file": gguf_path.name}
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, trust_remote_code=False,
+                                                     **gguf)
     steps.update()
     # A GGUF-loaded model refuses save_pretrained, so its weights move into a plain model.
     config = quantized.config.to_dict()
@@ -227,7 +228,7 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out)
     steps.update()
     steps.set_postfix_str("converting tokenizer")
-    AutoTokenizer.from_pretrained(gguf_path.parent, **gguf).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf_path.parent, trust_remote_code=False, **gguf).save_pretrained(out)
     steps.update()
     steps.close()
 
