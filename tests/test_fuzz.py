@@ -1,5 +1,6 @@
-"""Property-based fuzzing of everything the other party sends: each outcome is success on valid input or one
-`OffsiteError`; never another exception, and never a plugged model that differs from what the valid parts say.
+"""Property-based fuzzing of everything the other party sends, through plug, tune, eval and info in-process:
+each outcome is success on valid input or one `OffsiteError`; never another exception, and never a plugged
+model that differs from what the valid parts say.
 
 The default run tries a few dozen inputs per target (well under a minute); `pytest -m slow tests/test_fuzz.py`
 tries `OFFSITE_FUZZ_EXAMPLES` (default 300) per target.
@@ -18,7 +19,7 @@ from test_bundle import make_bundle
 from test_hardening import rehash
 from test_plug import untrained_adapter
 
-from offsite import PlugConfig, describe, plug
+from offsite import EvalConfig, PlugConfig, describe, evaluate, plug, tune
 from offsite.arch import get_layers
 from offsite.cli import _build_parser, from_args
 from offsite.config import TrainConfig, TuneConfig
@@ -44,7 +45,9 @@ def artifacts(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     bundle = make_bundle(model_dirs["llama"], root / "bundle")
     adapter = untrained_adapter(bundle, root / "adapter")
-    return {"model": model_dirs["llama"], "bundle": bundle, "adapter": adapter, "root": root}
+    text = root / "text.txt"
+    text.write_text("The model owner sends a bundle; the data owner returns an adapter. " * 4)
+    return {"model": model_dirs["llama"], "bundle": bundle, "adapter": adapter, "root": root, "text": text}
 
 
 def mutate_json(document: dict, data) -> dict:
@@ -135,18 +138,23 @@ def bundle_target(artifacts, tmp_path, data) -> None:
     try:
         describe(bundle)
         load_bundle(bundle)
+        evaluate(EvalConfig(model=str(bundle), data=str(artifacts["text"]), seq_len=16, limit=1))
     except OffsiteError as error:
         assert "\n" not in str(error)
 
 
-def data_line_target(tmp_path, data) -> None:
+def data_line_target(artifacts, tmp_path, data) -> None:
     path = tmp_path / "data.jsonl"
     line = data.draw(st.one_of(st.text(max_size=60), JSON.map(json.dumps),
                                st.fixed_dictionaries({"context": st.text(max_size=10), "choices": JSON,
                                                       "label": JSON}).map(json.dumps)))
     path.write_text(line + "\n", encoding="utf-8", errors="surrogatepass")
+    output = tmp_path / "tuned"
+    shutil.rmtree(output, ignore_errors=True)
     try:
         read_data(str(path))
+        tune(TuneConfig(bundle=str(artifacts["bundle"]), data=str(path), output=str(output),
+                        train=TrainConfig(max_steps=1, batch_size=2, seq_len=16)))
     except OffsiteError as error:
         assert "\n" not in str(error)
 
@@ -170,7 +178,7 @@ TARGETS = {
     "adapter.json": lambda artifacts, tmp_path, data: adapter_json_target(artifacts, tmp_path, data),
     "adapter.safetensors": lambda artifacts, tmp_path, data: adapter_weights_target(artifacts, tmp_path, data),
     "bundle": lambda artifacts, tmp_path, data: bundle_target(artifacts, tmp_path, data),
-    "data line": lambda artifacts, tmp_path, data: data_line_target(tmp_path, data),
+    "data line": lambda artifacts, tmp_path, data: data_line_target(artifacts, tmp_path, data),
     "flags": lambda artifacts, tmp_path, data: flags_target(data),
 }
 

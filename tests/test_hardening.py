@@ -5,6 +5,7 @@ Each test here failed on 0.1.1 (the audit of issue 14) and passes now.
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -432,3 +433,14 @@ def test_an_output_where_no_directory_can_be_made_gets_one_line(model_dirs, tmp_
     adapter = untrained_adapter(bundle, tmp_path / "a")
     assert main(["plug", str(model_dirs["llama"]), str(adapter), "-o", "/proc/offsite-test"]) == 1
     assert "cannot" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_outputs_get_the_users_umask_not_0700(model_dirs, tmp_path):
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    old = os.umask(0o022)
+    try:
+        adapter = untrained_adapter(bundle, tmp_path / "a")
+        plugged = plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p")))
+    finally:
+        os.umask(old)
+    assert plugged.stat().st_mode & 0o777 == 0o755 and bundle.stat().st_mode & 0o777 == 0o755
