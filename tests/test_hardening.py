@@ -444,3 +444,14 @@ def test_outputs_get_the_users_umask_not_0700(model_dirs, tmp_path):
     finally:
         os.umask(old)
     assert plugged.stat().st_mode & 0o777 == 0o755 and bundle.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_perplexity_too_large_to_represent_is_an_error(model_dirs, tmp_path, train_file):
+    """Found by the fuzzer: one flipped byte in the head gives a finite loss whose exp overflows."""
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    weights = load_file(bundle / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 1e4)  # large, finite logits
+    save_file(weights, bundle / "model.safetensors", metadata={"format": "pt"})
+    rehash(bundle)
+    with pytest.raises(OffsiteError, match="too large to represent"):
+        evaluate(EvalConfig(model=str(bundle), data=str(train_file), seq_len=32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -45,7 +46,11 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data:
     if not math.isfinite(total):
         raise OffsiteError(f"{data.source}: the model's log-likelihood is not finite ({total}); its weights or "
                            "activations overflow, so there is no perplexity to report")
-    return {"task": "lm", "n": count, "perplexity": math.exp(-total / count), "loss": -total / count}
+    loss = -total / count
+    if loss > math.log(sys.float_info.max):  # exp would overflow: no number to print, not even in JSON
+        raise OffsiteError(f"{data.source}: the mean loss is {loss:.1f} nats, so the perplexity is too large to "
+                           "represent; the model is broken on this text")
+    return {"task": "lm", "n": count, "perplexity": math.exp(loss), "loss": loss}
 
 
 @torch.no_grad()
