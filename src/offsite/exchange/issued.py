@@ -9,6 +9,7 @@ the record `offsite emulate` keeps on the owner's machine, one small JSON file p
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ from offsite.errors import OffsiteError
 from offsite.exchange.adapter import Adapter
 from offsite.exchange.bundle import Manifest, read_manifest
 from offsite.files import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 STATE_ENV = "OFFSITE_STATE"
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -40,10 +43,14 @@ def _record_path(fingerprint: str) -> Path:
 def record(manifest: Manifest, bundle: str | Path) -> Path:
     """Remember, on the model owner's machine, which adapter layers the bundle's adapters may replace."""
     path = _record_path(manifest.fingerprint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"fingerprint": manifest.fingerprint, "adapter_layers": list(manifest.plan.adapter),
-                      "base_model": manifest.base_model, "bundle": str(Path(bundle).resolve()),
-                      "issued": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"fingerprint": manifest.fingerprint, "adapter_layers": list(manifest.plan.adapter),
+                          "base_model": manifest.base_model, "bundle": str(Path(bundle).resolve()),
+                          "issued": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    except OSError as error:  # the bundle is written; without the record, plug needs --bundle
+        log.warning("could not record the bundle in %s (%s); plug its adapters with --bundle %s",
+                    path.parent, error.strerror, bundle)
     return path
 
 
