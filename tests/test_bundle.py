@@ -36,6 +36,20 @@ def test_emulator_keeping_every_layer_equals_full_model(family, model_dirs, tmp_
     assert torch.equal(logits(full, ids), logits(reloaded, ids))
 
 
+def test_a_bundle_carries_the_whole_model_only_when_asked_and_says_so(model_dirs, tmp_path, caplog):
+    from offsite.api import describe
+    default = emulate(EmulateConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "default")))
+    plan = read_manifest(default).plan
+    assert len(plan.emulator) == 2 and not plan.keeps_whole_middle  # 30% of the 4 middle layers, rounded up
+    assert describe(default)["carries_whole_model"] is False
+    assert read_manifest(default).emulator["keeps_every_middle_layer"] is False
+    with caplog.at_level("WARNING", logger="offsite"):
+        whole = make_bundle(model_dirs["llama"], tmp_path / "whole", emulator_layers=NUM_LAYERS - 4)
+    assert "carries the whole full model" in caplog.text
+    assert describe(whole)["carries_whole_model"] is True
+    assert read_manifest(whole).emulator["keeps_every_middle_layer"] is True
+
+
 def test_bundle_holds_no_dropped_layer(family, model_dirs, tmp_path):
     bundle = make_bundle(model_dirs[family], tmp_path / "b")
     manifest = read_manifest(bundle)

@@ -16,13 +16,14 @@ from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
 COMMON = "--allocator --debug --quiet"
 SPLIT = "--bottom --top --emulator-layers --drop-ratio --emulator-method --rank-fraction --calibration"
 DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distill-seq-len --distill-eval-every "
-           "--kd-weight --lm-weight --align")
+           "--kd-weight --lm-weight --align --kd-normalise --distill-select")  # the last two: new in the fidelity work
 # The long flags of every command as of 0.1.1, before the flags came from the config fields.
 FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign",  # --sign, --trust, --bundle: new in the hardening
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
-            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign",
+            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter",
+    "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite",  # new in the fidelity work
     "plug": "--output --overwrite --bundle --trust",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json",
     "info": "--json",

@@ -30,12 +30,14 @@ def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, t
     distill = DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_windows=2)
     config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz", "text"],
                         quick=True, isolate=False, distill=distill,
-                        compare_uniform=True)
+                        compare_uniform=True, ceiling=True)
     config.split.emulator_layers = 2
     out = demo(config)
     report = json.loads((out / "report.json").read_text())
     assert set(report["settings"]) == {"zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune",
-                                       "plug_in"}
+                                       "plug_in", "ceiling"}
+    assert set(report["figures"]["quiz"]) == {"gain_kept", "gain_kept_of_ceiling", "ceiling_gain_kept", "protection"}
+    assert "| adapter trained on the full model" in (out / "report.md").read_text()
     assert set(report["settings"]["plug_in"]["quiz"]) >= {"accuracy", "accuracy_norm"}
     assert "perplexity" in report["settings"]["plug_in"]["text"]
     assert report["timing"]["quiz"]["full_finetune"]["trainable_params"] > \
@@ -47,7 +49,31 @@ def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, t
     caplog.clear()
     with caplog.at_level("INFO", logger="offsite"):
         demo(config)
-    assert ": running" not in caplog.text and caplog.text.count(": cached") == 22  # 2 bundles + per task 2 + 4 per emulator
+    # 3 bundles (distilled, uniform, ceiling) + per task: 2 full-model stages, 4 per emulator, 2 for the ceiling
+    assert ": running" not in caplog.text and caplog.text.count(": cached") == 3 + 2 * (2 + 4 * 2 + 2)
+
+
+def test_the_ceiling_is_an_adapter_trained_on_an_all_layer_bundle_then_plugged(tiny_tasks, model_dirs, tmp_path):
+    from offsite.api import emulate, load_for_eval, tune
+    from offsite.config import EmulateConfig, SplitConfig, TrainConfig, TuneConfig
+    from offsite.data.read import read_data
+    from offsite.scoring import score
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz"], quick=True,
+                        isolate=False, distill=None, ceiling=True)
+    config.split.emulator_layers = 1
+    report = json.loads((demo(config) / "report.json").read_text())
+    # By hand: a bundle of both middle layers of the 6-layer model (bottom 2, top 2), tuned, plugged in.
+    budget = BUDGETS["quick"]["quiz"]
+    data = tmp_path / "demo" / "data"
+    emulate(EmulateConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "all"),
+                          split=SplitConfig(bottom=config.split.bottom, top=config.split.top, emulator_layers=2)))
+    tune(TuneConfig(bundle=str(tmp_path / "all"), data=str(data / "quiz.train.jsonl"), output=str(tmp_path / "a"),
+                    train=TrainConfig(max_steps=budget.steps, lr=budget.lr, batch_size=budget.batch_size,
+                                      seq_len=budget.seq_len, seed=config.seed)))
+    model, tokenizer = load_for_eval(str(model_dirs["llama"]), str(tmp_path / "a"), str(tmp_path / "all"))
+    by_hand = score(model, tokenizer, read_data(str(data / "quiz.test.jsonl")), budget.seq_len, 8)
+    assert report["settings"]["ceiling"]["quiz"] == by_hand
+    assert report["timing"]["quiz"]["ceiling"]["steps"] == budget.steps
 
 
 def test_demo_distils_by_default_with_the_budget_s_settings():
@@ -94,3 +120,44 @@ def test_an_edited_corpus_file_changes_the_emulator_s_stage_keys(tmp_path, sampl
     after = make_emulator(config, SplitConfig(emulator_layers=2), distill).key()
     assert before != after and before["distill"] == after["distill"]
     assert "corpora" not in make_emulator(config, SplitConfig(emulator_layers=2), None).key()
+
+
+def test_gain_kept_is_measured_in_accuracy_or_log_perplexity_and_protection_in_points_or_ratio():
+    import math
+
+    from offsite.studies.metrics import gain_kept, protection
+
+    def acc(value):
+        return {"task": "choice", "accuracy": value}
+
+    def ppl(value):
+        return {"task": "lm", "perplexity": value}
+
+    assert math.isclose(gain_kept(acc(0.8), acc(0.5), acc(0.9)), 0.75)
+    assert math.isclose(gain_kept(acc(0.4), acc(0.5), acc(0.9)), -0.25)  # worse than zero-shot: negative
+    # perplexity 40 -> 20 is a gain of log 2; 40 -> 28.28 (= 40 / sqrt 2) keeps half of it
+    assert math.isclose(gain_kept(ppl(40 / math.sqrt(2)), ppl(40), ppl(20)), 0.5)
+    assert gain_kept(acc(0.8), acc(0.5), acc(0.5)) is None  # the reference gained nothing: nothing to keep
+    assert math.isclose(protection(acc(0.8), acc(0.6)), 0.2)
+    assert math.isclose(protection(ppl(20), ppl(50)), 2.5)
+
+
+def test_the_fidelity_targets_are_claims_of_the_report():
+    def acc(value):
+        return {"task": "choice", "accuracy": value}
+
+    def ppl(value):
+        return {"task": "lm", "perplexity": value}
+
+    settings = {"zero_shot": {"wordnet": acc(0.5), "austen": ppl(40)},
+                "emulator_zero_shot": {"wordnet": acc(0.3), "austen": ppl(45)},
+                "full_finetune": {"wordnet": acc(0.9), "austen": ppl(20)},
+                "emulator_finetune": {"wordnet": acc(0.8), "austen": ppl(60)},
+                "plug_in": {"wordnet": acc(0.88), "austen": ppl(30)}}
+    verdicts = {(c["task"], c["claim"]): c["holds"] for c in claims(settings)}
+    assert verdicts[("wordnet", "plug-in keeps at least 90% of full fine-tuning's gain")]  # 0.38 / 0.40 = 95%
+    assert not verdicts[("austen", "plug-in keeps at least 50% of full fine-tuning's gain")]  # log(40/30)/log 2 = 42%
+    assert not verdicts[("wordnet", "emulator fine-tuned is at least 10 points worse than plug-in")]  # 8 points
+    assert verdicts[("austen", "emulator fine-tuned is at least 1.5× in perplexity worse than plug-in")]  # 2×
+    assert not verdicts[("austen", "emulator zero-shot is clearly worse than full zero-shot")]  # 45/40 < 1.2
+    assert verdicts[("wordnet", "emulator zero-shot is clearly worse than full zero-shot")]

@@ -13,6 +13,7 @@ from offsite.emulator.distill import alignment_targets, distill, kd_loss, read_c
 from offsite.emulator.split import plan_split
 from offsite.emulator.surgery import keep_layers
 from offsite.exchange.bundle import read_manifest
+from offsite.data.tokens import lm_sequences
 from offsite.loading import load_tokenizer
 
 
@@ -30,12 +31,24 @@ def pair(model_dirs, family="llama", emulator_layers=2):
     return full, student, plan
 
 
-def kd_on(full, student, plan, ids, align="final"):
+def kd_on(full, student, plan, ids, align="final", normalise="global"):
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        return float(kd_loss(student(input_ids=ids, output_hidden_states=True).hidden_states,
-                             full(input_ids=ids, output_hidden_states=True).hidden_states,
-                             alignment_targets(plan, align), mask))
+        return float(kd_loss(dict(enumerate(student(input_ids=ids, output_hidden_states=True).hidden_states)),
+                             dict(enumerate(full(input_ids=ids, output_hidden_states=True).hidden_states)),
+                             alignment_targets(plan, align), mask, normalise))
+
+
+def test_token_normalisation_weighs_every_token_the_same_and_global_does_not():
+    target = torch.ones(1, 3, 4)
+    target[0, 0] *= 100.0  # one token with very large activations, as the first token of many models has
+    student = target.clone()
+    student[0, 1] = 0.0  # an ordinary token entirely wrong
+    mask = torch.ones(1, 3)
+    token = kd_loss({1: student}, {1: target}, [(1, 1)], mask, "token")
+    global_ = kd_loss({1: student}, {1: target}, [(1, 1)], mask, "global")
+    assert torch.isclose(token, torch.tensor(1 / 3))  # one token of three entirely wrong
+    assert global_ < 1e-3  # drowned by the large token
 
 
 def test_kd_loss_is_zero_when_nothing_is_dropped(model_dirs):
@@ -47,7 +60,7 @@ def test_kd_loss_is_zero_when_nothing_is_dropped(model_dirs):
 
 def run(model_dirs, tmp_path, checkpoint, steps, emulator_layers=2, **settings):
     full, student, plan = pair(model_dirs, emulator_layers=emulator_layers)
-    settings = {"corpus": str(tmp_path / "corpus.txt"), "steps": steps, "lr": 3e-3, "batch_size": 2, "seq_len": 32,
+    settings = {"corpus": str(tmp_path / "corpus.txt"), "steps": steps, "lr": 1e-3, "batch_size": 2, "seq_len": 32,
                 "eval_every": 2, **settings}
     settings = DistillConfig(**settings)
     summary = distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, settings,
@@ -61,6 +74,7 @@ def test_distillation_trains_only_the_emulator_and_lowers_kd(model_dirs, sample_
     ids = input_batch(length=32)
     _, untouched, _ = pair(model_dirs)
     assert kd_on(full, student, plan, ids) < kd_on(full, untouched, plan, ids)
+    assert kd_on(full, student, plan, ids, normalise="token") < kd_on(full, untouched, plan, ids, normalise="token")
     before, after = get_layers(untouched), get_layers(student)
     for position, original in enumerate(plan.kept):
         same = all(torch.equal(a, b) for a, b in zip(before[position].state_dict().values(),
@@ -102,3 +116,60 @@ def test_emulate_with_distill_records_it_and_plugging_still_works(model_dirs, sa
     assert manifest.fingerprint == read_manifest(plain).fingerprint  # adapter layers are untouched
     assert json.loads((tmp_path / "plain" / "offsite.json").read_text())["emulator"]["distill"] is None
     assert not (tmp_path / ".distilled.distill").exists()  # the checkpoint is removed once the bundle is written
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_without_the_lm_loss_nothing_above_the_middle_block_runs(model_dirs, sample_text_file, tmp_path):
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    full, student, plan = pair(model_dirs)
+    above = [_count_calls(get_layers(full)[-1]), _count_calls(full.lm_head), _count_calls(get_layers(student)[-1]),
+             _count_calls(student.lm_head)]
+    middle_end = _count_calls(get_layers(full)[plan.num_layers - len(plan.top) - 1])
+    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=3, batch_size=2, seq_len=32, lm_weight=0.0)
+    distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, settings, read_corpus(settings),
+            tmp_path / "ckpt")
+    assert above == [[], [], [], []] and len(middle_end) == 3
+    with_lm = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=1, batch_size=2, seq_len=32, lm_weight=1.0)
+    distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, with_lm, read_corpus(with_lm),
+            tmp_path / "ckpt2")
+    assert len(above[3]) == 1 and above[1] == []  # the student's head runs for its LM loss; the full model's never
+
+
+def test_the_full_model_runs_once_per_window_when_its_outputs_are_kept(model_dirs, sample_text_file, tmp_path):
+    (tmp_path / "corpus.txt").write_text(sample_text_file.read_text()[:400])
+    full, student, plan = pair(model_dirs)
+    tokenizer = load_tokenizer(str(model_dirs["llama"]))
+    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=30, batch_size=2, seq_len=16, lm_weight=0.0)
+    windows = len(lm_sequences(tokenizer, read_corpus(settings).texts, 16))
+    assert settings.steps * settings.batch_size > 2 * windows  # the corpus comes back at least twice
+    calls = _count_calls(get_layers(full)[0])
+    summary = distill(full, student, tokenizer, plan, settings, read_corpus(settings), tmp_path / "ckpt")
+    assert summary["teacher_outputs_kept"] and summary["tokens_per_second"] > 0
+    assert len(calls) <= -(-windows // settings.batch_size) + 1  # the first pass only (a batch may straddle it)
+
+
+def test_the_checkpoint_kept_is_the_best_held_out_standin(model_dirs, sample_text_file, tmp_path, monkeypatch):
+    from offsite.data.types import TextData
+    from offsite.emulator import distill as distillation
+    heldout = TextData([sample_text_file.read_text()[::-1]], "held-out")  # other text than the training corpus
+    monkeypatch.setattr(distillation, "_heldout", lambda corpus: heldout)
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    scores = []
+    monkeypatch.setattr(distillation, "_offer", lambda state, value, *args, original=distillation._offer:
+                        (scores.append(value), original(state, value, *args))[1])
+    full, student, plan, summary = run(model_dirs, tmp_path, tmp_path / "ckpt", steps=6, lm_weight=0.0, lr=3e-3,
+                                       eval_windows=4)
+    assert summary["selected_by"] == "standin_error" and len(scores) == 3
+    assert [h["standin_error"] for h in summary["heldout"][1:]] == scores  # perplexity beside it, for the other choice
+    assert all(h["perplexity"] > 1 for h in summary["heldout"])
+    assert summary["heldout_standin_error_best"] == min(scores) and summary["best_step"] == 2 * (1 + scores.index(min(scores)))
+    judge = distillation._Judge(full, student, load_tokenizer(str(model_dirs["llama"])), heldout,
+                                alignment_targets(plan, "final"), DistillConfig(corpus="x", seq_len=32, eval_windows=4))
+    assert abs(judge.score() - min(scores)) < 1e-5  # the student now holds the best checkpoint's weights
+    _, _, _, by_perplexity = run(model_dirs, tmp_path, tmp_path / "ckpt-ppl", steps=2, select="perplexity")
+    assert by_perplexity["selected_by"] == "perplexity" and by_perplexity["heldout_perplexity_best"] > 1

@@ -21,9 +21,15 @@ def test_plan_2_8_2_on_30_layers():
     assert [role for _, role in plan.roles()][:3] == ["adapter_bottom", "adapter_bottom", "emulator"]
 
 
-def test_drop_ratio_and_default_keep_everything():
+def test_drop_ratio_and_the_default_split_never_keep_the_whole_middle():
     assert len(plan_split(30, SplitConfig(drop_ratio=0.5)).emulator) == 13
-    assert plan_split(30, SplitConfig()).emulator == tuple(range(2, 28))
+    # No flag: the measured default, 30% of the middle (2-8-2 on the built-in model), scaling with depth.
+    assert plan_split(30, SplitConfig()) == plan_split(30, SplitConfig(emulator_layers=8))
+    assert len(plan_split(24, SplitConfig()).emulator) == 6 and len(plan_split(48, SplitConfig()).emulator) == 14
+    assert not plan_split(30, SplitConfig()).keeps_whole_middle
+    # Keeping every middle layer is possible, but only when asked for.
+    assert plan_split(30, SplitConfig(emulator_layers=26)).keeps_whole_middle
+    assert plan_split(30, SplitConfig(drop_ratio=0.0)).emulator == tuple(range(2, 28))
 
 
 def test_no_compression_is_allowed():

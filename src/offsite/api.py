@@ -19,14 +19,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
-from offsite.config import EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig, TuneConfig
+from offsite.config import AlignConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig, TuneConfig
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.tokens import Sequence
 from offsite.data.types import Data, limit
 from offsite.emulator.build import build_emulator, calibration_corpus
-from offsite.emulator.distill import read_corpus
+from offsite.emulator.compress import COMPRESSIONS
+from offsite.emulator.distill import distill, read_corpus
 from offsite.emulator.split import plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange import issued, signing
@@ -88,6 +89,12 @@ def tune(config: TuneConfig) -> Path:
     model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator, trust=config.trust)
     check_window(model.config, config.train.seq_len)
     positions = bundle_index(manifest)
+    if config.init_adapter:
+        start = load_adapter(config.init_adapter)
+        if start.fingerprint != manifest.fingerprint:
+            raise OffsiteError(f"--init-adapter {config.init_adapter} was not trained for bundle {config.bundle}: "
+                               f"fingerprints {start.fingerprint[:16]}… and {manifest.fingerprint[:16]}… differ")
+        apply(model, start, positions, config.init_adapter)
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
     if not sequences:
         raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
@@ -104,6 +111,49 @@ def tune(config: TuneConfig) -> Path:
         )
         adapter.save(tmp, sign=config.sign)
     resumable.remove()
+    return Path(config.output)
+
+
+def align(config: AlignConfig) -> Path:
+    """Model owner: re-distil `config.bundle`'s emulator with `config.adapter` in the loop; write a new bundle.
+
+    Only emulator weights change: the new bundle has the same layers, split, fingerprint and
+    format, and ships the bundle's original adapter layers (never the data owner's).
+    """
+    sources = (config.bundle, config.model, config.adapter, config.distill.corpus)
+    check_output_dir(config.output, config.overwrite, inputs=sources)
+    if config.sign:
+        signing.check_private_key(config.sign)
+    corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading
+    student, tokenizer, manifest = open_bundle(config.bundle, in_memory=True)
+    check_window(student.config, config.distill.seq_len, "--distill-seq-len")
+    compression = manifest.emulator.get("compression")
+    frozen = compression is not None and not COMPRESSIONS[compression["method"]].before_distillation  # e.g. int8
+    if manifest.emulator.get("share") or frozen:
+        raise OffsiteError(f"{config.bundle}: offsite align re-trains plain or lowrank emulators; this one is "
+                           f"'{manifest.emulator.get('method')}' (shared layers and int8 weights do not train)")
+    adapter = load_adapter(config.adapter, trust=config.trust)
+    if adapter.fingerprint != manifest.fingerprint:
+        raise OffsiteError(f"--adapter {config.adapter} was not trained for bundle {config.bundle}: fingerprints "
+                           f"{adapter.fingerprint[:16]}… and {manifest.fingerprint[:16]}… differ")
+    full = load_model(config.model)
+    plug_into(full, adapter, config.adapter, manifest.plan.adapter)  # checks --model is the bundle's base model
+    positions = bundle_index(manifest)
+    shipped = extract(student, {i: positions[i] for i in manifest.plan.adapter})
+    apply(student, adapter, positions, config.adapter)
+    checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
+    identity = {"fingerprint": manifest.fingerprint, "bundle": manifest.files, "adapter": adapter.weights_sha256
+                or adapter.fingerprint}
+    summary = distill(full, student, tokenizer, manifest.plan, config.distill, corpus, checkpoint, identity)
+    del full
+    apply(student, Adapter(shipped, manifest.fingerprint, manifest.base_model, {}), positions, config.bundle)
+    rounds = [*manifest.emulator.get("alignments", []), {"adapter": str(config.adapter),
+                                                         "adapter_fingerprint": adapter.fingerprint, **summary}]
+    emulator = {**manifest.emulator, "alignments": rounds}
+    new_manifest = Manifest(manifest.base_model, manifest.split, manifest.plan, manifest.fingerprint, {}, emulator)
+    write_bundle(config.output, config.overwrite, student, tokenizer, new_manifest, sign=config.sign)
+    issued.record(new_manifest, config.output)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
 
 
@@ -189,6 +239,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             "fingerprint": manifest.fingerprint,
             "emulator_method": manifest.emulator.get("method", manifest.split.method),
             "emulator_bytes": manifest.emulator.get("bytes"),
+            # From the layers themselves, not from a flag a sender could leave out.
+            "carries_whole_model": manifest.plan.keeps_whole_middle,
             # Compressed or shared emulators need offsite's loader; plain ones load with from_pretrained too.
             "loads_with": "offsite" if manifest.emulator.get("compression") or manifest.emulator.get("share")
             else "from_pretrained or offsite",

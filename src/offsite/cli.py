@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from offsite import allocator
 from offsite.config import (
+    AlignConfig,
     DistillConfig,
     EmulateConfig,
     EvalConfig,
@@ -30,7 +31,7 @@ from offsite.config import (
     TuneConfig,
     flag,
 )
-from offsite.errors import OffsiteError
+from offsite.errors import ConfigError, OffsiteError
 from offsite.files import one_line
 from offsite.studies.bench.settings import BenchConfig
 from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
@@ -191,6 +192,14 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(tune, TrainConfig)
     add_options(tune, TuneConfig, only=("checkpoint_every", "trust", "sign", "overwrite"))
 
+    add_options(tune, TuneConfig, only=("init_adapter",))
+
+    align = add_command("align", help="model owner: re-distil a bundle's emulator with a returned adapter in the "
+                                      "loop, so the next round of tuning transfers better")
+    add_options(align, AlignConfig, only=("bundle", "model", "adapter", "output"))
+    _distill_flags(align)  # --distill is required: _run_align says so
+    add_options(align, AlignConfig, only=("trust", "sign", "overwrite"))
+
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
 
     evaluate = add_command("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
@@ -245,6 +254,14 @@ def _run_tune(args: argparse.Namespace) -> None:
     from offsite.api import tune  # noqa: PLC0415 - lazy torch (see above)
     path = tune(from_args(TuneConfig, args, train=from_args(TrainConfig, args)))
     print(f"adapter written to {path}; return it to the model owner")
+
+
+def _run_align(args: argparse.Namespace) -> None:
+    from offsite.api import align  # noqa: PLC0415 - lazy torch (see above)
+    if not args.distill:
+        raise ConfigError(["--distill CORPUS is required: the public text the emulator is re-aligned on"])
+    path = align(from_args(AlignConfig, args, distill=_distill(args)))
+    print(f"re-aligned bundle written to {path}; send it to the data owner with their adapter")
 
 
 def _run_plug(args: argparse.Namespace) -> None:
@@ -330,8 +347,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "emulate": _run_emulate, "tune": _run_tune, "plug": _run_plug, "eval": _run_eval, "info": _run_info,
-    "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
+    "emulate": _run_emulate, "tune": _run_tune, "align": _run_align, "plug": _run_plug, "eval": _run_eval,
+    "info": _run_info, "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
     "ablate": _run_ablate, "keygen": _run_keygen,
 }
 

@@ -101,21 +101,29 @@ COMPRESSIONS = ("lowrank", "int8")  # at most one: both rewrite the same weights
 METHOD_PARTS = SELECTIONS + ("share",) + COMPRESSIONS
 
 
+# The split when none is asked for: keep 30% of the middle block, the 2-8-2 split of the built-in model that
+# measured best (docs/results/2026-11-26-split-study.md); the paper keeps 8 of 20 (OPT-1.3B) and 16 of 44 (GPT2-XL).
+DEFAULT_DROP_RATIO = 0.7
+
+
 @dataclass
 class SplitConfig(JsonConfig):
     """How the full model's layers are divided between adapter and emulator.
 
     Exactly one of `emulator_layers` (K, how many middle layers the emulator
     keeps) and `drop_ratio` (fraction of middle layers dropped) may be set; with
-    neither, the emulator keeps the whole middle block. Whether the numbers fit
+    neither, `DEFAULT_DROP_RATIO` applies, so a bundle never carries the whole middle
+    block unless asked to (K equal to the middle's size, or a drop ratio of 0). Whether the numbers fit
     a given model is checked by `offsite.emulator.split.plan_split`, which knows its depth.
     """
 
     bottom: int = option(2, "adapter layers at the bottom")
     top: int = option(2, "adapter layers at the top")
-    emulator_layers: int | None = option(None, "middle layers the emulator keeps (K; default: all, or 8 in the "
-                                         "demo and bench)", exclusive="size")
-    drop_ratio: float | None = option(None, "fraction of middle layers to drop", exclusive="size")
+    emulator_layers: int | None = option(None, "middle layers the emulator keeps (K; default: set by "
+                                         f"--drop-ratio {DEFAULT_DROP_RATIO}, 8 of 26 on smollm2-135m)",
+                                         exclusive="size")
+    drop_ratio: float | None = option(None, f"fraction of middle layers to drop (default {DEFAULT_DROP_RATIO})",
+                                      exclusive="size")
     # How the emulator is made: a selection (uniform | similarity), optionally joined with '+' to
     # share (kept layers also run in place of the dropped ones) and one of lowrank | int8.
     method: str = option("uniform", "how the emulator is made: uniform or similarity, optionally +share and "
@@ -172,9 +180,8 @@ class SplitConfig(JsonConfig):
         """K for a middle block of `middle` layers."""
         if self.emulator_layers is not None:
             return self.emulator_layers
-        if self.drop_ratio is not None:
-            return max(1, math.ceil(middle * (1 - self.drop_ratio) - 1e-9))
-        return middle
+        drop = DEFAULT_DROP_RATIO if self.drop_ratio is None else self.drop_ratio
+        return max(1, math.ceil(middle * (1 - drop) - 1e-9))
 
 
 @dataclass
@@ -197,6 +204,11 @@ class DistillConfig(JsonConfig):
     lm_weight: float = option(1.0, "weight of the language-modelling loss")
     align: str = option("final", "match only the emulator's output, or every kept layer's",
                         choices=("final", "per-layer"))
+    kd_normalise: str = option("global", "the MSE over the mean square of all targets (the paper's), or "
+                               "each token's squared error over its own squared norm", choices=("global", "token"))
+    select: str = option("standin", "checkpoint kept: the best held-out stand-in error for the middle block, "
+                         "or the compressed model's best held-out perplexity", flags=("--distill-select",),
+                         choices=("standin", "perplexity"))
     eval_every: int = option(50, "steps between held-out checks and checkpoints", flags=("--distill-eval-every",))
     eval_windows: int = 32
     seed: int = 0
@@ -211,6 +223,10 @@ class DistillConfig(JsonConfig):
             problems.append("--kd-weight and --lm-weight are both 0: nothing to train; set one above 0")
         if self.align not in ("final", "per-layer"):
             problems.append(f"--align={self.align!r} is not known; use 'final' or 'per-layer'")
+        if self.kd_normalise not in ("token", "global"):
+            problems.append(f"--kd-normalise={self.kd_normalise!r} is not known; use 'token' or 'global'")
+        if self.select not in ("standin", "perplexity"):
+            problems.append(f"--distill-select={self.select!r} is not known; use 'standin' or 'perplexity'")
         check(problems)
 
 
@@ -297,6 +313,9 @@ class TuneConfig(JsonConfig):
                                "owner's KEY.pub)", metavar="PUBKEY")
     sign: str | None = option(None, "sign the adapter file with this private key (from `offsite keygen`)",
                               metavar="KEY")
+    init_adapter: str | None = option(None, "start from this adapter file instead of the bundle's layers (e.g. "
+                                      "yours, after the model owner re-aligned the bundle with `offsite align`)",
+                                      metavar="ADAPTER")
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -304,6 +323,32 @@ class TuneConfig(JsonConfig):
         problems: list[str] = []
         positive(problems, checkpoint_every=self.checkpoint_every)
         check(problems)
+
+
+@dataclass
+class AlignConfig(JsonConfig):
+    """Model owner: re-distil a bundle's emulator with a returned adapter plugged into both sides.
+
+    The full model and the bundle both get the adapter; the emulator layers are trained so that
+    the bundle with the adapter behaves like the full model with it (as FedBiOT re-aligns its
+    emulator each round). The new bundle ships the original adapter layers, like the old one;
+    the data owner continues from its adapter (`offsite tune --init-adapter`).
+    """
+
+    bundle: str = option(help="the bundle the adapter was trained on", positional=True)
+    model: str = option(help="the full model the bundle was made from", metavar="MODEL")
+    adapter: str = option(help="the adapter a data owner returned for this bundle", metavar="ADAPTER")
+    output: str = option(help="the re-aligned bundle to write", flags=("-o", "--output"))
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(corpus="austen"))
+    trust: str | None = option(None, "refuse the adapter unless it is signed with this public key (the data "
+                               "owner's KEY.pub)", metavar="PUBKEY")
+    sign: str | None = option(None, "sign the new bundle with this private key (from `offsite keygen`)",
+                              metavar="KEY")
+    overwrite: bool = option(False, "replace an existing output directory")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig.from_dict(self.distill)
 
 
 @dataclass

@@ -73,10 +73,14 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     emulator_model = copy.deepcopy(model) if config.distill else model
     keep_layers(emulator_model, plan.kept)
     log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
+    if plan.keeps_whole_middle:
+        log.warning("the emulator keeps all %d middle layers: this bundle carries the whole full model",
+                    len(plan.emulator))
     stored_emulator = [len(plan.bottom) + i for i in range(len(plan.emulator))]
     info: dict[str, Any] = {"method": split.method, "selection": split.selection, "similarity": measured or None,
                             "share": {"schedule": schedule} if split.shares else None,
-                            "compression": None, "distill": None}
+                            "compression": None, "distill": None,
+                            "keeps_every_middle_layer": plan.keeps_whole_middle}
     compression = COMPRESSIONS[split.compression] if split.compression else None
     if compression and compression.before_distillation:  # e.g. lowrank: distillation repairs the truncation
         info["compression"] = compress(emulator_model, stored_emulator, compression.name, split.rank_fraction)

@@ -1,10 +1,16 @@
 """Distillation: the model owner trains the emulator layers to stand in for the full middle block.
 
-The full model runs without gradients and returns its hidden states; the
-compressed model (same bottom adapter, so the same input to the middle) is
-trained on the normalised MSE between its emulator output and the full middle
-block's output, plus its own language-modelling loss. Only emulator layers
-train; adapter layers, embeddings, norm and head keep their pretrained weights.
+The full model runs without gradients, only as far as the end of its middle
+block; the compressed model (same bottom adapter, so the same input to the
+middle) is trained on the normalised MSE between its emulator output and the
+full middle block's output, plus, when `lm_weight` > 0, its own
+language-modelling loss. Only emulator layers train; adapter layers,
+embeddings, norm and head keep their pretrained weights. Without the LM loss
+the compressed model also stops at the end of its middle block, and the full
+model's outputs are kept in memory when the corpus is seen more than once.
+The checkpoint kept is the one whose emulator stands in best for the middle
+block on held-out text (`select="standin"`), or the one with the lowest
+held-out perplexity of the compressed model (`select="perplexity"`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from offsite.data.builtin import is_builtin
 from offsite.data.read import read_text_corpus
 from offsite.data.tokens import Sequence, collate, lm_sequences
 from offsite.data.types import TextData, truncate_text
+from offsite.emulator.hidden import hidden_states_at
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.numerics import check_step
@@ -48,15 +55,66 @@ def alignment_targets(plan: SplitPlan, align: str) -> list[tuple[int, int]]:
     return pairs if align == "per-layer" else pairs[-1:]
 
 
-def kd_loss(student_hidden: tuple[torch.Tensor, ...], full_hidden: tuple[torch.Tensor, ...],
-            pairs: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
-    """Mean over `pairs` of MSE(student, full) / mean square of full, over unpadded positions."""
+def kd_loss(student_hidden: dict[int, torch.Tensor], full_hidden: dict[int, torch.Tensor],
+            pairs: list[tuple[int, int]], mask: torch.Tensor, normalise: str = "global") -> torch.Tensor:
+    """Mean over `pairs` of the emulator's squared error relative to the full model's, over unpadded positions.
+
+    `normalise="token"`: each token's squared error over its own squared norm, averaged over tokens, so
+    every token counts the same. `"global"`: the MSE over the mean square of all targets (the paper's),
+    which a few tokens with very large activations (e.g. the first) dominate.
+    """
     keep = mask.bool()
     losses = []
     for s, f in pairs:
         target = full_hidden[f][keep].float()  # (tokens, hidden)
-        losses.append(F.mse_loss(student_hidden[s][keep].float(), target) / target.pow(2).mean().clamp_min(1e-8))
+        error = (student_hidden[s][keep].float() - target).pow(2)
+        if normalise == "token":
+            losses.append((error.sum(-1) / target.pow(2).sum(-1).clamp_min(1e-8)).mean())
+        else:
+            losses.append(error.mean() / target.pow(2).mean().clamp_min(1e-8))
     return torch.stack(losses).mean()
+
+
+class TeacherOutputs:
+    """The full model's hidden states at the alignment targets, per training window.
+
+    Kept (in bfloat16) when the run sees a window more than once and they fit in
+    `TEACHER_CACHE_BYTES`; otherwise recomputed, so memory stays bounded.
+    """
+
+    def __init__(self, full: PreTrainedModel, wanted: set[int], keep: bool):
+        self.full, self.wanted, self.keep = full, wanted, keep
+        self.stored: dict[int, dict[int, torch.Tensor]] = {}
+
+    def batch(self, indices: list[int], inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if self.keep and all(i in self.stored for i in indices):
+            lengths = inputs["attention_mask"].sum(-1).tolist()
+            return {k: _pad_stack([self.stored[i][k] for i in indices], lengths) for k in self.wanted}
+        with torch.no_grad():
+            found, _ = hidden_states_at(self.full, inputs, self.wanted)
+        if self.keep:  # the first pass returns the stored precision too, so every epoch sees the same targets
+            found = {k: v.to(torch.bfloat16).float() for k, v in found.items()}
+            for row, i in enumerate(indices):
+                n = int(inputs["attention_mask"][row].sum())
+                self.stored[i] = {k: v[row, :n].to(torch.bfloat16) for k, v in found.items()}
+        return found
+
+
+def _pad_stack(rows: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    width = max(lengths)
+    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row.float()
+    return out
+
+
+TEACHER_CACHE_BYTES = 3 * 2**30
+
+
+def keeps_teacher(settings: DistillConfig, windows: int, targets: int, hidden: int) -> bool:
+    """Keep the full model's outputs when a window comes back and they fit in `TEACHER_CACHE_BYTES`."""
+    seen_again = settings.steps * settings.batch_size > windows
+    return seen_again and windows * targets * settings.seq_len * hidden * 2 <= TEACHER_CACHE_BYTES
 
 
 def _heldout(corpus: str) -> TextData | None:
@@ -92,36 +150,85 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     state = _resume(checkpoint_dir, emulator, optimizer, settings, identity or {})
     pairs = alignment_targets(plan, settings.align)
+    teacher = TeacherOutputs(full, {f for _, f in pairs}, keeps_teacher(
+        settings, len(sequences), len(pairs), full.config.hidden_size))
+    judge = _Judge(full, student, tokenizer, heldout_data, pairs[-1:], settings)
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(sequences), generator=generator).tolist()
     full.eval()
     history = state.setdefault("history", [])
-    start = time.perf_counter()
-    if heldout_data is not None and "before" not in state:
-        state["before"] = _score(student, tokenizer, heldout_data)
+    start, step_seconds, steps_run = time.perf_counter(), 0.0, 0
+    if judge.active and "before" not in state:
+        state["heldout"] = [{"step": 0, **judge.scores()}]
+        state["before"] = state["heldout"][0][judge.what]
     with tqdm(total=settings.steps, initial=state["step"], desc="distill", unit="step") as bar:
         while state["step"] < settings.steps:
             step = state["step"]
             picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
-            kd, lm = _step(full, student, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs, settings,
-                           optimizer, step + 1)
+            step_start = time.perf_counter()
+            kd, lm = _step(teacher, student, picks, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs,
+                           settings, optimizer, step + 1)
+            step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
             history.append({"step": step + 1, "kd": kd, "lm": lm})
             bar.update()
             bar.set_postfix(kd=f"{kd:.4f}", lm=f"{lm:.3f}")
-            if heldout_data is not None and (state["step"] % settings.eval_every == 0 or state["step"] == settings.steps):
-                _offer(state, _score(student, tokenizer, heldout_data), emulator, checkpoint_dir)
+            if judge.active and (state["step"] % settings.eval_every == 0 or state["step"] == settings.steps):
+                state["heldout"].append({"step": state["step"], **judge.scores()})
+                _offer(state, state["heldout"][-1][judge.what], emulator, checkpoint_dir, judge.what)
             if state["step"] % settings.eval_every == 0:
                 _save(checkpoint_dir, emulator, optimizer, state)
     _restore_best(state, emulator, checkpoint_dir)
     student.requires_grad_(False)
+    tokens = steps_run * settings.batch_size * settings.seq_len
     return {
         "corpus": settings.corpus, "corpus_sha256": corpus.sha256(),
         "settings": settings.to_dict(), "steps": state["step"], "seconds": time.perf_counter() - start,
+        "tokens_per_second": tokens / step_seconds if step_seconds else None,
+        "teacher_outputs_kept": teacher.keep,
         "final_kd": history[-1]["kd"] if history else None, "final_lm": history[-1]["lm"] if history else None,
-        "heldout_perplexity_before": state.get("before"), "heldout_perplexity_best": state.get("best"),
-        "best_step": state.get("best_step"),
+        "selected_by": judge.what, f"heldout_{judge.what}_before": state.get("before"),
+        f"heldout_{judge.what}_best": state.get("best"), "best_step": state.get("best_step"),
+        "heldout": state.get("heldout", []),  # both scores at every check: what the other choice would keep
     }
+
+
+class _Judge:
+    """Scores the student on held-out text: its stand-in error for the middle block and its perplexity.
+
+    Both are measured at every check (so a run shows which step each choice would keep); the
+    checkpoint is chosen by `settings.select`.
+    """
+
+    def __init__(self, full, student, tokenizer, heldout: TextData | None, pairs, settings: DistillConfig):
+        self.student, self.tokenizer, self.heldout, self.pairs = student, tokenizer, heldout, pairs
+        self.what = "standin_error" if settings.select == "standin" else "perplexity"
+        self.active = heldout is not None
+        self.normalise = settings.kd_normalise
+        self.batches: list[tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]] = []
+        if self.active:
+            windows = lm_sequences(tokenizer, heldout.texts, settings.seq_len)[: settings.eval_windows]
+            for i in range(0, len(windows), EVAL_BATCH):
+                batch = collate(windows[i: i + EVAL_BATCH], tokenizer.pad_token_id)
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                with torch.no_grad():  # the full model's side never changes: computed once
+                    self.batches.append((inputs, hidden_states_at(full, inputs, {f for _, f in pairs})[0]))
+
+    def scores(self) -> dict[str, float]:
+        self.student.eval()
+        errors = []
+        with torch.no_grad():
+            for inputs, target in self.batches:
+                found, _ = hidden_states_at(self.student, inputs, {s for s, _ in self.pairs})
+                errors.append(kd_loss(found, target, self.pairs, inputs["attention_mask"], self.normalise).item())
+        ppl = perplexity(self.student, self.tokenizer, self.heldout, 256, 8)["perplexity"]
+        return {"standin_error": sum(errors) / len(errors), "perplexity": ppl}
+
+    def score(self) -> float:
+        return self.scores()[self.what]
+
+
+EVAL_BATCH = 8
 
 
 def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -132,25 +239,20 @@ def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
     return list(found.values())
 
 
-def _score(model: PreTrainedModel, tokenizer, data: TextData) -> float:
-    model.eval()
-    return perplexity(model, tokenizer, data, 256, 8)["perplexity"]
-
-
-def _step(full, student, batch_sequences: list[Sequence], pad_id: int, pairs, settings: DistillConfig,
-          optimizer, step: int) -> tuple[float, float]:
+def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences: list[Sequence], pad_id: int,
+          pairs, settings: DistillConfig, optimizer, step: int) -> tuple[float, float]:
     batch = collate(batch_sequences, pad_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with torch.no_grad():
-        full_hidden = full(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states
+    full_hidden = teacher.batch(indices, inputs)
     student.train()
+    wanted = {s for s, _ in pairs}
     if settings.lm_weight > 0:
-        out = student(**inputs, output_hidden_states=True)
+        hidden, out = hidden_states_at(student, inputs, wanted, stop=False)
         lm = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
-    else:
-        out = student(**inputs, output_hidden_states=True, logits_to_keep=1)
+    else:  # only the emulator's output is trained: nothing above it needs to run
+        hidden, _ = hidden_states_at(student, inputs, wanted)
         lm = torch.zeros(())
-    kd = kd_loss(out.hidden_states, full_hidden, pairs, batch["attention_mask"])
+    kd = kd_loss(hidden, full_hidden, pairs, batch["attention_mask"], settings.kd_normalise)
     loss = settings.kd_weight * kd + settings.lm_weight * lm
     loss.backward()
     check_step(loss, [p for group in optimizer.param_groups for p in group["params"]], step, "distillation",
@@ -197,11 +299,11 @@ def _save(checkpoint_dir: Path, emulator, optimizer, state: dict[str, Any]) -> N
                     state)
 
 
-def _offer(state: dict[str, Any], heldout_ppl: float, emulator, checkpoint_dir: Path) -> None:
-    """Keep the emulator with the best held-out perplexity."""
-    log.info("distill step %d: held-out perplexity %.2f", state["step"], heldout_ppl)
-    if state.get("best") is None or heldout_ppl < state["best"]:
-        state["best"], state["best_step"] = heldout_ppl, state["step"]
+def _offer(state: dict[str, Any], value: float, emulator, checkpoint_dir: Path, what: str) -> None:
+    """Keep the emulator with the best held-out score (lower is better for both kinds)."""
+    log.info("distill step %d: held-out %s %.4g", state["step"], what.replace("_", " "), value)
+    if state.get("best") is None or value < state["best"]:
+        state["best"], state["best_step"] = value, state["step"]
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         save_file(_emulator_weights(emulator), str(checkpoint_dir / "best.safetensors"))
 

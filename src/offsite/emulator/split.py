@@ -31,6 +31,11 @@ class SplitPlan:
         """Original indices of the bundle's layers, in order."""
         return self.bottom + self.emulator + self.top
 
+    @property
+    def keeps_whole_middle(self) -> bool:
+        """True when the emulator is every middle layer: such a bundle carries the whole full model."""
+        return len(set(self.emulator)) == self.num_layers - len(self.bottom) - len(self.top)
+
     def roles(self) -> list[tuple[int, str]]:
         """(original index, role) for every bundle layer, in bundle order."""
         return ([(i, "adapter_bottom") for i in self.bottom] + [(i, "emulator") for i in self.emulator]

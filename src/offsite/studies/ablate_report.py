@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from offsite.studies.metrics import format_metric, headline
+from offsite.studies.metrics import format_metric, headline, protection
 
 
 def _gap(plug: dict[str, Any], emulated: dict[str, Any]) -> str:
     """Plug-in minus emulator fine-tuned, in the direction where positive protects the model owner."""
-    if plug["task"] == "choice":
-        return f"{plug['accuracy'] - emulated['accuracy']:+.3f}"
-    return f"{emulated['perplexity'] / plug['perplexity']:.2f}×"
+    value = protection(plug, emulated)
+    return f"{value:+.3f}" if plug["task"] == "choice" else f"{value:.2f}×"
 
 
 def ablation_markdown(report: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from offsite.emulator.build import read_calibration
 from offsite.emulator.distill import read_corpus
 from offsite.exchange.bundle import read_manifest
 from offsite.files import sha256_file, write_json
-from offsite.loading import load_model, load_tokenizer
+from offsite.loading import load_config, load_model, load_tokenizer
 from offsite.processes import in_fresh_process, peak_rss_mb
 from offsite.scoring import score
 from offsite.studies.demo_report import write_report
@@ -155,34 +155,68 @@ def emulators(config: DemoConfig) -> list[Emulator]:
     return found
 
 
+def ceiling_emulator(config: DemoConfig) -> Emulator:
+    """A bundle that keeps every middle layer: training on it is training on the full model."""
+    middle = load_config(config.model).num_hidden_layers - config.split.bottom - config.split.top
+    split = dataclasses.replace(config.split, method="uniform", emulator_layers=middle, drop_ratio=None)
+    return make_emulator(config, split, None)
+
+
 def build_bundles(config: DemoConfig, cache: "StageCache", measured: list[Emulator]) -> None:
     for emulator in measured:
         cache.run("bundle", lambda: _make_bundle(config, emulator), needs=emulator.bundle / MANIFEST,
                   emulator=emulator.key())
 
 
+def tune_adapter(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator, train_file: Path,
+                 budget: TaskBudget, inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The data owner's run on `emulator`'s bundle: (adapter folder, the stage's result)."""
+    settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
+    name = f"{task}-{emulator.bundle.name}"
+    if config.adapter_training:
+        # Only overridden runs carry the overrides in their keys, so default runs keep their cache.
+        inputs = {**inputs, "adapter_training": config.adapter_training}
+        name += "-" + hashlib.sha256(json.dumps(config.adapter_training, sort_keys=True).encode()).hexdigest()[:8]
+    adapter = emulator.bundle.parent.parent / "adapters" / name
+    tuned = cache.run("offsite_tune", lambda: in_fresh_process(
+        config.isolate, offsite_tune_stage, str(emulator.bundle), str(train_file), str(adapter), settings),
+        needs=adapter / ADAPTER_WEIGHTS, **inputs)
+    return adapter, tuned
+
+
 def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator,
                  files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any]) -> dict[str, Any]:
     """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in."""
     train_file, test_file = files
-    settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
     inputs = {**task_inputs, "emulator": emulator.key()}
-    bundle, name = str(emulator.bundle), f"{task}-{emulator.bundle.name}"
+    bundle = str(emulator.bundle)
     zero = cache.run("emulator_zero_shot", lambda: _evaluate(bundle, None, str(test_file), budget), **inputs)
+    adapter, tuned = tune_adapter(config, cache, task, emulator, train_file, budget, inputs)
     if config.adapter_training:
-        # Only overridden runs carry the overrides in their keys, so default runs keep their cache.
         inputs["adapter_training"] = config.adapter_training
-        name += "-" + hashlib.sha256(json.dumps(config.adapter_training, sort_keys=True).encode()).hexdigest()[:8]
-    adapter = emulator.bundle.parent.parent / "adapters" / name
-    tuned = cache.run("offsite_tune", lambda: in_fresh_process(
-        config.isolate, offsite_tune_stage, bundle, str(train_file), str(adapter), settings),
-        needs=adapter / ADAPTER_WEIGHTS, **inputs)
     emulated = cache.run("emulator_finetune", lambda: _evaluate(bundle, str(adapter), str(test_file), budget),
                          adapter=tuned["summary"], **inputs)
     plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget, bundle),
                         adapter=tuned["summary"], **inputs)
     return {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
             "timing": _timing(tuned)}
+
+
+def run_ceiling(config: DemoConfig, cache: StageCache, task: str, ceiling: Emulator,
+                files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same adapter trained on the full model itself (a bundle of every layer), then plugged in.
+
+    No emulator can do better for this adapter and budget, so it is the ceiling the demo's emulator
+    is judged against. Only the model owner can run it: it needs the full model.
+    """
+    train_file, test_file = files
+    inputs = {**task_inputs, "emulator": ceiling.key()}
+    adapter, tuned = tune_adapter(config, cache, task, ceiling, train_file, budget, inputs)
+    if config.adapter_training:
+        inputs["adapter_training"] = config.adapter_training
+    plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget,
+                                                     str(ceiling.bundle)), adapter=tuned["summary"], **inputs)
+    return {"result": plugged, "timing": _timing(tuned)}
 
 
 @dataclass(frozen=True)
@@ -217,8 +251,9 @@ def zero_shot(config: DemoConfig, cache: StageCache, run: TaskRun) -> dict[str, 
                      **full_model_inputs(run))
 
 
-def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator]) -> dict[str, Any]:
-    """All five settings of one task, for every emulator."""
+def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator],
+             ceiling: Emulator | None = None) -> dict[str, Any]:
+    """All five settings of one task, for every emulator, and the ceiling when asked for."""
     run = prepare_task(config, task)
     budget, inputs, (train_file, test_file), out = run.budget, run.inputs, run.files, Path(config.output)
     zero = zero_shot(config, cache, run)
@@ -229,9 +264,14 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs)
                     for e in measured}
     primary = per_emulator[measured[0].name]
+    results = {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]}
+    timing = {"full_finetune": _timing(full), "emulator_finetune": primary["timing"]}
+    if ceiling is not None:
+        found = run_ceiling(config, cache, task, ceiling, (train_file, test_file), budget, inputs)
+        results["ceiling"], timing["ceiling"] = found["result"], found["timing"]
     return {
-        "results": {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]},
-        "timing": {"full_finetune": _timing(full), "emulator_finetune": primary["timing"]},
+        "results": results,
+        "timing": timing,
         "other_emulators": {name: r for name, r in per_emulator.items() if name != measured[0].name},
         "budget": asdict(budget), "sizes": run.sizes,
     }
@@ -258,8 +298,9 @@ def demo(config: DemoConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cache = stage_cache(config)
     measured = emulators(config)
-    build_bundles(config, cache, measured)
-    per_task = {task: run_task(config, cache, task, measured) for task in config.tasks}
+    ceiling = ceiling_emulator(config) if config.ceiling else None
+    build_bundles(config, cache, measured + ([ceiling] if ceiling else []))
+    per_task = {task: run_task(config, cache, task, measured, ceiling) for task in config.tasks}
     manifests = {e.name: read_manifest(e.bundle) for e in measured}
     run = {"wall_seconds": time.perf_counter() - start, "stages_computed": cache.computed,
            "stages_reused": cache.reused}

@@ -13,7 +13,7 @@ from offsite import __version__
 from offsite.data.builtin import split_definition
 from offsite.exchange.bundle import Manifest
 from offsite.files import write_json
-from offsite.studies.metrics import better, format_metric, headline
+from offsite.studies.metrics import better, format_metric, format_protection, gain_kept, headline, protection
 
 LABELS = {
     "zero_shot": "full model, zero-shot",
@@ -22,24 +22,62 @@ LABELS = {
     "emulator_finetune": "offsite-tuned, through the emulator",
     "plug_in": "plug-in (full model + adapter)",
 }
+CEILING_LABEL = "adapter trained on the full model (diagnostic: the ceiling)"
 CLOSE_ACCURACY = 0.03  # "close to full fine-tuning": within 3 points ...
 CLOSE_PERPLEXITY = 0.10  # ... or within 10% perplexity
+# The fidelity targets: the share of full fine-tuning's gain the plug-in keeps (accuracy, or log-perplexity) ...
+GAIN_KEPT_TARGET = {"choice": 0.90, "lm": 0.50}
+# ... and the model owner's protection: the plug-in at least this much better than the emulator fine-tuned,
+# on the tasks where it is asked for (a topic task is easy for any stack of layers, so not there).
+PROTECTION_TARGET = {"wordnet": 0.10, "austen": 1.5}  # accuracy points; perplexity ratio
+# "Clearly worse": the emulator alone below the full model by at least this (accuracy points, perplexity ratio).
+CLEARLY_WORSE = {"choice": 0.05, "lm": 1.2}
+
+
+def figures(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task: the share of full fine-tuning's (and of the ceiling's) gain kept, and the protection."""
+    found = {}
+    for task, plug in settings["plug_in"].items():
+        zero, full_ft = settings["zero_shot"][task], settings["full_finetune"][task]
+        ceiling = settings.get("ceiling", {}).get(task)
+        found[task] = {
+            "gain_kept": gain_kept(plug, zero, full_ft),
+            "gain_kept_of_ceiling": gain_kept(plug, zero, ceiling) if ceiling else None,
+            "ceiling_gain_kept": gain_kept(ceiling, zero, full_ft) if ceiling else None,
+            "protection": protection(plug, settings["emulator_finetune"][task]),
+        }
+    return found
+
+
+def _clearly_worse(full: dict[str, Any], emulator: dict[str, Any]) -> bool:
+    if full["task"] == "choice":
+        return full["accuracy"] - emulator["accuracy"] >= CLEARLY_WORSE["choice"]
+    return emulator["perplexity"] / full["perplexity"] >= CLEARLY_WORSE["lm"]
 
 
 def claims(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's claims, checked task by task against the measured numbers."""
+    """The paper's claims and the fidelity targets, checked task by task against the measured numbers."""
     found = []
+    measured = figures(settings)
     for task, plug in settings["plug_in"].items():
         full_ft, emulated = settings["full_finetune"][task], settings["emulator_finetune"][task]
         gap = headline(full_ft) - headline(plug)
         close = gap <= CLOSE_ACCURACY if plug["task"] == "choice" else -gap / headline(full_ft) <= CLOSE_PERPLEXITY
+        kept, target = measured[task]["gain_kept"], GAIN_KEPT_TARGET[plug["task"]]
         found += [
             {"task": task, "claim": "plug-in beats zero-shot", "holds": better(plug, settings["zero_shot"][task])},
             {"task": task, "claim": "plug-in is close to full fine-tuning", "holds": bool(close)},
+            {"task": task, "claim": f"plug-in keeps at least {target:.0%} of full fine-tuning's gain",
+             "holds": kept is not None and kept >= target},
             {"task": task, "claim": "emulator fine-tuned is worse than plug-in", "holds": better(plug, emulated)},
-            {"task": task, "claim": "emulator zero-shot is worse than full zero-shot",
-             "holds": better(settings["zero_shot"][task], settings["emulator_zero_shot"][task])},
+            {"task": task, "claim": "emulator zero-shot is clearly worse than full zero-shot",
+             "holds": _clearly_worse(settings["zero_shot"][task], settings["emulator_zero_shot"][task])},
         ]
+        if task in PROTECTION_TARGET:
+            wanted = PROTECTION_TARGET[task]
+            wording = f"{wanted * 100:.0f} points" if plug["task"] == "choice" else f"{wanted}× in perplexity"
+            found.append({"task": task, "claim": f"emulator fine-tuned is at least {wording} worse than plug-in",
+                          "holds": measured[task]["protection"] >= wanted})
     return found
 
 
@@ -49,6 +87,8 @@ EMULATOR_SETTINGS = ("emulator_zero_shot", "emulator_finetune", "plug_in")
 def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run: dict[str, Any]) -> dict[str, Any]:
     primary, *others = manifests
     settings = {name: {task: r["results"][name] for task, r in per_task.items()} for name in LABELS}
+    if all("ceiling" in r["results"] for r in per_task.values()):
+        settings["ceiling"] = {task: r["results"]["ceiling"] for task, r in per_task.items()}
     other_emulators = {
         method: {name: {task: r["other_emulators"][method]["results"][name] for task, r in per_task.items()}
                  for name in EMULATOR_SETTINGS}
@@ -63,6 +103,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
         "settings": settings,
         "other_emulators": other_emulators,
         "timing": {task: r["timing"] for task, r in per_task.items()},
+        "figures": figures(settings),
         "claims": claims(settings),
         "data": {task: {"sizes": r["sizes"], "budget": r["budget"]} for task, r in per_task.items()},
         "split_definition": split_definition(),
@@ -94,10 +135,24 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, label in LABELS.items():
         lines.append(f"| {label} | " + " | ".join(format_metric(report["settings"][name][t]) for t in tasks) + " |")
+    if "ceiling" in report["settings"]:
+        lines.append(f"| {CEILING_LABEL} | "
+                     + " | ".join(format_metric(report["settings"]["ceiling"][t]) for t in tasks) + " |")
     for method, rows in report.get("other_emulators", {}).items():
         for name in EMULATOR_SETTINGS:
             label = LABELS[name].replace("emulator", f"{method} emulator").replace("adapter)", f"{method} adapter)")
             lines.append(f"| {label} | " + " | ".join(format_metric(rows[name][t]) for t in tasks) + " |")
+    lines += ["", "What the plug-in keeps of full fine-tuning's gain over zero-shot, (plug-in − zero-shot) / "
+              "(full FT − zero-shot), in accuracy or log-perplexity; the same against the ceiling; and the model "
+              "owner's protection, plug-in against emulator fine-tuned (accuracy points, or the emulator's "
+              "perplexity over the plug-in's):", "",
+              "| task | gain kept (of full FT) | gain kept (of the ceiling) | ceiling's gain kept (of full FT) "
+              "| protection |", "|---|---|---|---|---|"]
+    for task in tasks:
+        numbers = report["figures"][task]
+        plug = report["settings"]["plug_in"][task]
+        lines.append(f"| {task} | {_share(numbers['gain_kept'])} | {_share(numbers['gain_kept_of_ceiling'])} | "
+                     f"{_share(numbers['ceiling_gain_kept'])} | {format_protection(plug, numbers['protection'])} |")
     lines += ["", "Training cost per task (same data, steps and batch shape):", "",
               "| task | full FT s/step | offsite s/step | speed-up | full FT peak RSS MB | offsite peak RSS MB "
               "| memory ratio | trainable params (full / offsite) |", "|---|---|---|---|---|---|---|---|"]
@@ -112,6 +167,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- {c['task']}: {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}**" for c in report["claims"]]
     lines += ["", "Peak RSS is the whole training process (Python, libraries, model, optimizer, activations).", ""]
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def chart(report: dict[str, Any], path: Path) -> None:

@@ -64,6 +64,9 @@ class DemoConfig(JsonConfig):
     adapter_training: dict[str, Any] = field(default_factory=dict)
     # With distillation, also measure the plain uniform emulator (default: not in the quick budget, to fit 10 min).
     compare_uniform: bool | None = None
+    # Also train the adapter on the full model (a bundle of every layer): the ceiling of any emulator
+    # (default: not in the quick budget, to fit 10 min).
+    ceiling: bool | None = None
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
 
     def __post_init__(self) -> None:
@@ -73,6 +76,8 @@ class DemoConfig(JsonConfig):
             self.distill = DistillConfig.from_dict(self.distill)
         if self.compare_uniform is None:
             self.compare_uniform = not self.quick
+        if self.ceiling is None:
+            self.ceiling = not self.quick
         if self.distill == "budget":
             self.distill = DISTILL_BUDGETS[self.budget_name]
         check([] if self.distill is None or isinstance(self.distill, DistillConfig) else
