@@ -161,3 +161,19 @@ def test_the_fidelity_targets_are_claims_of_the_report():
     assert verdicts[("austen", "emulator fine-tuned is at least 1.5× in perplexity worse than plug-in")]  # 2×
     assert not verdicts[("austen", "emulator zero-shot is clearly worse than full zero-shot")]  # 45/40 < 1.2
     assert verdicts[("wordnet", "emulator zero-shot is clearly worse than full zero-shot")]
+
+
+def test_alignment_rounds_realign_the_bundle_and_tune_on_from_the_adapter(tiny_tasks, model_dirs, tmp_path,
+                                                                          sample_text_file):
+    distill = DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_windows=2)
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz"], quick=True,
+                        isolate=False, distill=distill, align_rounds=2, align_steps=2)
+    config.split.emulator_layers = 1
+    out = demo(config)
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]["quiz"]
+    assert [r["round"] for r in rounds] == [1, 2] and [r["adapter_steps"] for r in rounds] == [4, 6]
+    assert all(set(r) >= {"plug_in", "emulator_finetune", "align_seconds"} for r in rounds)
+    bundles = sorted(p.name for p in (out / "bundles").iterdir())
+    assert len([b for b in bundles if "aligned" in b]) == 2
+    assert "| after alignment round 2: plug-in |" in (out / "report.md").read_text()

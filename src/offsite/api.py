@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
-from offsite.config import AlignConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig, TuneConfig
+from offsite.config import (AlignConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig,
+                            SampleConfig, TuneConfig)
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.tokens import Sequence
-from offsite.data.types import Data, limit
+from offsite.data.types import Data, TextData, limit
 from offsite.emulator.build import build_emulator, calibration_corpus
 from offsite.emulator.compress import COMPRESSIONS
 from offsite.emulator.distill import distill, read_corpus
@@ -278,6 +280,29 @@ def describe(path: str | Path) -> dict[str, Any]:
 def keygen(config: KeygenConfig) -> tuple[Path, Path]:
     """Write a new Ed25519 key pair for signing bundles or adapter files; return (private, public)."""
     return signing.keygen(config.key, config.overwrite)
+
+
+def sample_corpus(config: SampleConfig) -> Path:
+    """Model owner: sample texts from the full model (from its start-of-text token) into a jsonl corpus."""
+    output = check_output_file(config.output, config.overwrite)
+    model, tokenizer = load_model(config.model), load_tokenizer(config.model)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise OffsiteError(f"{config.model}: the tokenizer has no BOS or EOS token to start sampling from")
+    torch.manual_seed(config.seed)
+    texts: list[str] = []
+    with tqdm(total=config.texts, desc="sample", unit="text") as bar:
+        while len(texts) < config.texts:
+            count = min(config.batch_size, config.texts - len(texts))
+            prompt = torch.full((count, 1), start, dtype=torch.long)
+            with torch.no_grad():
+                ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                     temperature=config.temperature, top_p=config.top_p, top_k=0,
+                                     max_new_tokens=config.length, min_new_tokens=config.length,
+                                     pad_token_id=tokenizer.pad_token_id or start)
+            texts += [tokenizer.decode(row[1:], skip_special_tokens=True) for row in ids]
+            bar.update(count)
+    return write_jsonl(TextData([t for t in texts if t.strip()], f"sampled from {config.model}"), output)
 
 
 def export_data(config: ExportConfig) -> tuple[Path, str]:

@@ -395,6 +395,32 @@ class ExportConfig(JsonConfig):
 
 
 @dataclass
+class SampleConfig(JsonConfig):
+    """Model owner: text sampled from the full model, a distillation corpus in the model's own distribution.
+
+    The model owner has no task data, but can draw as much text as it likes from the model itself.
+    """
+
+    model: str = option(help="full model: local directory, hub id or built-in alias", positional=True)
+    output: str = option(help="jsonl file to write ({\"text\": ...} per line)", flags=("-o", "--output"))
+    texts: int = option(256, "how many texts to sample")
+    length: int = option(256, "tokens per text")
+    batch_size: int = option(32, "texts sampled at once")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(0.95, "nucleus sampling: keep the most likely tokens up to this probability")
+    seed: int = option(0, "random seed")
+    overwrite: bool = option(False, "replace an existing output file")
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        positive(problems, texts=self.texts, length=self.length, batch_size=self.batch_size,
+                 temperature=self.temperature)
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p={self.top_p} must be in (0, 1]")
+        check(problems)
+
+
+@dataclass
 class KeygenConfig(JsonConfig):
     """Make a signing key pair: KEY (private, for --sign) and KEY.pub (public, for the other party's --trust)."""
 

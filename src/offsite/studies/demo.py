@@ -20,9 +20,9 @@ from typing import Any, Callable
 import torch
 
 from offsite import __version__
-from offsite.api import emulate, load_for_eval, tune
+from offsite.api import align, emulate, load_for_eval, tune
 from offsite.arch import get_layers
-from offsite.config import DistillConfig, EmulateConfig, SplitConfig, TrainConfig, TuneConfig
+from offsite.config import AlignConfig, DistillConfig, EmulateConfig, SplitConfig, TrainConfig, TuneConfig
 from offsite.constants import ADAPTER_METADATA, ADAPTER_WEIGHTS, MANIFEST
 from offsite.data.builtin import load_builtin
 from offsite.data.read import read_data, write_jsonl
@@ -85,9 +85,11 @@ def _train_settings(budget: TaskBudget, lr: float, seed: int) -> TrainConfig:
                        seed=seed)
 
 
-def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dict[str, Any]) -> dict[str, Any]:
+def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dict[str, Any],
+                       init_adapter: str | None = None) -> dict[str, Any]:
     """Data owner's side, exactly as a user runs it: `offsite tune` on the bundle."""
-    tune(TuneConfig(bundle=bundle, data=train_file, output=adapter, train=TrainConfig(**settings), overwrite=True))
+    tune(TuneConfig(bundle=bundle, data=train_file, output=adapter, train=TrainConfig(**settings), overwrite=True,
+                    init_adapter=init_adapter))
     summary = json.loads((Path(adapter) / ADAPTER_METADATA).read_text())["training"]["summary"]
     return {"summary": summary, "peak_rss_mb": peak_rss_mb()}
 
@@ -185,8 +187,12 @@ def tune_adapter(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
 
 
 def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator,
-                 files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any]) -> dict[str, Any]:
-    """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in."""
+                 files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any],
+                 rounds: bool = False) -> dict[str, Any]:
+    """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in.
+
+    With `rounds`, also the demo's alignment rounds on this emulator (`config.align_rounds`).
+    """
     train_file, test_file = files
     inputs = {**task_inputs, "emulator": emulator.key()}
     bundle = str(emulator.bundle)
@@ -198,8 +204,57 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
                          adapter=tuned["summary"], **inputs)
     plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget, bundle),
                         adapter=tuned["summary"], **inputs)
-    return {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
-            "timing": _timing(tuned)}
+    found = {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
+             "timing": _timing(tuned)}
+    if rounds and config.align_rounds:
+        found["rounds"] = alignment_rounds(config, cache, task, emulator, files, budget, inputs, adapter, tuned)
+    return found
+
+
+def align_settings(config: DemoConfig) -> DistillConfig:
+    """The demo's alignment: its distillation's settings (or the default ones on austen), fewer steps."""
+    base = config.distill if isinstance(config.distill, DistillConfig) else DistillConfig(corpus="austen")
+    return dataclasses.replace(base, steps=config.align_steps)
+
+
+def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator, files: tuple[Path, Path],
+                     budget: TaskBudget, inputs: dict[str, Any], adapter: Path,
+                     tuned: dict[str, Any]) -> list[dict[str, Any]]:
+    """R rounds of: the model owner re-aligns the bundle with the returned adapter, the data owner tunes on.
+
+    Each round's tuning starts from the previous adapter and runs the budget's steps again; the
+    plug-in and the emulator fine-tuned are scored after every round.
+    """
+    train_file, test_file = files
+    settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
+    bundle, found = emulator.bundle, []
+    for number in range(1, config.align_rounds + 1):
+        round_inputs = {**inputs, "round": number, "previous": tuned["summary"], "align": align_settings(config).to_dict()}
+        aligned = emulator.bundle.parent / f"{adapter.name}-aligned{number}"  # one per adapter: per task and variant
+        realigned = cache.run("align", lambda: _align_stage(config, bundle, adapter, aligned), needs=aligned / MANIFEST,
+                              **round_inputs)
+        next_adapter = adapter.parent / f"{adapter.name}-round{number}"
+        tuned = cache.run("offsite_tune", lambda: in_fresh_process(
+            config.isolate, offsite_tune_stage, str(aligned), str(train_file), str(next_adapter), settings,
+            str(adapter)), needs=next_adapter / ADAPTER_WEIGHTS, **round_inputs)
+        scored = {name: cache.run(name, lambda model=model, bundle_arg=bundle_arg: _evaluate(
+                      model, str(next_adapter), str(test_file), budget, bundle_arg), adapter=tuned["summary"],
+                      **round_inputs)
+                  for name, model, bundle_arg in (("emulator_finetune", str(aligned), None),
+                                                  ("plug_in", config.model, str(aligned)))}
+        found.append({"round": number, **scored, "adapter_steps": (number + 1) * tuned["summary"]["steps"],
+                      "align_seconds": realigned["seconds"], "standin_error": realigned["standin_error"]})
+        bundle, adapter = aligned, next_adapter
+    return found
+
+
+def _align_stage(config: DemoConfig, bundle: Path, adapter: Path, output: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    align(AlignConfig(bundle=str(bundle), model=config.model, adapter=str(adapter), output=str(output),
+                      distill=align_settings(config), overwrite=True))
+    summary = read_manifest(output).emulator["alignments"][-1]
+    return {"seconds": time.perf_counter() - start,
+            "standin_error": summary.get("heldout_standin_error_best"), "summary": summary}
 
 
 def run_ceiling(config: DemoConfig, cache: StageCache, task: str, ceiling: Emulator,
@@ -261,8 +316,8 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
         asdict(_train_settings(budget, budget.full_lr, config.seed)),
         str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **full_model_inputs(run))
-    per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs)
-                    for e in measured}
+    per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs,
+                                         rounds=e is measured[0]) for e in measured}
     primary = per_emulator[measured[0].name]
     results = {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]}
     timing = {"full_finetune": _timing(full), "emulator_finetune": primary["timing"]}
@@ -273,6 +328,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
         "results": results,
         "timing": timing,
         "other_emulators": {name: r for name, r in per_emulator.items() if name != measured[0].name},
+        "rounds": primary.get("rounds", []),
         "budget": asdict(budget), "sizes": run.sizes,
     }
 

@@ -103,6 +103,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
         "settings": settings,
         "other_emulators": other_emulators,
         "timing": {task: r["timing"] for task, r in per_task.items()},
+        "rounds": {task: r["rounds"] for task, r in per_task.items() if r.get("rounds")},
         "figures": figures(settings),
         "claims": claims(settings),
         "data": {task: {"sizes": r["sizes"], "budget": r["budget"]} for task, r in per_task.items()},
@@ -138,6 +139,12 @@ def markdown(report: dict[str, Any]) -> str:
     if "ceiling" in report["settings"]:
         lines.append(f"| {CEILING_LABEL} | "
                      + " | ".join(format_metric(report["settings"]["ceiling"][t]) for t in tasks) + " |")
+    rounds = report.get("rounds") or {}
+    for number in range(1, 1 + max((len(r) for r in rounds.values()), default=0)):
+        for name, label in (("emulator_finetune", "through the emulator"), ("plug_in", "plug-in")):
+            cells = [format_metric(rounds[t][number - 1][name]) if len(rounds.get(t, [])) >= number else "n/a"
+                     for t in tasks]
+            lines.append(f"| after alignment round {number}: {label} | " + " | ".join(cells) + " |")
     for method, rows in report.get("other_emulators", {}).items():
         for name in EMULATOR_SETTINGS:
             label = LABELS[name].replace("emulator", f"{method} emulator").replace("adapter)", f"{method} adapter)")
@@ -153,6 +160,18 @@ def markdown(report: dict[str, Any]) -> str:
         plug = report["settings"]["plug_in"][task]
         lines.append(f"| {task} | {_share(numbers['gain_kept'])} | {_share(numbers['gain_kept_of_ceiling'])} | "
                      f"{_share(numbers['ceiling_gain_kept'])} | {format_protection(plug, numbers['protection'])} |")
+    if rounds:
+        lines += ["", "Alignment rounds (`offsite align`, then tuning on from the returned adapter):", "",
+                  "| task | round | adapter steps | plug-in | gain kept (of full FT) | protection | align s |",
+                  "|---|---|---|---|---|---|---|"]
+        for task, found in rounds.items():
+            zero, full_ft = report["settings"]["zero_shot"][task], report["settings"]["full_finetune"][task]
+            for r in found:
+                kept = gain_kept(r["plug_in"], zero, full_ft)
+                lines.append(f"| {task} | {r['round']} | {r['adapter_steps']} | {format_metric(r['plug_in'])} | "
+                             f"{_share(kept)} | "
+                             f"{format_protection(r['plug_in'], protection(r['plug_in'], r['emulator_finetune']))} | "
+                             f"{r['align_seconds']:.0f} |")
     lines += ["", "Training cost per task (same data, steps and batch shape):", "",
               "| task | full FT s/step | offsite s/step | speed-up | full FT peak RSS MB | offsite peak RSS MB "
               "| memory ratio | trainable params (full / offsite) |", "|---|---|---|---|---|---|---|---|"]

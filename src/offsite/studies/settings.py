@@ -67,6 +67,10 @@ class DemoConfig(JsonConfig):
     # Also train the adapter on the full model (a bundle of every layer): the ceiling of any emulator
     # (default: not in the quick budget, to fit 10 min).
     ceiling: bool | None = None
+    # Rounds of `offsite align` (the bundle re-distilled with the returned adapter in the loop) and
+    # further tuning from that adapter; each round's alignment runs `align_steps` distillation steps.
+    align_rounds: int = 0
+    align_steps: int = 50
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
 
     def __post_init__(self) -> None:
@@ -83,6 +87,8 @@ class DemoConfig(JsonConfig):
         check([] if self.distill is None or isinstance(self.distill, DistillConfig) else
               [f"distill={self.distill!r}: pass a DistillConfig, 'budget' or None"])
         TrainConfig(**self.adapter_training)  # validates the overrides before any work starts
+        check(([f"align_rounds={self.align_rounds} must be 0 or more"] if self.align_rounds < 0 else [])
+              + ([f"align_steps={self.align_steps} must be at least 1"] if self.align_steps < 1 else []))
         check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
 
     @property
