@@ -23,7 +23,7 @@ from pathlib import Path
 
 from offsite.config import DistillConfig
 from offsite.studies.demo import demo
-from offsite.studies.demo_report import LABELS
+from offsite.studies.demo_report import CEILING_LABEL, LABELS
 from offsite.studies.metrics import format_metric
 from offsite.studies.settings import DemoConfig
 
@@ -57,11 +57,36 @@ def table(reports: dict[str, dict]) -> str:
     lines = ["| variant | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for name in ("zero_shot", "full_finetune"):
         lines.append(f"| (any) | {LABELS[name]} | " + " | ".join(format_metric(first["settings"][name][t]) for t in tasks) + " |")
+    if "ceiling" in first["settings"]:
+        lines.append(f"| (any) | {CEILING_LABEL} | "
+                     + " | ".join(format_metric(first["settings"]["ceiling"][t]) for t in tasks) + " |")
     for label, report in reports.items():
         for name in ROWS:
             lines.append(f"| {label} | {LABELS[name]} | "
                          + " | ".join(format_metric(report["settings"][name][t]) for t in tasks) + " |")
+        if "figures" in report:
+            lines.append(f"| {label} | plug-in: gain kept of full FT | "
+                         + " | ".join(_share(report["figures"][t]["gain_kept"]) for t in tasks) + " |")
+        for task_rounds in zip(*[report.get("rounds", {}).get(t, []) for t in tasks]):
+            number = task_rounds[0]["round"]
+            lines.append(f"| {label} | plug-in after alignment round {number} | "
+                         + " | ".join(format_metric(r["plug_in"]) for r in task_rounds) + " |")
+        distilled = (report.get("emulator") or {}).get("distill") or {}
+        if distilled:
+            lines.append(f"| {label} | distillation: steps, held-out {distilled.get('selected_by', 'perplexity')} "
+                         f"(best), minutes | {distilled['steps']}, {_number(distilled)}, "
+                         f"{distilled['seconds'] / 60:.1f} |" + " |" * (len(tasks) - 1))
     return "\n".join(lines) + "\n"
+
+
+def _share(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _number(distilled: dict) -> str:
+    what = distilled.get("selected_by")
+    best = distilled.get(f"heldout_{what}_best") if what else distilled.get("heldout_perplexity_best")
+    return "n/a" if best is None else f"{best:.3g}"
 
 
 def read_variants(path: Path) -> dict[str, dict]:
