@@ -61,7 +61,7 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     (["info", "train.txt"], "train.txt is a file; pass a bundle, adapter or model directory"),
     (["info", "nowhere"], "nowhere does not exist; pass a bundle"),
     (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--kd-weight", "0", "--lm-weight", "0"],
-     "--kd-weight and --lm-weight are both 0"),
+     "--kd-weight, --lm-weight and --kl-weight are all 0"),
     (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs plain text"),
     (["eval", "{model}", "--data", "latin1.jsonl"], "--data latin1.jsonl is not UTF-8 text"),
     (["eval", "{model}", "--data", "latin1.txt"], "--data latin1.txt is not UTF-8 text"),

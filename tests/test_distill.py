@@ -173,3 +173,21 @@ def test_the_checkpoint_kept_is_the_best_held_out_standin(model_dirs, sample_tex
     assert abs(judge.score() - min(scores)) < 1e-5  # the student now holds the best checkpoint's weights
     _, _, _, by_perplexity = run(model_dirs, tmp_path, tmp_path / "ckpt-ppl", steps=2, select="perplexity")
     assert by_perplexity["selected_by"] == "perplexity" and by_perplexity["heldout_perplexity_best"] > 1
+
+
+def test_output_kl_is_zero_for_equal_logits_and_trains_the_emulator_towards_the_full_model(
+        model_dirs, sample_text_file, tmp_path):
+    from offsite.emulator.distill import output_kl
+    logits = torch.randn(2, 5, 7)
+    mask = torch.ones(2, 5)
+    assert float(output_kl(logits, logits, mask)) < 1e-6 and float(output_kl(logits, torch.randn(2, 5, 7), mask)) > 0
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    full, student, plan, summary = run(model_dirs, tmp_path, tmp_path / "ckpt", steps=6, kd_weight=0.0,
+                                       lm_weight=0.0, kl_weight=1.0)
+    _, untouched, _ = pair(model_dirs)
+    ids = input_batch(length=32)
+    with torch.no_grad():
+        target = full(input_ids=ids).logits
+        after = float(output_kl(student(input_ids=ids).logits, target, torch.ones_like(ids)))
+        before = float(output_kl(untouched(input_ids=ids).logits, target, torch.ones_like(ids)))
+    assert after < before and summary["final_kl"] > 0 and summary["final_lm"] == 0.0

@@ -202,6 +202,8 @@ class DistillConfig(JsonConfig):
     seq_len: int = option(256, "tokens per sequence", flags=("--distill-seq-len",))
     kd_weight: float = option(1.0, "weight of the normalised MSE to the full block")
     lm_weight: float = option(1.0, "weight of the language-modelling loss")
+    kl_weight: float = option(0.0, "weight of the KL divergence from the full model's next-token distribution "
+                              "to the compressed model's (both models then run to the head)")
     align: str = option("final", "match only the emulator's output, or every kept layer's",
                         choices=("final", "per-layer"))
     kd_normalise: str = option("global", "the MSE over the mean square of all targets (the paper's), or "
@@ -218,9 +220,9 @@ class DistillConfig(JsonConfig):
         positive(problems, distill_steps=self.steps, distill_lr=self.lr, distill_batch_size=self.batch_size,
                   distill_seq_len=self.seq_len, distill_eval_every=self.eval_every,
                   distill_eval_windows=self.eval_windows)
-        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight)
-        if self.kd_weight == 0 and self.lm_weight == 0:
-            problems.append("--kd-weight and --lm-weight are both 0: nothing to train; set one above 0")
+        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight, kl_weight=self.kl_weight)
+        if self.kd_weight == 0 and self.lm_weight == 0 and self.kl_weight == 0:
+            problems.append("--kd-weight, --lm-weight and --kl-weight are all 0: nothing to train; set one above 0")
         if self.align not in ("final", "per-layer"):
             problems.append(f"--align={self.align!r} is not known; use 'final' or 'per-layer'")
         if self.kd_normalise not in ("token", "global"):

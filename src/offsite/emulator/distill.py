@@ -82,16 +82,19 @@ class TeacherOutputs:
     `TEACHER_CACHE_BYTES`; otherwise recomputed, so memory stays bounded.
     """
 
-    def __init__(self, full: PreTrainedModel, wanted: set[int], keep: bool):
-        self.full, self.wanted, self.keep = full, wanted, keep
+    def __init__(self, full: PreTrainedModel, wanted: set[int], keep: bool, logits: bool = False):
+        self.full, self.wanted, self.keep, self.logits = full, wanted, keep and not logits, logits
         self.stored: dict[int, dict[int, torch.Tensor]] = {}
 
-    def batch(self, indices: list[int], inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def batch(self, indices: list[int], inputs: dict[str, torch.Tensor]) -> dict[int | str, torch.Tensor]:
+        """Hidden states by index, and with `logits` the full model's logits under "logits" (never kept)."""
         if self.keep and all(i in self.stored for i in indices):
             lengths = inputs["attention_mask"].sum(-1).tolist()
             return {k: _pad_stack([self.stored[i][k] for i in indices], lengths) for k in self.wanted}
         with torch.no_grad():
-            found, _ = hidden_states_at(self.full, inputs, self.wanted)
+            found, output = hidden_states_at(self.full, inputs, self.wanted, stop=not self.logits)
+        if self.logits:
+            return {**found, "logits": output.logits}
         if self.keep:  # the first pass returns the stored precision too, so every epoch sees the same targets
             found = {k: v.to(torch.bfloat16).float() for k, v in found.items()}
             for row, i in enumerate(indices):
@@ -151,7 +154,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     state = _resume(checkpoint_dir, emulator, optimizer, settings, identity or {})
     pairs = alignment_targets(plan, settings.align)
     teacher = TeacherOutputs(full, {f for _, f in pairs}, keeps_teacher(
-        settings, len(sequences), len(pairs), full.config.hidden_size))
+        settings, len(sequences), len(pairs), full.config.hidden_size), logits=settings.kl_weight > 0)
     judge = _Judge(full, student, tokenizer, heldout_data, pairs[-1:], settings)
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(sequences), generator=generator).tolist()
@@ -166,11 +169,11 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             step = state["step"]
             picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
             step_start = time.perf_counter()
-            kd, lm = _step(teacher, student, picks, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs,
+            kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs,
                            settings, optimizer, step + 1)
             step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
-            history.append({"step": step + 1, "kd": kd, "lm": lm})
+            history.append({"step": step + 1, "kd": kd, "lm": lm, "kl": kl})
             bar.update()
             bar.set_postfix(kd=f"{kd:.4f}", lm=f"{lm:.3f}")
             if judge.active and (state["step"] % settings.eval_every == 0 or state["step"] == settings.steps):
@@ -187,6 +190,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         "tokens_per_second": tokens / step_seconds if step_seconds else None,
         "teacher_outputs_kept": teacher.keep,
         "final_kd": history[-1]["kd"] if history else None, "final_lm": history[-1]["lm"] if history else None,
+        "final_kl": history[-1].get("kl") if history else None,
         "selected_by": judge.what, f"heldout_{judge.what}_before": state.get("before"),
         f"heldout_{judge.what}_best": state.get("best"), "best_step": state.get("best_step"),
         "heldout": state.get("heldout", []),  # both scores at every check: what the other choice would keep
@@ -240,26 +244,37 @@ def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences: list[Sequence], pad_id: int,
-          pairs, settings: DistillConfig, optimizer, step: int) -> tuple[float, float]:
+          pairs, settings: DistillConfig, optimizer, step: int) -> tuple[float, float, float]:
     batch = collate(batch_sequences, pad_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    full_hidden = teacher.batch(indices, inputs)
+    full_out = teacher.batch(indices, inputs)
     student.train()
     wanted = {s for s, _ in pairs}
-    if settings.lm_weight > 0:
+    zero = torch.zeros(())
+    if settings.lm_weight > 0 or settings.kl_weight > 0:
         hidden, out = hidden_states_at(student, inputs, wanted, stop=False)
-        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        lm = (F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+              if settings.lm_weight > 0 else zero)
+        kl = output_kl(out.logits, full_out["logits"], batch["attention_mask"]) if settings.kl_weight > 0 else zero
     else:  # only the emulator's output is trained: nothing above it needs to run
         hidden, _ = hidden_states_at(student, inputs, wanted)
-        lm = torch.zeros(())
-    kd = kd_loss(hidden, full_hidden, pairs, batch["attention_mask"], settings.kd_normalise)
-    loss = settings.kd_weight * kd + settings.lm_weight * lm
+        lm = kl = zero
+    kd = kd_loss(hidden, full_out, pairs, batch["attention_mask"], settings.kd_normalise)
+    loss = settings.kd_weight * kd + settings.lm_weight * lm + settings.kl_weight * kl
     loss.backward()
     check_step(loss, [p for group in optimizer.param_groups for p in group["params"]], step, "distillation",
                "lower --distill-lr, or check the corpus and the full model")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return kd.item(), lm.item()
+    return kd.item(), lm.item(), kl.item()
+
+
+def output_kl(student_logits: torch.Tensor, full_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(full model's next-token distribution || compressed model's), averaged over unpadded positions."""
+    keep = mask.bool()
+    full_log = F.log_softmax(full_logits[keep].float(), dim=-1)
+    student_log = F.log_softmax(student_logits[keep].float(), dim=-1)
+    return F.kl_div(student_log, full_log, log_target=True, reduction="batchmean")
 
 
 # --- checkpoints: the model owner's local state, so an interrupted run resumes ------------------
