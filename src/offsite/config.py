@@ -232,6 +232,16 @@ class DistillConfig(JsonConfig):
         check(problems)
 
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the emulator: a loss term switched off (weight 0) adds nothing.
+
+        So results keyed before the term existed stay valid (the demo's stage cache).
+        """
+        fields = self.to_dict()
+        if self.kl_weight == 0:
+            del fields["kl_weight"]
+        return fields
+
 @dataclass
 class EmulateConfig(JsonConfig):
     """Model owner: build a bundle (adapter + emulator + frozen rest) from a full model."""

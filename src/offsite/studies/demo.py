@@ -125,7 +125,7 @@ class Emulator:
     corpora: dict[str, str] = field(default_factory=dict)  # SHA-256 of the texts it is made from, by role
 
     def key(self) -> dict[str, Any]:
-        key = {"split": self.split.identity(), "distill": self.distill.to_dict() if self.distill else None}
+        key = {"split": self.split.identity(), "distill": self.distill.identity() if self.distill else None}
         if self.corpora:  # an edited corpus file must not reuse stages of the emulator made from the old one
             key["corpora"] = self.corpora
         return key
@@ -144,7 +144,7 @@ def make_emulator(config: DemoConfig, split: SplitConfig, distill: DistillConfig
     """An emulator of `config.model`, its bundle folder named by everything that determines it."""
     name = f"{split.method}+distill" if distill else split.method
     blob = json.dumps({"model": config.model, "split": split.identity(),
-                       "distill": distill.to_dict() if distill else None}, sort_keys=True)
+                       "distill": distill.identity() if distill else None}, sort_keys=True)
     folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
     return Emulator(name, split, distill, Path(config.output) / "bundles" / folder, corpus_hashes(split, distill))
 
@@ -229,7 +229,8 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
     settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
     bundle, found = emulator.bundle, []
     for number in range(1, config.align_rounds + 1):
-        round_inputs = {**inputs, "round": number, "previous": tuned["summary"], "align": align_settings(config).to_dict()}
+        round_inputs = {**inputs, "round": number, "previous": tuned["summary"],
+                        "align": align_settings(config).identity()}
         aligned = emulator.bundle.parent / f"{adapter.name}-aligned{number}"  # one per adapter: per task and variant
         realigned = cache.run("align", lambda: _align_stage(config, bundle, adapter, aligned), needs=aligned / MANIFEST,
                               **round_inputs)
