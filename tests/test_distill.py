@@ -130,11 +130,13 @@ def test_without_the_lm_loss_nothing_above_the_middle_block_runs(model_dirs, sam
     above = [_count_calls(get_layers(full)[-1]), _count_calls(full.lm_head), _count_calls(get_layers(student)[-1]),
              _count_calls(student.lm_head)]
     middle_end = _count_calls(get_layers(full)[plan.num_layers - len(plan.top) - 1])
-    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=3, batch_size=2, seq_len=32, lm_weight=0.0)
+    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=3, batch_size=2, seq_len=32, lm_weight=0.0,
+                             kl_weight=0.0)
     distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, settings, read_corpus(settings),
             tmp_path / "ckpt")
     assert above == [[], [], [], []] and len(middle_end) == 3
-    with_lm = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=1, batch_size=2, seq_len=32, lm_weight=1.0)
+    with_lm = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=1, batch_size=2, seq_len=32, lm_weight=1.0,
+                            kl_weight=0.0)
     distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, with_lm, read_corpus(with_lm),
             tmp_path / "ckpt2")
     assert len(above[3]) == 1 and above[1] == []  # the student's head runs for its LM loss; the full model's never
@@ -144,7 +146,8 @@ def test_the_full_model_runs_once_per_window_when_its_outputs_are_kept(model_dir
     (tmp_path / "corpus.txt").write_text(sample_text_file.read_text()[:400])
     full, student, plan = pair(model_dirs)
     tokenizer = load_tokenizer(str(model_dirs["llama"]))
-    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=30, batch_size=2, seq_len=16, lm_weight=0.0)
+    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=30, batch_size=2, seq_len=16, lm_weight=0.0,
+                             kl_weight=0.0)
     windows = len(lm_sequences(tokenizer, read_corpus(settings).texts, 16))
     assert settings.steps * settings.batch_size > 2 * windows  # the corpus comes back at least twice
     calls = _count_calls(get_layers(full)[0])

@@ -189,9 +189,10 @@ class DistillConfig(JsonConfig):
     """Model owner: train the emulator layers to reproduce the full middle block.
 
     Loss = kd_weight * MSE(emulator output, full middle block output) / mean square of the
-    latter (the paper's normalisation) + lm_weight * language-modelling loss of the
-    compressed model. `align="per-layer"` also matches every kept layer's output with
-    the full stack's at the position it stands for.
+    latter (the paper's normalisation) + kl_weight * KL(full model's next-token distribution ||
+    compressed model's) + lm_weight * language-modelling loss of the compressed model.
+    `align="per-layer"` also matches every kept layer's output with the full stack's at the
+    position it stands for.
     """
 
     corpus: str = option(help="text corpus: .txt/.jsonl file or built-in name (austen)", flags=("--distill",),
@@ -201,8 +202,10 @@ class DistillConfig(JsonConfig):
     batch_size: int = option(4, "sequences per step", flags=("--distill-batch-size",))
     seq_len: int = option(256, "tokens per sequence", flags=("--distill-seq-len",))
     kd_weight: float = option(1.0, "weight of the normalised MSE to the full block")
-    lm_weight: float = option(1.0, "weight of the language-modelling loss")
-    kl_weight: float = option(0.0, "weight of the KL divergence from the full model's next-token distribution "
+    # The defaults, kd 1 + KL 1 and no LM loss, measured best of three recipes on the built-in model
+    # (docs/results/2026-12-02-fidelity-study.md).
+    lm_weight: float = option(0.0, "weight of the compressed model's language-modelling loss on the corpus")
+    kl_weight: float = option(1.0, "weight of the KL divergence from the full model's next-token distribution "
                               "to the compressed model's (both models then run to the head)")
     align: str = option("final", "match only the emulator's output, or every kept layer's",
                         choices=("final", "per-layer"))
