@@ -173,7 +173,7 @@ def test_the_checkpoint_kept_is_the_best_held_out_standin(model_dirs, sample_tex
     assert summary["heldout_standin_error_best"] == min(scores) and summary["best_step"] == 2 * (1 + scores.index(min(scores)))
     judge = distillation._Judge(full, student, load_tokenizer(str(model_dirs["llama"])), heldout,
                                 alignment_targets(plan, "final"), DistillConfig(corpus="x", seq_len=32, eval_windows=4))
-    assert abs(judge.score() - min(scores)) < 1e-5  # the student now holds the best checkpoint's weights
+    assert abs(judge.scores()["standin_error"] - min(scores)) < 1e-5  # the student now holds the best checkpoint's weights
     _, _, _, by_perplexity = run(model_dirs, tmp_path, tmp_path / "ckpt-ppl", steps=2, select="perplexity")
     assert by_perplexity["selected_by"] == "perplexity" and by_perplexity["heldout_perplexity_best"] > 1
 

@@ -228,9 +228,6 @@ class _Judge:
         ppl = perplexity(self.student, self.tokenizer, self.heldout, 256, 8)["perplexity"]
         return {"standin_error": sum(errors) / len(errors), "perplexity": ppl}
 
-    def score(self) -> float:
-        return self.scores()[self.what]
-
 
 EVAL_BATCH = 8
 

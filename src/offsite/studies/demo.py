@@ -170,14 +170,28 @@ def build_bundles(config: DemoConfig, cache: "StageCache", measured: list[Emulat
                   emulator=emulator.key())
 
 
+def adapter_settings(config: DemoConfig, budget: TaskBudget) -> dict[str, Any]:
+    """The TrainConfig fields of the data owner's runs: the budget's, with the demo's overrides."""
+    return {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
+
+
+def adapter_inputs(config: DemoConfig, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Stage inputs of everything that depends on the adapter.
+
+    Only overridden runs carry the overrides in their keys, so default runs keep their cache.
+    """
+    return {**inputs, "adapter_training": config.adapter_training} if config.adapter_training else inputs
+
+
 def tune_adapter(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator, train_file: Path,
                  budget: TaskBudget, inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """The data owner's run on `emulator`'s bundle: (adapter folder, the stage's result)."""
-    settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
+    """The data owner's run on `emulator`'s bundle: (adapter folder, the stage's result).
+
+    `inputs` are the stage inputs with the adapter overrides already in (see `adapter_inputs`).
+    """
+    settings = adapter_settings(config, budget)
     name = f"{task}-{emulator.bundle.name}"
     if config.adapter_training:
-        # Only overridden runs carry the overrides in their keys, so default runs keep their cache.
-        inputs = {**inputs, "adapter_training": config.adapter_training}
         name += "-" + hashlib.sha256(json.dumps(config.adapter_training, sort_keys=True).encode()).hexdigest()[:8]
     adapter = emulator.bundle.parent.parent / "adapters" / name
     tuned = cache.run("offsite_tune", lambda: in_fresh_process(
@@ -197,9 +211,8 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
     inputs = {**task_inputs, "emulator": emulator.key()}
     bundle = str(emulator.bundle)
     zero = cache.run("emulator_zero_shot", lambda: _evaluate(bundle, None, str(test_file), budget), **inputs)
+    inputs = adapter_inputs(config, inputs)
     adapter, tuned = tune_adapter(config, cache, task, emulator, train_file, budget, inputs)
-    if config.adapter_training:
-        inputs["adapter_training"] = config.adapter_training
     emulated = cache.run("emulator_finetune", lambda: _evaluate(bundle, str(adapter), str(test_file), budget),
                          adapter=tuned["summary"], **inputs)
     plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget, bundle),
@@ -226,7 +239,7 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
     plug-in and the emulator fine-tuned are scored after every round.
     """
     train_file, test_file = files
-    settings = {**asdict(_train_settings(budget, budget.lr, config.seed)), **config.adapter_training}
+    settings = adapter_settings(config, budget)
     bundle, found = emulator.bundle, []
     for number in range(1, config.align_rounds + 1):
         round_inputs = {**inputs, "round": number, "previous": tuned["summary"],
@@ -266,10 +279,8 @@ def run_ceiling(config: DemoConfig, cache: StageCache, task: str, ceiling: Emula
     is judged against. Only the model owner can run it: it needs the full model.
     """
     train_file, test_file = files
-    inputs = {**task_inputs, "emulator": ceiling.key()}
+    inputs = adapter_inputs(config, {**task_inputs, "emulator": ceiling.key()})
     adapter, tuned = tune_adapter(config, cache, task, ceiling, train_file, budget, inputs)
-    if config.adapter_training:
-        inputs["adapter_training"] = config.adapter_training
     plugged = cache.run("plug_in", lambda: _evaluate(config.model, str(adapter), str(test_file), budget,
                                                      str(ceiling.bundle)), adapter=tuned["summary"], **inputs)
     return {"result": plugged, "timing": _timing(tuned)}
