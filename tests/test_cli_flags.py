@@ -22,12 +22,13 @@ FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign",  # --sign, --trust, --bundle: new in the hardening
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
-            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter",
+            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience",
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite",  # new in the fidelity work
     "plug": "--output --overwrite --bundle --trust",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json",
     "info": "--json",
-    "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay",
+    "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
+            "--fair-budget",
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
               f"{DISTILL} --quick --seed",
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "

@@ -177,3 +177,51 @@ def test_alignment_rounds_realign_the_bundle_and_tune_on_from_the_adapter(tiny_t
     bundles = sorted(p.name for p in (out / "bundles").iterdir())
     assert len([b for b in bundles if "aligned" in b]) == 2
     assert "| after alignment round 2: plug-in |" in (out / "report.md").read_text()
+
+
+def test_fair_budgets_choose_each_setting_s_lr_on_validation_and_stop_early(tiny_tasks, model_dirs, tmp_path, caplog):
+    from offsite.api import load_for_eval
+    from offsite.data.read import read_data
+    from offsite.scoring import score
+    from offsite.studies.demo import make_emulator
+    from offsite.studies.fair import validation_value
+    from offsite.studies.settings import FairBudget
+    fair = FairBudget(adapter_lrs=(1e-4, 3e-3), full_lrs=(3e-4,), step_cap=2, checks=2, patience=1,
+                      validation_share=1.0)
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz", "text"],
+                        quick=True, isolate=False, distill=None, ceiling=True, fair_budget=True, fair=fair)
+    config.split.emulator_layers = 1
+    out = demo(config)
+    report = json.loads((out / "report.json").read_text())
+    runs = report["fair"]["runs"]["quiz"]
+    assert set(runs) == {"full_finetune", "offsite", "ceiling"}
+    assert [p["lr"] for p in runs["offsite"]["grid"]] == [1e-4, 3e-3] and len(runs["full_finetune"]["grid"]) == 1
+    for found in runs.values():
+        best = max(validation_value(p["summary"]) for p in found["grid"])
+        assert validation_value(found["chosen"]["summary"]) == best  # chosen on validation, never on test
+        assert all(p["summary"]["max_steps"] == 4 and p["steps"] <= 4 for p in found["grid"])
+    # The data owner validated through the emulator: its kept adapter scores so on the validation data.
+    chosen = runs["offsite"]["chosen"]
+    bundle = make_emulator(config, config.split, None).bundle
+    adapter = out / "adapters" / f"quiz-{bundle.name}-fair-{chosen['lr']:g}"
+    model, tokenizer = load_for_eval(str(bundle), str(adapter))
+    assert score(model, tokenizer, read_data(str(out / "data" / "quiz.validation.jsonl")), 32, 8) == \
+        chosen["summary"]["best_eval"]
+    assert report["fair"]["results"]["plug_in"]["quiz"] == chosen["test"]["plug_in"]
+    assert set(report["fair"]["figures"]["text"]) == {"gain_kept", "gain_kept_of_ceiling", "ceiling_gain_kept",
+                                                      "protection"}
+    assert "Fair budgets" in (out / "report.md").read_text()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="offsite"):
+        demo(config)
+    assert ": running" not in caplog.text
+
+
+def test_fair_choice_is_the_best_validation_and_the_lower_lr_of_equals():
+    from offsite.studies.fair import choose
+    grid = [{"lr": lr, "summary": {"best_eval": {"task": "lm", "perplexity": ppl}}}
+            for lr, ppl in ((1e-5, 9.0), (1e-4, 7.0), (1e-3, 7.0))]
+    assert choose(grid)["lr"] == 1e-4
+    grid = [{"lr": lr, "summary": {"best_eval": {"task": "choice", "accuracy": acc}}}
+            for lr, acc in ((1e-5, 0.5), (1e-4, 0.4))]
+    assert choose(grid)["lr"] == 1e-5

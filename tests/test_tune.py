@@ -3,6 +3,7 @@
 import json
 import warnings
 
+import pytest
 import torch
 from conftest import input_batch
 from test_bundle import make_bundle
@@ -13,6 +14,7 @@ from offsite import TrainConfig, TuneConfig, tune
 from offsite.api import load_for_eval
 from offsite.arch import get_layers, layer_paths
 from offsite.data.types import TextData
+from offsite.errors import ConfigError
 from offsite.exchange.adapter import load_adapter
 from offsite.exchange.bundle import bundle_index, load_bundle
 from offsite.loading import load_tokenizer
@@ -84,6 +86,25 @@ def test_validation_keeps_the_best_checkpoint(model_dirs, sample_text_file, tmp_
     best_step = min(evals, key=evals.get)
     assert json.loads((adapter / "adapter.json").read_text())["training"]["summary"]["best_step"] == best_step
     assert abs(train_perplexity(bundle, adapter) - evals[best_step]) < 1e-3 * evals[best_step]
+
+
+def test_patience_stops_once_validation_stops_improving(model_dirs, sample_text_file, tmp_path, monkeypatch):
+    # Scripted validation results: best at step 2, then two checks without improvement.
+    perplexities = iter([5.0, 4.0, 6.0, 4.5, 3.0, 2.0])
+    monkeypatch.setattr("offsite.training.trainer.score",
+                        lambda *args: {"task": "lm", "perplexity": next(perplexities)})
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = run_tune(bundle, sample_text_file, tmp_path / "a", eval_data=str(sample_text_file), eval_every=1,
+                       patience=2)
+    records = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [1, 2, 3, 4]
+    summary = json.loads((adapter / "adapter.json").read_text())["training"]["summary"]
+    assert (summary["steps"], summary["max_steps"], summary["stopped_early"], summary["best_step"]) == (4, 8, True, 2)
+
+
+def test_patience_needs_validation_data():
+    with pytest.raises(ConfigError, match="--patience needs --eval-data"):
+        TuneConfig(bundle="b", data="d", output="o", train=TrainConfig(patience=2))
 
 
 def test_best_keeps_better_results_only():

@@ -278,6 +278,10 @@ class TrainConfig(JsonConfig):
     grad_accum: int = option(1, "micro-batches per optimizer step")
     seq_len: int = option(256, "maximum tokens per sequence")
     eval_every: int | None = option(None, "validate every N steps (default: 5 times per run)")
+    # Early stopping, as a user would train: the step count becomes a cap, and the run ends once
+    # validation has stopped improving (the best checkpoint is kept either way).
+    patience: int | None = option(None, "stop when the validation metric has not improved for N validations in a "
+                                  "row (needs --eval-data; default: run every step)")
     seed: int = option(0, "seed of the shuffling and of torch")
     # Top-only adapters (bundles made with --bottom 0): run the emulator once per training sequence
     # and reuse its output in every later step (offsite.training.emulator_cache). Off by default: the
@@ -295,7 +299,8 @@ class TrainConfig(JsonConfig):
             problems.append("--epochs and --max-steps both given; pass only one")
         positive(problems, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                   seq_len=self.seq_len, epochs=self.epochs, max_steps=self.max_steps,
-                  lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, eval_every=self.eval_every)
+                  lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, eval_every=self.eval_every,
+                  patience=self.patience)
         if self.lora_alpha is not None and self.lora_rank is None:
             problems.append("--lora-alpha needs --lora-rank")
         if not 0 <= self.warmup_ratio < 1:
@@ -337,6 +342,8 @@ class TuneConfig(JsonConfig):
             self.train = TrainConfig.from_dict(self.train)
         problems: list[str] = []
         positive(problems, checkpoint_every=self.checkpoint_every)
+        if self.train.patience is not None and self.eval_data is None:
+            problems.append("--patience needs --eval-data: early stopping watches the validation metric")
         check(problems)
 
 

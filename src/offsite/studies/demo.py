@@ -86,22 +86,27 @@ def _train_settings(budget: TaskBudget, lr: float, seed: int) -> TrainConfig:
 
 
 def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dict[str, Any],
-                       init_adapter: str | None = None) -> dict[str, Any]:
+                       init_adapter: str | None = None, eval_file: str | None = None) -> dict[str, Any]:
     """Data owner's side, exactly as a user runs it: `offsite tune` on the bundle."""
     tune(TuneConfig(bundle=bundle, data=train_file, output=adapter, train=TrainConfig(**settings), overwrite=True,
-                    init_adapter=init_adapter))
+                    init_adapter=init_adapter, eval_data=eval_file))
     summary = json.loads((Path(adapter) / ADAPTER_METADATA).read_text())["training"]["summary"]
     return {"summary": summary, "peak_rss_mb": peak_rss_mb()}
 
 
 def full_finetune_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
-                        metrics: str) -> dict[str, Any]:
-    """Baseline: every transformer block of the full model trained on the same data and steps."""
+                        metrics: str, eval_file: str | None = None) -> dict[str, Any]:
+    """Baseline: every transformer block of the full model trained on the same data and steps.
+
+    `eval_file`: validation data, for the best checkpoint and early stopping (`settings["patience"]`).
+    """
     train = TrainConfig(**settings)
     torch.manual_seed(train.seed)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
     sequences = training_sequences(read_data(train_file), tokenizer, train.seq_len)
-    model = train_layers(model, tokenizer, sequences, list(range(len(get_layers(model)))), train, Path(metrics))
+    Path(metrics).unlink(missing_ok=True)  # a rerun's records must not follow an interrupted run's
+    model = train_layers(model, tokenizer, sequences, list(range(len(get_layers(model)))), train, Path(metrics),
+                         read_data(eval_file) if eval_file else None)
     peak = peak_rss_mb()
     result = score(model, tokenizer, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
     return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
@@ -369,6 +374,11 @@ def demo(config: DemoConfig) -> Path:
     ceiling = ceiling_emulator(config) if config.ceiling else None
     build_bundles(config, cache, measured + ([ceiling] if ceiling else []))
     per_task = {task: run_task(config, cache, task, measured, ceiling) for task in config.tasks}
+    if config.fair_budget:
+        # Here, not at the top: the fair comparison is built from this module's stages.
+        from offsite.studies.fair import fair_comparison  # noqa: PLC0415
+        for task in config.tasks:
+            per_task[task]["fair"] = fair_comparison(config, cache, task, measured[0], ceiling)
     manifests = {e.name: read_manifest(e.bundle) for e in measured}
     run = {"wall_seconds": time.perf_counter() - start, "stages_computed": cache.computed,
            "stages_reused": cache.reused}

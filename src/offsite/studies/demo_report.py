@@ -106,6 +106,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
         "rounds": {task: r["rounds"] for task, r in per_task.items() if r.get("rounds")},
         "figures": figures(settings),
         "claims": claims(settings),
+        "fair": fair_report(config, per_task, settings),
         "data": {task: {"sizes": r["sizes"], "budget": r["budget"]} for task, r in per_task.items()},
         "split_definition": split_definition(),
         "seed": config.seed,
@@ -115,6 +116,62 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
                      "python": platform.python_version()},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
     }
+
+
+# The fair comparison's rows: setting, the grid it comes from, and what its test score is.
+FAIR_ROWS = (("full_finetune", "full_finetune", "full_finetune"), ("emulator_finetune", "offsite", "emulator_finetune"),
+             ("plug_in", "offsite", "plug_in"), ("ceiling", "ceiling", "plug_in"))
+
+
+def fair_report(config, per_task: dict[str, Any], settings: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The fair comparison (`--fair-budget`): each setting's chosen run, its test results and figures."""
+    fair = {task: r["fair"] for task, r in per_task.items() if "fair" in r}
+    if not fair:
+        return None
+    results = {name: {task: grids[grid]["chosen"]["test"][scored] for task, grids in fair.items() if grid in grids}
+               for name, grid, scored in FAIR_ROWS}
+    found = {}
+    for task in fair:
+        zero, full_ft, plug = settings["zero_shot"][task], results["full_finetune"][task], results["plug_in"][task]
+        ceiling = results["ceiling"].get(task)
+        found[task] = {"gain_kept": gain_kept(plug, zero, full_ft),
+                       "gain_kept_of_ceiling": gain_kept(plug, zero, ceiling) if ceiling else None,
+                       "ceiling_gain_kept": gain_kept(ceiling, zero, full_ft) if ceiling else None,
+                       "protection": protection(plug, results["emulator_finetune"][task])}
+    return {"budget": config.fair.to_dict(), "results": results, "figures": found,
+            "runs": fair}
+
+
+def fair_markdown(report: dict[str, Any]) -> list[str]:
+    fair = report["fair"]
+    tasks = list(fair["runs"])
+    budget = fair["budget"]
+    lines = ["", f"Fair budgets (`--fair-budget`): each trained setting's own learning rate, chosen on validation "
+             f"data ({budget['validation_share']:.0%} of the test size; the data owner validates through the "
+             f"emulator) from the grid {list(budget['adapter_lrs'])} (adapter) or {list(budget['full_lrs'])} "
+             f"(full fine-tuning), trained until {budget['patience']} validations in a row bring no improvement "
+             f"within {budget['step_cap']:g}× the budget's steps, best checkpoint kept:", "",
+             "| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    labels = {**LABELS, "ceiling": CEILING_LABEL}
+    for name, _, _ in FAIR_ROWS:
+        cells = [format_metric(fair["results"][name][t]) if t in fair["results"][name] else "n/a" for t in tasks]
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "| task | gain kept (of full FT) | gain kept (of the ceiling) | ceiling's gain kept (of full FT) "
+              "| protection |", "|---|---|---|---|---|"]
+    for task in tasks:
+        numbers = fair["figures"][task]
+        plug = fair["results"]["plug_in"][task]
+        lines.append(f"| {task} | {_share(numbers['gain_kept'])} | {_share(numbers['gain_kept_of_ceiling'])} | "
+                     f"{_share(numbers['ceiling_gain_kept'])} | {format_protection(plug, numbers['protection'])} |")
+    lines += ["", "| task | trained setting | lr chosen | steps run (best step) | validation of each lr | "
+              "train min, chosen lr / whole grid |", "|---|---|---|---|---|---|"]
+    for task, grids in fair["runs"].items():
+        for grid, found in grids.items():
+            chosen = found["chosen"]
+            validations = ", ".join(f"{p['lr']:g}: {format_metric(p['summary']['best_eval'])}" for p in found["grid"])
+            lines.append(f"| {task} | {grid} | {chosen['lr']:g} | {chosen['steps']} ({chosen['best_step']}) | "
+                         f"{validations} | {chosen['seconds'] / 60:.1f} / {found['grid_seconds'] / 60:.1f} |")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -182,7 +239,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{full['seconds_per_step'] / off['seconds_per_step']:.1f}× | {full['peak_rss_mb']:.0f} | "
             f"{off['peak_rss_mb']:.0f} | {full['peak_rss_mb'] / off['peak_rss_mb']:.1f}× | "
             f"{full['trainable_params'] / 1e6:.1f}M / {off['trainable_params'] / 1e6:.1f}M |")
-    lines += ["", "Claims of the paper, checked on these numbers:", ""]
+    if report.get("fair"):
+        lines += fair_markdown(report)
+    lines += ["", "Claims of the paper, checked on these numbers (the equal-steps table):", ""]
     lines += [f"- {c['task']}: {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}**" for c in report["claims"]]
     lines += ["", "Peak RSS is the whole training process (Python, libraries, model, optimizer, activations).", ""]
     return "\n".join(lines)

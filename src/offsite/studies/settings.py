@@ -48,6 +48,45 @@ DISTILL_BUDGETS: dict[str, DistillConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class FairBudget(JsonConfig):
+    """What each trained setting gets in the demo's fair comparison, as a user would train it.
+
+    Every setting (full fine-tuning, the offsite adapter, the ceiling) tries each learning rate of
+    its grid, validates `checks` times within a cap of `step_cap` × the budget's steps, stops after
+    `patience` checks without improvement, and keeps its best checkpoint; the learning rate with
+    the best validation is the one reported. The data owner validates through the emulator, since
+    that is all it has.
+    """
+
+    adapter_lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    full_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4)  # full fine-tuning moves every block: a lower grid
+    step_cap: float = 2.0
+    checks: int = 8
+    patience: int = 2
+    validation_share: float = 0.5  # validation examples, as a share of the budget's test examples
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter_lrs", tuple(self.adapter_lrs))  # JSON gives lists
+        object.__setattr__(self, "full_lrs", tuple(self.full_lrs))
+        problems = []
+        positive(problems, step_cap=self.step_cap, checks=self.checks, patience=self.patience,
+                 validation_share=self.validation_share)
+        problems += [f"fair budget: learning rate {lr} must be greater than 0"
+                     for lr in self.adapter_lrs + self.full_lrs if not lr > 0]
+        problems += [f"fair budget: {name} is empty" for name in ("adapter_lrs", "full_lrs") if not getattr(self, name)]
+        check(problems)
+
+    def max_steps(self, budget: TaskBudget) -> int:
+        return max(1, round(self.step_cap * budget.steps))
+
+    def eval_every(self, budget: TaskBudget) -> int:
+        return max(1, self.max_steps(budget) // self.checks)
+
+    def validation_examples(self, budget: TaskBudget) -> int:
+        return max(1, round(self.validation_share * budget.eval_examples))
+
+
 @dataclass
 class DemoConfig(JsonConfig):
     """What the demo runs: model, split, tasks and budget."""
@@ -71,6 +110,10 @@ class DemoConfig(JsonConfig):
     # further tuning from that adapter; each round's alignment runs `align_steps` distillation steps.
     align_rounds: int = 0
     align_steps: int = 50
+    fair_budget: bool = option(False, "also give each trained setting its own learning rate (chosen on validation "
+                               "from a small grid) and early stopping within a step cap (each trained setting runs once "
+                               "per learning rate)")
+    fair: FairBudget = field(default_factory=FairBudget)  # what --fair-budget gives (studies may change it)
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
 
     def __post_init__(self) -> None:
@@ -78,6 +121,8 @@ class DemoConfig(JsonConfig):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+        if isinstance(self.fair, dict):
+            self.fair = FairBudget.from_dict(self.fair)
         if self.compare_uniform is None:
             self.compare_uniform = not self.quick
         if self.ceiling is None:

@@ -137,6 +137,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     batches = _batch_stream(sequences, settings, tokenizer.pad_token_id, cache)
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
+    stopped_at = None
     done = checkpoint.resume(model, optimizer, scheduler, best, metrics_path) if checkpoint else 0
     for _ in range(done * settings.grad_accum):  # the data position: the same batches in the same order
         next(batches)
@@ -157,15 +158,22 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
                 best.offer(result, step, model)
                 _log(metrics, {"step": step, "eval": result})
                 log.info("step %d validation %s", step, result)
+                if settings.patience and step - best.step >= settings.patience * eval_every:
+                    log.info("step %d: no better validation for %d checks since step %d; stopping",
+                             step, settings.patience, best.step)
+                    stopped_at = step
+                    break
             if checkpoint and step < steps and (step % save_every == 0 or stop.requested):
                 checkpoint.save(step, model, optimizer, scheduler, best, metrics_path)
                 if stop.requested:
                     raise KeyboardInterrupt  # the CLI says how to resume
     seconds = time.perf_counter() - start
     best.restore(model)
-    return {"steps": steps, "final_loss": loss, "best_step": best.step, "best_eval": best.result,
-            "train_sequences": len(sequences), "trainable_params": sum(p.numel() for p in params),
-            "seconds": seconds, "seconds_per_step": step_seconds / steps}
+    ran = stopped_at or steps
+    return {"steps": ran, "max_steps": steps, "stopped_early": stopped_at is not None, "final_loss": loss,
+            "best_step": best.step, "best_eval": best.result, "train_sequences": len(sequences),
+            "trainable_params": sum(p.numel() for p in params), "seconds": seconds,
+            "seconds_per_step": step_seconds / max(1, ran - done)}
 
 
 def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int, cache: EmulatorCache | None = None):
