@@ -8,7 +8,9 @@ sweep/sweep.md gathers the emulator-dependent rows of all of them.
     python benchmarks/demo_sweep.py benchmarks/variants/adapter-lr.json --out /tmp/runs/default
 
 A variants file is a JSON object: label -> DemoConfig fields (split, distill, adapter_training,
-compare_uniform, quick, tasks); `"distill": "austen"` is the default distillation of that corpus.
+compare_uniform, quick, tasks, fair_budget); `"distill": "austen"` is the default distillation of that
+corpus. A variant whose corpus is a file (e.g. `offsite-corpora/sampled-800.jsonl` of distill-study.json) needs
+that file first; its page in docs/results/ gives the command that makes it.
 The studies behind docs/results/ are in benchmarks/variants/.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from offsite.config import DistillConfig
 from offsite.studies.demo import demo
-from offsite.studies.demo_report import CEILING_LABEL, LABELS
+from offsite.studies.demo_report import CEILING_LABEL, FAIR_ROWS, LABELS
 from offsite.studies.metrics import format_metric
 from offsite.studies.settings import DemoConfig
 
@@ -71,6 +73,13 @@ def table(reports: dict[str, dict]) -> str:
             number = task_rounds[0]["round"]
             lines.append(f"| {label} | plug-in after alignment round {number} | "
                          + " | ".join(format_metric(r["plug_in"]) for r in task_rounds) + " |")
+        fair = report.get("fair")
+        for name, grid, _ in FAIR_ROWS if fair else ():
+            cells = [f"{format_metric(fair['results'][name][t])} (lr {fair['runs'][t][grid]['chosen']['lr']:g}, "
+                     f"{fair['runs'][t][grid]['chosen']['steps']} steps)" if t in fair["results"][name] else "n/a"
+                     for t in tasks]
+            lines.append(f"| {label} | fair budget: {CEILING_LABEL if name == 'ceiling' else LABELS[name]} | "
+                         + " | ".join(cells) + " |")
         distilled = (report.get("emulator") or {}).get("distill") or {}
         if distilled:
             lines.append(f"| {label} | distillation: steps, held-out {distilled.get('selected_by', 'perplexity')} "
