@@ -22,10 +22,11 @@ FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign",  # --sign, --trust, --bundle: new in the hardening
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
-            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience",
+            "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
+            "--device --dtype --save-dtype",  # the last 3: new (scale)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite",  # new in the fidelity work
     "plug": "--output --overwrite --bundle --trust",
-    "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json",
+    "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype",
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
             "--fair-budget",

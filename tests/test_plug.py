@@ -73,7 +73,15 @@ def test_strict_keys_shapes_and_dtypes(model_dirs, tmp_path):
         apply(full, broken, identity, adapter_dir)
     broken = load_adapter(adapter_dir)
     broken.tensors[1]["mlp.up_proj.weight"] = broken.tensors[1]["mlp.up_proj.weight"].half()
-    with pytest.raises(OffsiteError, match="torch.float16 but the model expects"):
+    with pytest.raises(OffsiteError, match="mixes dtypes \\['torch.float16', 'torch.float32'\\]"):
+        apply(full, broken, identity, adapter_dir)
+    broken = load_adapter(adapter_dir)
+    broken.tensors[1]["mlp.up_proj.weight"] = broken.tensors[1]["mlp.up_proj.weight"][:, :1].contiguous()
+    with pytest.raises(OffsiteError, match="layers.1.mlp.up_proj.weight: shape"):
+        apply(full, broken, identity, adapter_dir)
+    broken = load_adapter(adapter_dir)
+    broken.tensors = {i: {k: v.to(torch.int32) for k, v in named.items()} for i, named in broken.tensors.items()}
+    with pytest.raises(OffsiteError, match="torch.int32 but the model expects"):
         apply(full, broken, identity, adapter_dir)
 
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from offsite.arch import get_layers
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
 from offsite.config import (AlignConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig,
                             SampleConfig, TuneConfig)
@@ -27,6 +28,7 @@ from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.tokens import Sequence
 from offsite.data.types import Data, TextData, limit
+from offsite.device import DTYPES, Placement, place_model
 from offsite.emulator.build import build_emulator, calibration_corpus
 from offsite.emulator.compress import COMPRESSIONS
 from offsite.emulator.distill import distill, read_corpus
@@ -84,6 +86,7 @@ def tune(config: TuneConfig) -> Path:
                      inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after training
+    placement = training_placement(config)
     data = read_data(config.data)
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
@@ -100,13 +103,18 @@ def tune(config: TuneConfig) -> Path:
     sequences = training_sequences(data, tokenizer, config.train.seq_len)
     if not sequences:
         raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
+    trained = [positions[i] for i in manifest.plan.adapter]
+    place_model(model, placement, keep_float32=[get_layers(model)[p] for p in trained])
     resumable = Resumable(Path(config.output).with_name(f".{Path(config.output).name}.tune"),
-                          _run_identity(manifest, sequences, eval_data, config), config.checkpoint_every)
+                          {**_run_identity(manifest, sequences, eval_data, config), "dtype": str(placement.dtype)},
+                          config.checkpoint_every)
     with atomic_dir(config.output, config.overwrite) as tmp:
-        model = train_layers(model, tokenizer, sequences, [positions[i] for i in manifest.plan.adapter],
-                             config.train, tmp / METRICS, eval_data, resumable)
+        model = train_layers(model, tokenizer, sequences, trained, config.train, tmp / METRICS, eval_data, resumable,
+                             placement)
+        tensors = extract(model, {i: positions[i] for i in manifest.plan.adapter})
         adapter = Adapter(
-            tensors=extract(model, {i: positions[i] for i in manifest.plan.adapter}),
+            tensors={i: {k: v.to("cpu", DTYPES[config.save_dtype]) for k, v in named.items()}
+                     for i, named in tensors.items()},
             fingerprint=manifest.fingerprint,
             base_model=manifest.base_model,
             training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
@@ -114,6 +122,19 @@ def tune(config: TuneConfig) -> Path:
         adapter.save(tmp, sign=config.sign)
     resumable.remove()
     return Path(config.output)
+
+
+def training_placement(config: TuneConfig) -> Placement:
+    """Where `tune` trains, after refusing what it cannot do there."""
+    placement = Placement.of(config.runtime.device, config.runtime.dtype)
+    if placement.dtype == torch.float16:
+        raise OffsiteError("--dtype float16: training in float16 needs loss scaling, which offsite tune does not do; "
+                           "use --dtype bfloat16 (or float32)")
+    if config.train.cache_emulator and placement.device.type != "cpu":
+        raise OffsiteError(f"--cache-emulator keeps the emulator's outputs in CPU memory and works with --device cpu "
+                           f"only; drop it to train on {placement.device}")
+    log.info("training on %s, compute dtype %s", placement.device, str(placement.dtype).removeprefix("torch."))
+    return placement
 
 
 def align(config: AlignConfig) -> Path:
@@ -215,8 +236,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.limit is not None:
         data = limit(data, config.limit)
     check_window(load_config(config.model), config.seq_len)
+    placement = Placement.of(config.runtime.device, config.runtime.dtype)
     model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
-    return score(model, tokenizer, data, config.seq_len, config.batch_size)
+    place_model(model, placement)
+    with placement.autocast():
+        return score(model, tokenizer, data, config.seq_len, config.batch_size)
 
 
 def _size(path: Path) -> int:

@@ -22,6 +22,7 @@ from offsite.config import (
     AlignConfig,
     DistillConfig,
     EmulateConfig,
+    DeviceConfig,
     EvalConfig,
     ExportConfig,
     KeygenConfig,
@@ -155,6 +156,10 @@ def _distill_flags(parser: argparse.ArgumentParser, defaults: DistillConfig | No
     add_options(group, DistillConfig, defaults or DistillConfig(corpus=None), unset=unset)  # type: ignore[arg-type]
 
 
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    add_options(parser.add_argument_group("device and precision"), DeviceConfig)
+
+
 def _distill(args: argparse.Namespace) -> DistillConfig | None:
     return from_args(DistillConfig, args) if args.distill else None
 
@@ -192,8 +197,9 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(tune, TuneConfig, only=("bundle", "data", "output", "eval_data"))
     add_options(tune, TrainConfig)
     add_options(tune, TuneConfig, only=("checkpoint_every", "trust", "sign", "overwrite"))
-
     add_options(tune, TuneConfig, only=("init_adapter",))
+    _device_flags(tune)
+    add_options(tune, TuneConfig, only=("save_dtype",))
 
     align = add_command("align", help="model owner: re-distil a bundle's emulator with a returned adapter in the "
                                       "loop, so the next round of tuning transfers better")
@@ -205,6 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     evaluate = add_command("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
     add_options(evaluate, EvalConfig)
+    _device_flags(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     info = add_command("info", help="describe a bundle, adapter or model directory")
@@ -255,7 +262,7 @@ def _run_emulate(args: argparse.Namespace) -> None:
 
 def _run_tune(args: argparse.Namespace) -> None:
     from offsite.api import tune  # noqa: PLC0415 - lazy torch (see above)
-    path = tune(from_args(TuneConfig, args, train=from_args(TrainConfig, args)))
+    path = tune(from_args(TuneConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args)))
     print(f"adapter written to {path}; return it to the model owner")
 
 
@@ -274,7 +281,7 @@ def _run_plug(args: argparse.Namespace) -> None:
 
 def _run_eval(args: argparse.Namespace) -> None:
     from offsite.api import evaluate  # noqa: PLC0415 - lazy torch (see above)
-    _print(evaluate(from_args(EvalConfig, args)), args.json)
+    _print(evaluate(from_args(EvalConfig, args, runtime=from_args(DeviceConfig, args))), args.json)
 
 
 def _run_info(args: argparse.Namespace) -> None:

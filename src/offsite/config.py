@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,6 +317,29 @@ class TrainConfig(JsonConfig):
         return max(1, math.ceil(epochs * num_sequences / (self.batch_size * self.grad_accum)))
 
 
+# Kept here as names (offsite.device maps them to torch): building the flags must not import torch.
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DeviceConfig(JsonConfig):
+    """Where models run and in what precision (see offsite.device)."""
+
+    device: str = option("auto", "where models run: auto (the first GPU found, else the CPU), cpu, cuda, cuda:N "
+                         "or mps")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that supports it, else float32); "
+                        "trained weights stay float32", choices=DTYPE_NAMES)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            problems.append(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_NAMES)}")
+        check(problems)
+
+
 @dataclass
 class TuneConfig(JsonConfig):
     """Data owner: train the adapter of a bundle on private data."""
@@ -336,10 +360,15 @@ class TuneConfig(JsonConfig):
     init_adapter: str | None = option(None, "start from this adapter file instead of the bundle's layers (e.g. "
                                       "yours, after the model owner re-aligned the bundle with `offsite align`)",
                                       metavar="ADAPTER")
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
+    save_dtype: str = option("float32", "dtype of the exported adapter's weights (they train in float32)",
+                             choices=DTYPE_NAMES[1:])
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
         positive(problems, checkpoint_every=self.checkpoint_every)
         if self.train.patience is not None and self.eval_data is None:
@@ -399,8 +428,11 @@ class EvalConfig(JsonConfig):
     seq_len: int = option(512, "window length in tokens")
     batch_size: int = option(8, "sequences per forward pass")
     limit: int | None = option(None, "score only the first N examples (or documents)")
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
         positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit)
         check(problems)

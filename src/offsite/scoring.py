@@ -26,7 +26,7 @@ def sequence_scores(model: PreTrainedModel, sequences: list[Sequence], pad_id: i
     results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = order[start: start + batch_size]
-        batch = collate([sequences[i] for i in chunk], pad_id)
+        batch = {name: value.to(model.device) for name, value in collate([sequences[i] for i in chunk], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         scores = token_log_probs(logits, batch["labels"]).sum(-1)
         counts = (batch["labels"] != IGNORE).sum(-1)
@@ -67,15 +67,18 @@ def choice_logliks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
     continuations = [continuation for _, continuation in pairs]
     width = max(len(c) for c in continuations)
     context = pairs[0][0][-max(1, seq_len + 1 - width):]
-    out = model(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
+    device = model.device
+    out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each choice's first token
     scores = [float(first[c[0]]) for c in continuations]
     if width == 1:
         return scores
     cache = out.cache
     cache.batch_repeat_interleave(len(continuations))
-    batch = collate([Sequence(c[:-1], c[1:]) for c in continuations], tokenizer.pad_token_id)
-    mask = torch.cat([torch.ones(len(continuations), len(context), dtype=torch.long), batch["attention_mask"]], 1)
+    batch = {name: value.to(device) for name, value in
+             collate([Sequence(c[:-1], c[1:]) for c in continuations], tokenizer.pad_token_id).items()}
+    mask = torch.cat([torch.ones(len(continuations), len(context), dtype=torch.long, device=device),
+                      batch["attention_mask"]], 1)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, cache=cache).logits
     rest = token_log_probs(logits, batch["labels"]).sum(-1)
     return [head + float(tail) for head, tail in zip(scores, rest)]

@@ -137,6 +137,9 @@ def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, 
 def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
     """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces."""
     layers = get_layers(model)
+    dtypes = sorted({str(t.dtype) for named in adapter.tensors.values() for t in named.values()})
+    if len(dtypes) > 1:
+        raise OffsiteError(f"adapter {source} mixes dtypes {dtypes}; an adapter file holds one dtype")
     for original, named in adapter.tensors.items():
         if original not in positions:
             raise OffsiteError(f"adapter {source} has layer {original}, which this model has no place for "
@@ -149,12 +152,17 @@ def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source:
             raise OffsiteError(f"adapter {source}, layer {original}: missing keys {missing}, unexpected keys {unexpected}")
         for name, tensor in named.items():
             want = expected[name]
-            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            if tensor.shape != want.shape or not _castable(tensor.dtype, want.dtype):
                 raise OffsiteError(
                     f"adapter {source}, layers.{original}.{name}: shape {tuple(tensor.shape)} {tensor.dtype} "
                     f"but the model expects {tuple(want.shape)} {want.dtype}"
                 )
-        layer.load_state_dict(named, strict=True)
+        layer.load_state_dict(named, strict=True)  # casts a float adapter to the model's dtype
+
+
+def _castable(stored: torch.dtype, wanted: torch.dtype) -> bool:
+    """Same dtype, or both floating (an adapter saved with --save-dtype, a model loaded in another)."""
+    return stored == wanted or (stored.is_floating_point and wanted.is_floating_point)
 
 
 def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path, issued: tuple[int, ...]) -> None:

@@ -26,6 +26,7 @@ from offsite.arch import get_layers, layer_paths
 from offsite.config import TrainConfig
 from offsite.data.tokens import Sequence, collate, lm_sequences, train_choice_sequence
 from offsite.data.types import ChoiceData, Data
+from offsite.device import Placement
 from offsite.numerics import check_step
 from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
@@ -91,9 +92,12 @@ class Best:
                     params[name].copy_(value)
 
 
+CPU = Placement(torch.device("cpu"), torch.float32)
+
+
 def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], positions: list[int],
                  settings: TrainConfig, metrics_path: Path, eval_data: Data | None = None,
-                 checkpoint: Resumable | None = None) -> PreTrainedModel:
+                 checkpoint: Resumable | None = None, placement: Placement = CPU) -> PreTrainedModel:
     """Train the blocks at `positions` of `model` (everything else frozen) and return the trained model.
 
     With LoRA the adapters are merged back, so the result has plain weights.
@@ -105,7 +109,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     `settings.checkpoint_emulator`, the frozen blocks above it recompute their
     activations in the backward pass (see offsite.training.checkpointing). With
     `checkpoint`, the run saves its state every few steps and on SIGTERM, and resumes from
-    it (see offsite.training.resume).
+    it (see offsite.training.resume). `placement`: the device and compute dtype of the forward
+    (the model already placed with offsite.device.place_model: the trained blocks in float32).
     """
     freeze_all_but(model, positions)
     start = time.perf_counter()
@@ -116,7 +121,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     checkpointing = checkpointed_blocks(model, positions) if settings.checkpoint_emulator else contextlib.nullcontext()
     parking = cache.frozen_blocks_parked() if cache is not None else contextlib.nullcontext()
     with checkpointing, parking:
-        summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache, checkpoint)
+        summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache, checkpoint,
+                         placement)
     if cache is not None:
         summary["cache_seconds"] = cache_seconds
     if settings.lora_rank:
@@ -129,7 +135,7 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
 
 def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
            settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None,
-           checkpoint: Resumable | None = None) -> dict[str, Any]:
+           checkpoint: Resumable | None = None, placement: Placement = CPU) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.total_steps(len(sequences))
@@ -147,13 +153,14 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
           checkpoint.saved_on_sigterm() if checkpoint else contextlib.nullcontext() as stop):
         for step in range(done + 1, steps + 1):
             step_start = time.perf_counter()
-            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step)
+            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step, placement)
             step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
             if eval_data is not None and (step % eval_every == 0 or step == steps):
-                with cache.frozen_blocks_loaded() if cache is not None else contextlib.nullcontext():
+                with (cache.frozen_blocks_loaded() if cache is not None else contextlib.nullcontext(),
+                      placement.autocast()):
                     result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
                 best.offer(result, step, model)
                 _log(metrics, {"step": step, "eval": result})
@@ -190,13 +197,14 @@ def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int,
 
 
 def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
-                    cache: EmulatorCache | None, step: int) -> float:
-    total = torch.zeros(())
+                    cache: EmulatorCache | None, step: int, placement: Placement = CPU) -> float:
+    total = torch.zeros((), device=placement.device)
     for _ in range(grad_accum):
-        batch = next(batches)
-        loss = (cache.loss if cache is not None else batch_loss)(model, batch) / grad_accum
+        batch = placement.batch(next(batches))
+        with placement.autocast():  # the forward in the compute dtype; the backward follows it
+            loss = (cache.loss if cache is not None else batch_loss)(model, batch) / grad_accum
         loss.backward()
-        total += loss.detach()
+        total += loss.detach().float()
     check_step(total, [p for group in optimizer.param_groups for p in group["params"]], step, "training",
                "lower --lr (or --weight-decay), or check the data and the bundle")
     optimizer.step()
