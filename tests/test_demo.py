@@ -112,7 +112,7 @@ def test_quick_demo_on_the_built_in_model(tmp_path):
 
 def test_an_edited_corpus_file_changes_the_emulator_s_stage_keys(tmp_path, sample_text_file):
     from offsite.config import SplitConfig
-    from offsite.studies.demo import make_emulator
+    from offsite.studies.stages import make_emulator
     config = DemoConfig(output=str(tmp_path), distill=None)
     distill = DistillConfig(corpus=str(sample_text_file))
     before = make_emulator(config, SplitConfig(emulator_layers=2), distill).key()
@@ -183,7 +183,7 @@ def test_fair_budgets_choose_each_setting_s_lr_on_validation_and_stop_early(tiny
     from offsite.api import load_for_eval
     from offsite.data.read import read_data
     from offsite.scoring import score
-    from offsite.studies.demo import make_emulator
+    from offsite.studies.stages import make_emulator
     from offsite.studies.fair import validation_value
     from offsite.studies.settings import FairBudget
     fair = FairBudget(adapter_lrs=(1e-4, 3e-3), full_lrs=(3e-4,), step_cap=2, checks=2, patience=1,

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "offsite"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("infrastructure", ("offsite", "offsite.errors", "offsite.constants", "offsite.config", "offsite.files",
                         "offsite.arch", "offsite.assets", "offsite.allocator", "offsite.loading",
-                        "offsite.processes", "offsite.numerics", "offsite.checkpoints")),
+                        "offsite.processes", "offsite.numerics", "offsite.checkpoints", "offsite.device")),
     ("data", ("offsite.data",)),
     ("scoring", ("offsite.scoring",)),
     ("emulator", ("offsite.emulator",)),

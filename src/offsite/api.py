@@ -165,9 +165,11 @@ def align(config: AlignConfig) -> Path:
     shipped = extract(student, {i: positions[i] for i in manifest.plan.adapter})
     apply(student, adapter, positions, config.adapter)
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
+    placement = Placement.of(config.runtime.device, config.runtime.dtype)
     identity = {"fingerprint": manifest.fingerprint, "bundle": manifest.files, "adapter": adapter.weights_sha256
-                or adapter.fingerprint}
-    summary = distill(full, student, tokenizer, manifest.plan, config.distill, corpus, checkpoint, identity)
+                or adapter.fingerprint, "dtype": str(placement.dtype)}
+    summary = distill(full, student, tokenizer, manifest.plan, config.distill, corpus, checkpoint, identity,
+                      placement)
     del full
     apply(student, Adapter(shipped, manifest.fingerprint, manifest.base_model, {}), positions, config.bundle)
     rounds = [*manifest.emulator.get("alignments", []), {"adapter": str(config.adapter),

@@ -246,6 +246,29 @@ class DistillConfig(JsonConfig):
             del fields["kl_weight"]
         return fields
 
+# Kept here as names (offsite.device maps them to torch): building the flags must not import torch.
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DeviceConfig(JsonConfig):
+    """Where models run and in what precision (see offsite.device)."""
+
+    device: str = option("auto", "where models run: auto (the first GPU found, else the CPU), cpu, cuda, cuda:N "
+                         "or mps")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that supports it, else float32); "
+                        "trained weights stay float32", choices=DTYPE_NAMES)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            problems.append(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_NAMES)}")
+        check(problems)
+
+
 @dataclass
 class EmulateConfig(JsonConfig):
     """Model owner: build a bundle (adapter + emulator + frozen rest) from a full model."""
@@ -256,12 +279,15 @@ class EmulateConfig(JsonConfig):
     distill: DistillConfig | None = None
     overwrite: bool = option(False, "replace an existing output directory")
     sign: str | None = option(None, "sign the bundle with this private key (from `offsite keygen`)", metavar="KEY")
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where distillation runs
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
 
 
 @dataclass
@@ -315,29 +341,6 @@ class TrainConfig(JsonConfig):
             return self.max_steps
         epochs = 1.0 if self.epochs is None else self.epochs
         return max(1, math.ceil(epochs * num_sequences / (self.batch_size * self.grad_accum)))
-
-
-# Kept here as names (offsite.device maps them to torch): building the flags must not import torch.
-DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass
-class DeviceConfig(JsonConfig):
-    """Where models run and in what precision (see offsite.device)."""
-
-    device: str = option("auto", "where models run: auto (the first GPU found, else the CPU), cpu, cuda, cuda:N "
-                         "or mps")
-    dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that supports it, else float32); "
-                        "trained weights stay float32", choices=DTYPE_NAMES)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not re.fullmatch(DEVICE_PATTERN, self.device):
-            problems.append(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        if self.dtype not in DTYPE_NAMES:
-            problems.append(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_NAMES)}")
-        check(problems)
 
 
 @dataclass
@@ -396,10 +399,13 @@ class AlignConfig(JsonConfig):
     sign: str | None = option(None, "sign the new bundle with this private key (from `offsite keygen`)",
                               metavar="KEY")
     overwrite: bool = option(False, "replace an existing output directory")
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
 
 
 @dataclass

@@ -84,6 +84,9 @@ class Placement:
         return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
 
 
+CPU = Placement(torch.device("cpu"), torch.float32)  # the default everywhere: what offsite did before --device
+
+
 def place_model(model: nn.Module, placement: Placement, keep_float32: list[nn.Module] = ()) -> nn.Module:
     """Move `model` to the device; hold its weights in the compute dtype except `keep_float32`'s.
 

@@ -21,6 +21,7 @@ from offsite.config import EmulateConfig
 from offsite.data.read import read_text_corpus
 from offsite.data.tokens import lm_sequences
 from offsite.data.types import TextData
+from offsite.device import Placement
 from offsite.emulator.compress import COMPRESSIONS, compress, emulator_bytes
 from offsite.emulator.distill import distill
 from offsite.emulator.share import collapse, executed_plan, executed_positions, expand, nearest_schedule
@@ -87,9 +88,11 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     stored = expand(emulator_model, executed_positions(plan, info)) if split.shares else None
     if config.distill:
         # A checkpoint left by an interrupted run resumes only into the same full model, split and method.
-        identity = {"fingerprint": base_fingerprint, "split": split.identity(), "kept": list(plan.kept)}
+        placement = Placement.of(config.runtime.device, config.runtime.dtype)
+        identity = {"fingerprint": base_fingerprint, "split": split.identity(), "kept": list(plan.kept),
+                    "dtype": str(placement.dtype)}
         info["distill"] = distill(model, emulator_model, tokenizer, executed_plan(plan, info), config.distill,
-                                  corpus, checkpoint, identity)
+                                  corpus, checkpoint, identity, placement)
         info["method"] = f"{split.method}+distill"
     if stored is not None:
         collapse(emulator_model, stored)

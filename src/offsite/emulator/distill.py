@@ -33,6 +33,7 @@ from offsite.data.builtin import is_builtin
 from offsite.data.read import read_text_corpus
 from offsite.data.tokens import Sequence, collate, lm_sequences
 from offsite.data.types import TextData, truncate_text
+from offsite.device import CPU, Placement, place_model
 from offsite.emulator.hidden import hidden_states_at
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
@@ -86,12 +87,13 @@ class TeacherOutputs:
         self.full, self.wanted, self.keep, self.logits = full, wanted, keep and not logits, logits
         self.stored: dict[int, dict[int, torch.Tensor]] = {}
 
-    def batch(self, indices: list[int], inputs: dict[str, torch.Tensor]) -> dict[int | str, torch.Tensor]:
+    def batch(self, indices: list[int], inputs: dict[str, torch.Tensor],
+              placement: Placement = CPU) -> dict[int | str, torch.Tensor]:
         """Hidden states by index, and with `logits` the full model's logits under "logits" (never kept)."""
         if self.keep and all(i in self.stored for i in indices):
             lengths = inputs["attention_mask"].sum(-1).tolist()
             return {k: _pad_stack([self.stored[i][k] for i in indices], lengths) for k in self.wanted}
-        with torch.no_grad():
+        with torch.no_grad(), placement.autocast():
             found, output = hidden_states_at(self.full, inputs, self.wanted, stop=not self.logits)
         if self.logits:
             return {**found, "logits": output.logits}
@@ -105,7 +107,7 @@ class TeacherOutputs:
 
 def _pad_stack(rows: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
     width = max(lengths)
-    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=torch.float32)
+    out = torch.zeros((len(rows), width, rows[0].shape[-1]), dtype=torch.float32, device=rows[0].device)
     for i, row in enumerate(rows):
         out[i, : row.shape[0]] = row.float()
     return out
@@ -133,8 +135,13 @@ def read_corpus(settings: DistillConfig) -> TextData:
 
 def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
             settings: DistillConfig, corpus: TextData, checkpoint_dir: Path,
-            identity: dict[str, Any] | None = None) -> dict[str, Any]:
+            identity: dict[str, Any] | None = None, placement: Placement = CPU) -> dict[str, Any]:
     """Train `student`'s emulator layers in place; return a summary for the manifest.
+
+    `placement`: where both models run and the forward's dtype. The full model, frozen and used
+    only as the target, is moved there and held in that dtype (it is the caller's to drop
+    afterwards); the student stays float32, since its frozen layers ship in the bundle as they
+    are, and comes back to the CPU at the end.
 
     `checkpoint_dir` holds the run's state every `eval_every` steps (safetensors and
     JSON), so a rerun after an interruption resumes from there, but only a run of the same
@@ -146,6 +153,8 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         raise OffsiteError(f"--distill {settings.corpus} gives no training window; it needs more text")
     heldout_data = truncate_text(heldout, settings.eval_windows, settings.seq_len) if heldout else None
     emulator = _distinct([get_layers(student)[len(plan.bottom) + i] for i in range(len(plan.emulator))])
+    place_model(full, placement)
+    student.to(placement.device)
     student.requires_grad_(False)
     for layer in emulator:
         layer.requires_grad_(True)
@@ -155,7 +164,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     pairs = alignment_targets(plan, settings.align)
     teacher = TeacherOutputs(full, {f for _, f in pairs}, keeps_teacher(
         settings, len(sequences), len(pairs), full.config.hidden_size), logits=settings.kl_weight > 0)
-    judge = _Judge(full, student, tokenizer, heldout_data, pairs[-1:], settings)
+    judge = _Judge(full, student, tokenizer, heldout_data, pairs[-1:], settings, placement)
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(sequences), generator=generator).tolist()
     full.eval()
@@ -170,7 +179,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
             step_start = time.perf_counter()
             kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs,
-                           settings, optimizer, step + 1)
+                           settings, optimizer, step + 1, placement)
             step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
             history.append({"step": step + 1, "kd": kd, "lm": lm, "kl": kl})
@@ -183,6 +192,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
                 _save(checkpoint_dir, emulator, optimizer, state)
     _restore_best(state, emulator, checkpoint_dir)
     student.requires_grad_(False)
+    student.to("cpu")
     tokens = steps_run * settings.batch_size * settings.seq_len
     return {
         "corpus": settings.corpus, "corpus_sha256": corpus.sha256(),
@@ -204,8 +214,10 @@ class _Judge:
     checkpoint is chosen by `settings.select`.
     """
 
-    def __init__(self, full, student, tokenizer, heldout: TextData | None, pairs, settings: DistillConfig):
+    def __init__(self, full, student, tokenizer, heldout: TextData | None, pairs, settings: DistillConfig,
+                 placement: Placement = CPU):
         self.student, self.tokenizer, self.heldout, self.pairs = student, tokenizer, heldout, pairs
+        self.placement = placement
         self.what = "standin_error" if settings.select == "standin" else "perplexity"
         self.active = heldout is not None
         self.normalise = settings.kd_normalise
@@ -213,19 +225,19 @@ class _Judge:
         if self.active:
             windows = lm_sequences(tokenizer, heldout.texts, settings.seq_len)[: settings.eval_windows]
             for i in range(0, len(windows), EVAL_BATCH):
-                batch = collate(windows[i: i + EVAL_BATCH], tokenizer.pad_token_id)
+                batch = placement.batch(collate(windows[i: i + EVAL_BATCH], tokenizer.pad_token_id))
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                with torch.no_grad():  # the full model's side never changes: computed once
+                with torch.no_grad(), placement.autocast():  # the full model's side never changes: computed once
                     self.batches.append((inputs, hidden_states_at(full, inputs, {f for _, f in pairs})[0]))
 
     def scores(self) -> dict[str, float]:
         self.student.eval()
         errors = []
-        with torch.no_grad():
+        with torch.no_grad(), self.placement.autocast():
             for inputs, target in self.batches:
                 found, _ = hidden_states_at(self.student, inputs, {s for s, _ in self.pairs})
                 errors.append(kd_loss(found, target, self.pairs, inputs["attention_mask"], self.normalise).item())
-        ppl = perplexity(self.student, self.tokenizer, self.heldout, 256, 8)["perplexity"]
+            ppl = perplexity(self.student, self.tokenizer, self.heldout, 256, 8)["perplexity"]
         return {"standin_error": sum(errors) / len(errors), "perplexity": ppl}
 
 
@@ -241,22 +253,23 @@ def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences: list[Sequence], pad_id: int,
-          pairs, settings: DistillConfig, optimizer, step: int) -> tuple[float, float, float]:
-    batch = collate(batch_sequences, pad_id)
+          pairs, settings: DistillConfig, optimizer, step: int, placement: Placement = CPU) -> tuple[float, float, float]:
+    batch = placement.batch(collate(batch_sequences, pad_id))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    full_out = teacher.batch(indices, inputs)
+    full_out = teacher.batch(indices, inputs, placement)
     student.train()
     wanted = {s for s, _ in pairs}
-    zero = torch.zeros(())
-    if settings.lm_weight > 0 or settings.kl_weight > 0:
-        hidden, out = hidden_states_at(student, inputs, wanted, stop=False)
-        lm = (F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
-              if settings.lm_weight > 0 else zero)
-        kl = output_kl(out.logits, full_out["logits"], batch["attention_mask"]) if settings.kl_weight > 0 else zero
-    else:  # only the emulator's output is trained: nothing above it needs to run
-        hidden, _ = hidden_states_at(student, inputs, wanted)
-        lm = kl = zero
-    kd = kd_loss(hidden, full_out, pairs, batch["attention_mask"], settings.kd_normalise)
+    zero = torch.zeros((), device=placement.device)
+    with placement.autocast():  # the forward in the compute dtype; the losses below are float32
+        if settings.lm_weight > 0 or settings.kl_weight > 0:
+            hidden, out = hidden_states_at(student, inputs, wanted, stop=False)
+            lm = (F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+                  if settings.lm_weight > 0 else zero)
+            kl = output_kl(out.logits, full_out["logits"], batch["attention_mask"]) if settings.kl_weight > 0 else zero
+        else:  # only the emulator's output is trained: nothing above it needs to run
+            hidden, _ = hidden_states_at(student, inputs, wanted)
+            lm = kl = zero
+        kd = kd_loss(hidden, full_out, pairs, batch["attention_mask"], settings.kd_normalise)
     loss = settings.kd_weight * kd + settings.lm_weight * lm + settings.kl_weight * kl
     loss.backward()
     check_step(loss, [p for group in optimizer.param_groups for p in group["params"]], step, "distillation",

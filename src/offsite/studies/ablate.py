@@ -25,7 +25,8 @@ from offsite.exchange.bundle import load_bundle, read_manifest
 from offsite.files import write_json
 from offsite.loading import load_config
 from offsite.studies.ablate_report import write_ablation
-from offsite.studies.demo import build_bundles, make_emulator, prepare_task, run_emulator, stage_cache, zero_shot
+from offsite.studies.demo import build_bundles, run_emulator, stage_cache, zero_shot
+from offsite.studies.stages import make_emulator, prepare_task
 from offsite.studies.settings import AblateConfig, DemoConfig
 
 

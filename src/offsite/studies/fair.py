@@ -20,11 +20,11 @@ from offsite.data.read import write_jsonl
 from offsite.data.types import ChoiceData, truncate_text
 from offsite.files import sha256_file
 from offsite.processes import in_fresh_process
-from offsite.studies.demo import (
-    DemoConfig, Emulator, StageCache, TaskRun, _evaluate, _train_settings, adapter_settings, full_finetune_stage,
-    full_model_inputs, offsite_tune_stage, prepare_task,
+from offsite.studies.settings import DemoConfig, FairBudget, TaskBudget
+from offsite.studies.stages import (
+    Emulator, StageCache, TaskRun, adapter_settings, evaluate_stage, full_finetune_stage, full_model_inputs,
+    offsite_tune_stage, prepare_task, train_settings,
 )
-from offsite.studies.settings import FairBudget, TaskBudget
 
 # The settings that train, and what each is scored as on the test data.
 TRAINED = ("full_finetune", "offsite", "ceiling")
@@ -88,7 +88,7 @@ def fair_comparison(config: DemoConfig, cache: StageCache, task: str, emulator: 
 def _full_point(config: DemoConfig, cache: StageCache, run: TaskRun, valid: Path, inputs: dict[str, Any],
                 lr: float) -> dict[str, Any]:
     train_file, test_file = run.files
-    base = dataclasses.asdict(_train_settings(run.budget, run.budget.full_lr, config.seed))
+    base = dataclasses.asdict(train_settings(run.budget, run.budget.full_lr, config.seed))
     settings = fair_settings(config.fair, run.budget, base, lr)
     metrics = Path(config.output) / "data" / f"{train_file.stem}.fair-full-{lr:g}.metrics.jsonl"
     key = {**full_model_inputs(run), "fair": inputs["fair"], "validation": inputs["validation"]}
@@ -108,10 +108,10 @@ def _adapter_point(config: DemoConfig, cache: StageCache, task: str, run: TaskRu
     stage = cache.run("fair_offsite_tune", lambda: in_fresh_process(
         config.isolate, offsite_tune_stage, str(emulator.bundle), str(train_file), str(adapter), settings, None,
         str(valid)), needs=adapter / ADAPTER_WEIGHTS, **key)
-    scored = {"plug_in": cache.run("fair_plug_in", lambda: _evaluate(
+    scored = {"plug_in": cache.run("fair_plug_in", lambda: evaluate_stage(
         config.model, str(adapter), str(test_file), run.budget, str(emulator.bundle)),
         adapter=stage["summary"], **key)}
     if through:
-        scored["emulator_finetune"] = cache.run("fair_emulator_finetune", lambda: _evaluate(
+        scored["emulator_finetune"] = cache.run("fair_emulator_finetune", lambda: evaluate_stage(
             str(emulator.bundle), str(adapter), str(test_file), run.budget), adapter=stage["summary"], **key)
     return _record(lr, stage, scored)

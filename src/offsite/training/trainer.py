@@ -26,7 +26,7 @@ from offsite.arch import get_layers, layer_paths
 from offsite.config import TrainConfig
 from offsite.data.tokens import Sequence, collate, lm_sequences, train_choice_sequence
 from offsite.data.types import ChoiceData, Data
-from offsite.device import Placement
+from offsite.device import CPU, Placement
 from offsite.numerics import check_step
 from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
@@ -90,9 +90,6 @@ class Best:
             with torch.no_grad():
                 for name, value in self.weights.items():
                     params[name].copy_(value)
-
-
-CPU = Placement(torch.device("cpu"), torch.float32)
 
 
 def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], positions: list[int],
