@@ -194,3 +194,37 @@ def test_output_kl_is_zero_for_equal_logits_and_trains_the_emulator_towards_the_
         after = float(output_kl(student(input_ids=ids).logits, target, torch.ones_like(ids)))
         before = float(output_kl(untouched(input_ids=ids).logits, target, torch.ones_like(ids)))
     assert after < before and summary["final_kl"] > 0 and summary["final_lm"] == 0.0
+
+
+def test_distillation_in_bfloat16_trains_a_float32_emulator_and_ships_the_bundle_unchanged(model_dirs,
+                                                                                         sample_text_file, tmp_path):
+    from safetensors import safe_open
+
+    from offsite.config import DeviceConfig
+    from offsite.device import Placement
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    full, student, plan = pair(model_dirs)
+    _, untouched, _ = pair(model_dirs)
+    settings = DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=6, lr=1e-3, batch_size=2, seq_len=32,
+                             eval_every=2, lm_weight=0.0, kl_weight=0.0)
+    distill(full, student, load_tokenizer(str(model_dirs["llama"])), plan, settings, read_corpus(settings),
+            tmp_path / "ckpt", placement=Placement(torch.device("cpu"), torch.bfloat16))
+    assert next(full.parameters()).dtype == torch.bfloat16  # the target is held in the compute dtype
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    ids = input_batch(length=32)
+    full.float()
+    assert kd_on(full, student, plan, ids) < kd_on(full, untouched, plan, ids)
+    split = SplitConfig(emulator_layers=2)
+    distilled = emulate(EmulateConfig(
+        model=str(model_dirs["llama"]), output=str(tmp_path / "b"), split=split,
+        distill=DistillConfig(corpus=str(tmp_path / "corpus.txt"), steps=2, batch_size=2, seq_len=32),
+        runtime=DeviceConfig(device="cpu", dtype="bfloat16")))
+    plain = emulate(EmulateConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "plain"), split=split))
+    assert read_manifest(distilled).fingerprint == read_manifest(plain).fingerprint
+    with safe_open(str(next(distilled.glob("*.safetensors"))), framework="pt") as weights, \
+            safe_open(str(next(plain.glob("*.safetensors"))), framework="pt") as original:
+        assert {weights.get_tensor(n).dtype for n in weights.keys()} == {torch.float32}
+        emulator_prefixes = tuple(f"model.layers.{2 + i}." for i in range(len(plan.emulator)))
+        for name in original.keys():  # everything but the emulator ships exactly as the plain bundle's
+            if not name.startswith(emulator_prefixes):
+                assert torch.equal(weights.get_tensor(name), original.get_tensor(name)), name

@@ -156,8 +156,8 @@ def _distill_flags(parser: argparse.ArgumentParser, defaults: DistillConfig | No
     add_options(group, DistillConfig, defaults or DistillConfig(corpus=None), unset=unset)  # type: ignore[arg-type]
 
 
-def _device_flags(parser: argparse.ArgumentParser) -> None:
-    add_options(parser.add_argument_group("device and precision"), DeviceConfig)
+def _device_flags(parser: argparse.ArgumentParser, what: str = "") -> None:
+    add_options(parser.add_argument_group(f"device and precision {what}".strip()), DeviceConfig)
 
 
 def _distill(args: argparse.Namespace) -> DistillConfig | None:
@@ -192,6 +192,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _split_flags(emulate)
     _distill_flags(emulate)
     add_options(emulate, EmulateConfig, only=("overwrite", "sign"))
+    _device_flags(emulate, "of distillation")
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
     add_options(tune, TuneConfig, only=("bundle", "data", "output", "eval_data"))
@@ -206,6 +207,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(align, AlignConfig, only=("bundle", "model", "adapter", "output"))
     _distill_flags(align)  # --distill is required: _run_align says so
     add_options(align, AlignConfig, only=("trust", "sign", "overwrite"))
+    _device_flags(align)
 
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
 
@@ -256,7 +258,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run_emulate(args: argparse.Namespace) -> None:
     from offsite.api import emulate  # noqa: PLC0415 - lazy torch (see above)
-    path = emulate(from_args(EmulateConfig, args, split=_split(args), distill=_distill(args)))
+    path = emulate(from_args(EmulateConfig, args, split=_split(args), distill=_distill(args),
+                             runtime=from_args(DeviceConfig, args)))
     print(f"bundle written to {path}; send it to the data owner")
 
 
@@ -270,7 +273,7 @@ def _run_align(args: argparse.Namespace) -> None:
     from offsite.api import align  # noqa: PLC0415 - lazy torch (see above)
     if not args.distill:
         raise ConfigError(["--distill CORPUS is required: the public text the emulator is re-aligned on"])
-    path = align(from_args(AlignConfig, args, distill=_distill(args)))
+    path = align(from_args(AlignConfig, args, distill=_distill(args), runtime=from_args(DeviceConfig, args)))
     print(f"re-aligned bundle written to {path}; send it to the data owner with their adapter")
 
 
