@@ -17,7 +17,7 @@ TINY = dict(split=SplitConfig(bottom=2, top=2, emulator_layers=2), batch_size=2,
             warmup_steps=1, epochs=2, isolate=False, threads=1)
 ROW_KEYS = {"setting", "tokens_per_s", "step_seconds", "peak_rss_mb", "peak_tensor_mb", "tensor_mb_before_step",
             "trainable_params", "trained_layers", "model_blocks", "logits", "torch_threads",
-            "allocator"}
+            "allocator", "device", "dtype", "device_peak_mb"}
 
 
 @pytest.fixture(autouse=True)
@@ -177,3 +177,13 @@ def test_bad_input_gives_one_line_error(model_dirs, capsys, argv, message):
     assert code == 1
     assert err.count("error") == 1 and message in err and "Traceback" not in err, err
 
+
+
+def test_bench_runs_the_settings_in_the_asked_dtype_and_says_where(model_dirs):
+    from offsite.config import DeviceConfig
+    result = bench(BenchConfig(model=str(model_dirs["llama"]), eval_examples=0, settings=["full_ft", "offsite"],
+                               runtime=DeviceConfig(device="cpu", dtype="bfloat16"), **TINY))
+    assert {(row["device"], row["dtype"]) for row in result["rows"]} == {("cpu", "bfloat16")}
+    assert all(row["device_peak_mb"] is None for row in result["rows"])  # a GPU's own count; none here
+    assert result["device_memory_reduction"] == {}
+    assert "cpu bfloat16" in format_bench(result)

@@ -33,7 +33,8 @@ FLAGS = {
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
               f"{DISTILL} --quick --seed",
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "
-             "--warmup-steps --lora-rank --epochs --settings --eval-examples --threads --in-process --json",
+             "--warmup-steps --lora-rank --epochs --settings --eval-examples --threads --in-process --json "
+             "--device --dtype",
     "setup-assets": "",
     "keygen": "--overwrite",
 }

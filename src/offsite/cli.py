@@ -238,6 +238,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _split_flags(bench, default_of(BenchConfig, "split"))
     add_options(bench, BenchConfig, only=("batch_size", "seq_len", "steps", "warmup_steps", "lora_rank", "epochs",
                                           "settings", "eval_examples", "threads", "isolate"))
+    _device_flags(bench, "of the timed settings (the cached ones run on the CPU)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     data = add_command("data", help="built-in datasets")
@@ -347,7 +348,7 @@ def _run_ablate(args: argparse.Namespace) -> None:
 def _run_bench(args: argparse.Namespace) -> None:
     from offsite.studies.bench.bench import bench  # noqa: PLC0415 - lazy torch (see above)
     from offsite.studies.bench.table import format_bench  # noqa: PLC0415 - beside bench, which is lazy
-    result = bench(from_args(BenchConfig, args, split=_split(args)))
+    result = bench(from_args(BenchConfig, args, split=_split(args), runtime=from_args(DeviceConfig, args)))
     print(json.dumps(result) if args.json else format_bench(result))
 
 

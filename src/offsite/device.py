@@ -83,6 +83,27 @@ class Placement:
     def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timings on a GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_mb(self) -> float | None:
+        """The accelerator's peak allocated memory since the last reset; None on the CPU (see bench's TensorPeak)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return None
+
+    def describe(self) -> dict[str, str]:
+        found = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.device.type == "cuda":
+            found["gpu"] = torch.cuda.get_device_name(self.device)
+        return found
+
 
 CPU = Placement(torch.device("cpu"), torch.float32)  # the default everywhere: what offsite did before --device
 

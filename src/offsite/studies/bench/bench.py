@@ -121,6 +121,7 @@ def summarise(config: BenchConfig, rows: list[dict[str, Any]], evaluation: dict[
         "memory_reduction": _ratios(by_name, "full_ft", "peak_rss_mb", False),
         "memory_reduction_above_runtime": _ratios(_above_runtime(by_name), "full_ft", "peak_rss_mb", False),
         "tensor_memory_reduction": _ratios(by_name, "full_ft", "peak_tensor_mb", False),
+        "device_memory_reduction": _ratios(by_name, "full_ft", "device_peak_mb", False),  # a GPU's own peak
         "flop_ratio_limit": {name: costs["full_ft"] / cost for name, cost in costs.items()},
         "flop_cost_per_token": costs,
         "flop_formula": FORMULA,

@@ -29,6 +29,7 @@ from offsite.config import EmulateConfig, SplitConfig
 from offsite.data.builtin import BBC_TOPICS, BBC_WORDS
 from offsite.data.tokens import IGNORE, Sequence, choice_sequence, collate, token_log_probs
 from offsite.data.types import ChoiceExample
+from offsite.device import CPU, Placement, place_model
 from offsite.emulator.share import executed_layers
 from offsite.exchange.bundle import bundle_index, load_bundle
 from offsite.loading import load_config, load_model, load_tokenizer
@@ -126,17 +127,21 @@ def all_positions_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of: LossFunction,
-               batch: dict[str, torch.Tensor]) -> float:
+               batch: dict[str, torch.Tensor], placement: Placement = CPU) -> float:
     """Seconds for forward, backward and optimizer step."""
     start = time.perf_counter()
-    loss_of(model, batch).backward()
+    with placement.autocast():
+        loss = loss_of(model, batch)
+    loss.backward()
     optimizer.step()
     model.zero_grad(set_to_none=True)  # the model's: offsite_emulator_grads fills gradients the optimizer never steps
+    placement.synchronize()  # a GPU runs ahead of Python: wait, or the time is only the launch
     return time.perf_counter() - start
 
 
 def tensor_memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of: LossFunction,
-                     batch: dict[str, torch.Tensor], extra: list[torch.Tensor]) -> dict[str, float]:
+                     batch: dict[str, torch.Tensor], extra: list[torch.Tensor],
+                     placement: Placement = CPU) -> dict[str, float]:
     """Tensor memory before one more training step (weights, optimizer state, `extra`) and its peak during it.
 
     Runs once, after the timed steps, so optimizer state exists; tracking slows the step
@@ -146,7 +151,7 @@ def tensor_memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of
     tracker.add_all(existing_tensors(model, optimizer) + list(extra) + list(batch.values()))
     before = tracker.current
     with tracker:
-        train_step(model, optimizer, loss_of, batch)
+        train_step(model, optimizer, loss_of, batch, placement)
     return {"before_step": before / 2**20, "peak": tracker.peak / 2**20}
 
 
@@ -192,6 +197,9 @@ def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> d
     runtime_rss = current_rss_mb()  # Python, torch, transformers, peft: what every setting pays before its model
     model, positions, originals = setting_model(config, name, bundle)
     freeze_all_but(model, positions)
+    # The cached settings keep the emulator's outputs in CPU memory (as `tune --cache-emulator`): CPU only.
+    placement = CPU if name in CACHED else Placement.of(config.runtime.device, config.runtime.dtype)
+    place_model(model, placement, keep_float32=[get_layers(model)[p] for p in positions])
     trained_layers = [originals[i] for i, block in enumerate(get_layers(model))
                       if any(p.requires_grad for p in block.parameters())]
     if name in CACHED:
@@ -199,27 +207,31 @@ def run_setting(config_dict: dict[str, Any], name: str, bundle: str | None) -> d
     else:
         trainee = prepare_trainee(config, name, model, positions)
         with trainee.context:
-            measured = _measure_steps(config, trainee.model, trainee.loss_of, trainee.stepped)
+            measured = _measure_steps(config, trainee.model, trainee.loss_of, trainee.stepped, placement)
         all_logits = trainee.all_logits
-    return {"setting": name, **measured, "trained_layers": trained_layers, "model_blocks": len(originals),
-            "logits": "all positions" if all_logits else "scored positions",
+    return {"setting": name, "device_peak_mb": None, **measured, "trained_layers": trained_layers, "model_blocks": len(originals),
+            "logits": "all positions" if all_logits else "scored positions", **placement.describe(),
             "torch_threads": torch.get_num_threads(), "allocator": allocator.active(), "runtime_rss_mb": runtime_rss, "peak_rss_mb": peak_rss_mb()}
 
 
 def _measure_steps(config: BenchConfig, model: nn.Module, loss_of: LossFunction,
-                   stepped: list[nn.Parameter]) -> dict[str, Any]:
+                   stepped: list[nn.Parameter], placement: Placement = CPU) -> dict[str, Any]:
     """Median step time over `steps` fresh batches after `warmup_steps`, then one tracked step.
 
     The optimizer steps `stepped`; the trainable count is theirs.
     """
     count = (config.warmup_steps + config.steps) * config.batch_size
-    batches = step_batches(bench_sequences(config, model.config.vocab_size, count), config.batch_size)
+    batches = [placement.batch(b) for b in step_batches(bench_sequences(config, model.config.vocab_size, count),
+                                                           config.batch_size)]
     model.train()
     optimizer = torch.optim.AdamW(stepped, lr=LR)
-    seconds = [train_step(model, optimizer, loss_of, batch) for batch in batches][config.warmup_steps:]
+    placement.reset_peak_memory()
+    seconds = [train_step(model, optimizer, loss_of, batch, placement) for batch in batches][config.warmup_steps:]
     step = statistics.median(seconds)
-    tensor = tensor_memory_mb(model, optimizer, loss_of, batches[-1], [])
+    device_peak = placement.peak_memory_mb()  # the accelerator's own count, before the tracked step adds to it
+    tensor = tensor_memory_mb(model, optimizer, loss_of, batches[-1], [], placement)
     return {"tokens_per_s": config.batch_size * config.seq_len / step, "step_seconds": step,
+            "device_peak_mb": device_peak,
             "trainable_params": sum(p.numel() for p in stepped), "peak_tensor_mb": tensor["peak"], "tensor_mb_before_step": tensor["before_step"]}
 
 
@@ -282,7 +294,8 @@ def naive_logliks(model: nn.Module, tokenizer, example: ChoiceExample, seq_len: 
     sequences = [choice_sequence(tokenizer, example.context, choice, seq_len) for choice in example.choices]
     scores: list[float] = []
     for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start: start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate(sequences[start: start + batch_size],
+                                                           tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         scores += token_log_probs(logits, batch["labels"]).sum(-1).tolist()
     return scores
@@ -292,6 +305,8 @@ def run_evaluation(config_dict: dict[str, Any]) -> dict[str, Any]:
     """Choice-scoring examples/s: offsite's evaluator against one forward per choice (runs in a fresh process)."""
     config = _start(config_dict)
     model, tokenizer = load_model(config.model), load_tokenizer(config.model)
+    placement = Placement.of(config.runtime.device, config.runtime.dtype)
+    place_model(model, placement)
     examples = choice_examples(config.eval_examples, config.seed)
     choices = len(examples[0].choices)
     methods = {
@@ -301,9 +316,11 @@ def run_evaluation(config_dict: dict[str, Any]) -> dict[str, Any]:
     }
     rates, scores = {}, {}
     for method, score_one in methods.items():
-        score_one(examples[0])  # warm-up
-        start = time.perf_counter()
-        scores[method] = [score_one(ex) for ex in examples]
+        with placement.autocast():
+            score_one(examples[0])  # warm-up
+            start = time.perf_counter()
+            scores[method] = [score_one(ex) for ex in examples]
+            placement.synchronize()
         rates[method] = len(examples) / (time.perf_counter() - start)
     diff = max(abs(a - b) for x, y in zip(scores["offsite"], scores["naive"]) for a, b in zip(x, y))
     return {"examples": len(examples), "choices": choices, "offsite_examples_per_s": rates["offsite"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from offsite.config import JsonConfig, SplitConfig, non_negative, option, positive
+from offsite.config import DeviceConfig, JsonConfig, SplitConfig, non_negative, option, positive
 from offsite.emulator.split import SplitPlan, plan_split
 from offsite.errors import check
 
@@ -63,10 +63,13 @@ class BenchConfig(JsonConfig):
     isolate: bool = option(True, "run every setting in this process (faster start; peak memory is then not per "
                            "setting)", flags=("--in-process",))
     seed: int = 0
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
         if (self.model is None) == (self.random_shape is None):
             problems.append("pass either MODEL or --random-shape (one of them)")
