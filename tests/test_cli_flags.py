@@ -29,7 +29,7 @@ FLAGS = {
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype",
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
-            "--fair-budget",
+            "--compare-uniform --fair-budget",
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
               f"{DISTILL} --quick --seed",
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "

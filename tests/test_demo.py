@@ -16,7 +16,7 @@ from offsite.studies.settings import BUDGETS, DISTILL_BUDGETS, DemoConfig, TaskB
 
 
 @pytest.fixture
-def tiny_tasks(monkeypatch):
+def tiny_tasks(monkeypatch, tmp_path_factory):
     quiz = [ChoiceExample(f"Boil fresh water, warm the pot {i}", (" tea", " road"), i % 2) for i in range(8)]
     choice = {split: ChoiceData(quiz, f"quiz:{split}") for split in tasks.SPLITS}
     text = {split: TextData([SAMPLE_TEXT], f"text:{split}") for split in tasks.SPLITS}
@@ -24,6 +24,8 @@ def tiny_tasks(monkeypatch):
     monkeypatch.setitem(tasks.BUILTIN, "text", lambda: text)
     budget = TaskBudget(train_examples=8, eval_examples=4, steps=2, batch_size=4, seq_len=32, lr=1e-3, full_lr=1e-3)
     monkeypatch.setitem(BUDGETS, "quick", {"quiz": budget, "text": budget})
+    shared = tmp_path_factory.mktemp("shared-emulators")  # not the user's cache
+    monkeypatch.setattr("offsite.studies.demo.shared_emulators", lambda: shared)
 
 
 def test_demo_writes_report_and_reuses_finished_stages(tiny_tasks, model_dirs, tmp_path, caplog, sample_text_file):
@@ -225,3 +227,24 @@ def test_fair_choice_is_the_best_validation_and_the_lower_lr_of_equals():
     grid = [{"lr": lr, "summary": {"best_eval": {"task": "choice", "accuracy": acc}}}
             for lr, acc in ((1e-5, 0.5), (1e-4, 0.4))]
     assert choose(grid)["lr"] == 1e-5
+
+
+def test_a_distilled_emulator_is_built_once_and_reused_by_a_demo_with_another_out(tiny_tasks, model_dirs, tmp_path,
+                                                                                 caplog, sample_text_file,
+                                                                                 monkeypatch):
+    import offsite.studies.demo as demo_module
+    distill = DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_windows=2)
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "first"), tasks=["quiz"], quick=True,
+                        isolate=False, distill=distill)
+    config.split.emulator_layers = 1
+    first = json.loads((demo(config) / "report.json").read_text())
+    calls = []
+    monkeypatch.setattr(demo_module, "emulate", lambda *args: calls.append(args))  # must not run again
+    config.output = str(tmp_path / "second")
+    with caplog.at_level("INFO", logger="offsite"):
+        second = json.loads((demo(config) / "report.json").read_text())
+    assert not calls and "copied the distilled emulator built by an earlier demo" in caplog.text
+    assert second["settings"]["plug_in"] == first["settings"]["plug_in"]
+    (next((tmp_path / "second" / "bundles").iterdir()) / "model.safetensors").write_bytes(b"x")
+    from offsite.exchange.bundle import check_bundle
+    check_bundle(next(demo_module.shared_emulators().iterdir()))  # a copy, not a link: the kept one is intact

@@ -226,7 +226,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(demo, DemoConfig, only=("tasks", "quick"))
     _distill_flags(demo, unset="the budget's")
     demo.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
-    add_options(demo, DemoConfig, only=("seed", "fair_budget"))
+    add_options(demo, DemoConfig, only=("seed", "compare_uniform", "fair_budget"))
     add_options(demo, TrainConfig, only=DEMO_ADAPTER_FLAGS, unset="the budget's")
 
     ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 
 from offsite import __version__
 from offsite.api import align, emulate
+from offsite.assets import cache_dir
 from offsite.config import AlignConfig, DistillConfig, EmulateConfig
 from offsite.constants import ADAPTER_WEIGHTS, MANIFEST
-from offsite.exchange.bundle import read_manifest
+from offsite.exchange.bundle import check_bundle, read_manifest
+from offsite.files import atomic_dir
 from offsite.loading import load_config
 from offsite.processes import in_fresh_process
 from offsite.studies.demo_report import write_report
@@ -52,8 +55,17 @@ def ceiling_emulator(config: DemoConfig) -> Emulator:
 
 def build_bundles(config: DemoConfig, cache: "StageCache", measured: list[Emulator]) -> None:
     for emulator in measured:
-        cache.run("bundle", lambda: _make_bundle(config, emulator), needs=emulator.bundle / MANIFEST,
+        shared = shared_emulators() / cache.key("bundle", emulator=emulator.key()) if emulator.distill else None
+        cache.run("bundle", lambda: _make_bundle(config, emulator, shared), needs=emulator.bundle / MANIFEST,
                   emulator=emulator.key())
+
+
+def shared_emulators() -> Path:
+    """Distilled demo bundles kept across runs (any --out), keyed by everything that determines them.
+
+    Distillation is the demo's longest stage; it is built once, by the first demo that needs it.
+    """
+    return cache_dir() / "demo-emulators"
 
 
 def adapter_inputs(config: DemoConfig, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +240,20 @@ def demo(config: DemoConfig) -> Path:
     return write_report(config, per_task, manifests, run)
 
 
-def _make_bundle(config: DemoConfig, emulator: Emulator) -> dict[str, Any]:
+def _make_bundle(config: DemoConfig, emulator: Emulator, shared: Path | None = None) -> dict[str, Any]:
+    """`offsite emulate`, or a copy of the same bundle from `shared`, where it is then kept for later runs."""
+    if shared is not None and (shared / MANIFEST).is_file():
+        check_bundle(shared)  # every file against the manifest's hashes
+        _copy_bundle(shared, emulator.bundle)
+        log.info("bundle: copied the distilled emulator built by an earlier demo (%s)", shared)
+        return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator, "from": str(shared)}
     emulate(EmulateConfig(model=config.model, output=str(emulator.bundle), split=emulator.split,
                           distill=emulator.distill, overwrite=True))
+    if shared is not None:
+        _copy_bundle(emulator.bundle, shared)
     return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator}
+
+
+def _copy_bundle(source: Path, target: Path) -> None:
+    with atomic_dir(target, overwrite=True) as tmp:  # a copy interrupted halfway leaves nothing behind
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
