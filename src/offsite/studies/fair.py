@@ -26,10 +26,6 @@ from offsite.studies.stages import (
     offsite_tune_stage, prepare_task, train_settings,
 )
 
-# The settings that train, and what each is scored as on the test data.
-TRAINED = ("full_finetune", "offsite", "ceiling")
-
-
 def validation_file(config: DemoConfig, task: str, budget: TaskBudget) -> Path:
     """The task's validation split, cut to the fair budget's share of the test size, as jsonl."""
     examples = config.fair.validation_examples(budget)
@@ -75,7 +71,9 @@ def fair_comparison(config: DemoConfig, cache: StageCache, task: str, emulator: 
     run = prepare_task(config, task)
     fair, budget = config.fair, run.budget
     valid = validation_file(config, task, budget)
-    inputs = {**run.inputs, "fair": dataclasses.asdict(fair), "validation": sha256_file(valid)}
+    # Each grid point's key holds its own lr, not the grids: a learning rate added to a grid reuses the others.
+    rules = {k: v for k, v in dataclasses.asdict(fair).items() if k not in ("adapter_lrs", "full_lrs")}
+    inputs = {**run.inputs, "fair": rules, "validation": sha256_file(valid)}
     found = {"full_finetune": _grid(fair.full_lrs, lambda lr: _full_point(config, cache, run, valid, inputs, lr)),
              "offsite": _grid(fair.adapter_lrs, lambda lr: _adapter_point(config, cache, task, run, valid, inputs,
                                                                           emulator, lr, through=True))}
