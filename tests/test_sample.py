@@ -25,3 +25,10 @@ def test_sample_refuses_bad_flags_and_an_existing_file(model_dirs, tmp_path, cap
     assert "kept.jsonl" in capsys.readouterr().err and "mine" in (tmp_path / "kept.jsonl").read_text()
     assert main(["data", "sample", str(model_dirs["llama"]), "-o", str(tmp_path / "x.jsonl"), "--top-p", "0"]) == 1
     assert "--top-p" in capsys.readouterr().err
+
+
+def test_sampling_runs_in_the_asked_dtype(model_dirs, tmp_path):
+    out = tmp_path / "bf16.jsonl"
+    assert main(["data", "sample", str(model_dirs["llama"]), "-o", str(out), "--texts", "2", "--length", "8",
+                 "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert len(out.read_text().splitlines()) == 2

@@ -312,6 +312,8 @@ def sample_corpus(config: SampleConfig) -> Path:
     """Model owner: sample texts from the full model (from its start-of-text token) into a jsonl corpus."""
     output = check_output_file(config.output, config.overwrite)
     model, tokenizer = load_model(config.model), load_tokenizer(config.model)
+    placement = Placement.of(config.runtime.device, config.runtime.dtype)
+    place_model(model, placement)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise OffsiteError(f"{config.model}: the tokenizer has no BOS or EOS token to start sampling from")
@@ -320,8 +322,8 @@ def sample_corpus(config: SampleConfig) -> Path:
     with tqdm(total=config.texts, desc="sample", unit="text") as bar:
         while len(texts) < config.texts:
             count = min(config.batch_size, config.texts - len(texts))
-            prompt = torch.full((count, 1), start, dtype=torch.long)
-            with torch.no_grad():
+            prompt = torch.full((count, 1), start, dtype=torch.long, device=placement.device)
+            with torch.no_grad(), placement.autocast():
                 ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                      temperature=config.temperature, top_p=config.top_p, top_k=0,
                                      max_new_tokens=config.length, min_new_tokens=config.length,

@@ -244,8 +244,9 @@ def _build_parser() -> argparse.ArgumentParser:
     data = add_command("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     add_options(data_commands.add_parser("export", help="write a built-in dataset as jsonl"), ExportConfig)
-    add_options(data_commands.add_parser("sample", help="model owner: a distillation corpus sampled from the full "
-                                         "model"), SampleConfig)
+    sample = data_commands.add_parser("sample", help="model owner: a distillation corpus sampled from the full model")
+    add_options(sample, SampleConfig)
+    _device_flags(sample)
 
     add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
     add_options(add_command("keygen", help="make a key pair to sign bundles or adapter files (--sign, --trust)"),
@@ -296,7 +297,7 @@ def _run_info(args: argparse.Namespace) -> None:
 def _run_data(args: argparse.Namespace) -> None:
     if args.data_command == "sample":
         from offsite.api import sample_corpus  # noqa: PLC0415 - lazy torch (see above)
-        print(f"wrote {sample_corpus(from_args(SampleConfig, args))}")
+        print(f"wrote {sample_corpus(from_args(SampleConfig, args, runtime=from_args(DeviceConfig, args)))}")
         return
     from offsite.api import export_data  # noqa: PLC0415 - lazy torch (see above)
     path, source = export_data(from_args(ExportConfig, args))

@@ -470,8 +470,11 @@ class SampleConfig(JsonConfig):
     top_p: float = option(0.95, "nucleus sampling: keep the most likely tokens up to this probability")
     seed: int = option(0, "random seed")
     overwrite: bool = option(False, "replace an existing output file")
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
         positive(problems, texts=self.texts, length=self.length, batch_size=self.batch_size,
                  temperature=self.temperature)
