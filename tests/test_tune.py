@@ -102,6 +102,17 @@ def test_patience_stops_once_validation_stops_improving(model_dirs, sample_text_
     assert (summary["steps"], summary["max_steps"], summary["stopped_early"], summary["best_step"]) == (4, 8, True, 2)
 
 
+def test_a_run_that_reaches_its_cap_did_not_stop_early(model_dirs, sample_text_file, tmp_path, monkeypatch):
+    perplexities = iter([5.0, 6.0, 7.0, 8.0])  # no improvement after step 1: patience 3 runs out at the last step
+    monkeypatch.setattr("offsite.training.trainer.score",
+                        lambda *args: {"task": "lm", "perplexity": next(perplexities)})
+    bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
+    adapter = run_tune(bundle, sample_text_file, tmp_path / "a", eval_data=str(sample_text_file), eval_every=1,
+                       patience=3, max_steps=4)
+    summary = json.loads((adapter / "adapter.json").read_text())["training"]["summary"]
+    assert (summary["steps"], summary["stopped_early"], summary["best_step"]) == (4, False, 1)
+
+
 def test_patience_needs_validation_data():
     with pytest.raises(ConfigError, match="--patience needs --eval-data"):
         TuneConfig(bundle="b", data="d", output="o", train=TrainConfig(patience=2))

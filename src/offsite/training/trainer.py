@@ -162,7 +162,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
                 best.offer(result, step, model)
                 _log(metrics, {"step": step, "eval": result})
                 log.info("step %d validation %s", step, result)
-                if settings.patience and step - best.step >= settings.patience * eval_every:
+                if settings.patience and step < steps and step - best.step >= settings.patience * eval_every:
                     log.info("step %d: no better validation for %d checks since step %d; stopping",
                              step, settings.patience, best.step)
                     stopped_at = step
