@@ -130,16 +130,20 @@ def fair_report(config, per_task: dict[str, Any], settings: dict[str, dict[str, 
         return None
     results = {name: {task: grids[grid]["chosen"]["test"][scored] for task, grids in fair.items() if grid in grids}
                for name, grid, scored in FAIR_ROWS}
-    found = {}
-    for task in fair:
-        zero, full_ft, plug = settings["zero_shot"][task], results["full_finetune"][task], results["plug_in"][task]
-        ceiling = results["ceiling"].get(task)
-        found[task] = {"gain_kept": gain_kept(plug, zero, full_ft),
-                       "gain_kept_of_ceiling": gain_kept(plug, zero, ceiling) if ceiling else None,
-                       "ceiling_gain_kept": gain_kept(ceiling, zero, full_ft) if ceiling else None,
-                       "protection": protection(plug, results["emulator_finetune"][task])}
-    return {"budget": config.fair.to_dict(), "results": results, "figures": found,
-            "runs": fair}
+    return {"budget": config.fair.to_dict(), "results": results,
+            "figures": figures({"zero_shot": settings["zero_shot"], **results}), "runs": fair}
+
+
+def figures_table(tasks: list[str], found: dict[str, Any], plug_in: dict[str, Any]) -> list[str]:
+    """The gain-kept and protection table of `figures`' results, one row per task."""
+    lines = ["| task | gain kept (of full FT) | gain kept (of the ceiling) | ceiling's gain kept (of full FT) "
+             "| protection |", "|---|---|---|---|---|"]
+    for task in tasks:
+        numbers = found[task]
+        lines.append(f"| {task} | {_share(numbers['gain_kept'])} | {_share(numbers['gain_kept_of_ceiling'])} | "
+                     f"{_share(numbers['ceiling_gain_kept'])} | "
+                     f"{format_protection(plug_in[task], numbers['protection'])} |")
+    return lines
 
 
 def fair_markdown(report: dict[str, Any]) -> list[str]:
@@ -156,13 +160,7 @@ def fair_markdown(report: dict[str, Any]) -> list[str]:
     for name, _, _ in FAIR_ROWS:
         cells = [format_metric(fair["results"][name][t]) if t in fair["results"][name] else "n/a" for t in tasks]
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-    lines += ["", "| task | gain kept (of full FT) | gain kept (of the ceiling) | ceiling's gain kept (of full FT) "
-              "| protection |", "|---|---|---|---|---|"]
-    for task in tasks:
-        numbers = fair["figures"][task]
-        plug = fair["results"]["plug_in"][task]
-        lines.append(f"| {task} | {_share(numbers['gain_kept'])} | {_share(numbers['gain_kept_of_ceiling'])} | "
-                     f"{_share(numbers['ceiling_gain_kept'])} | {format_protection(plug, numbers['protection'])} |")
+    lines += ["", *figures_table(tasks, fair["figures"], fair["results"]["plug_in"])]
     lines += ["", "| task | trained setting | lr chosen | steps run (best step) | validation of each lr | "
               "train min, chosen lr / whole grid |", "|---|---|---|---|---|---|"]
     for task, grids in fair["runs"].items():
@@ -210,13 +208,7 @@ def markdown(report: dict[str, Any]) -> str:
               "(full FT − zero-shot), in accuracy or log-perplexity; the same against the ceiling; and the model "
               "owner's protection, plug-in against emulator fine-tuned (accuracy points, or the emulator's "
               "perplexity over the plug-in's):", "",
-              "| task | gain kept (of full FT) | gain kept (of the ceiling) | ceiling's gain kept (of full FT) "
-              "| protection |", "|---|---|---|---|---|"]
-    for task in tasks:
-        numbers = report["figures"][task]
-        plug = report["settings"]["plug_in"][task]
-        lines.append(f"| {task} | {_share(numbers['gain_kept'])} | {_share(numbers['gain_kept_of_ceiling'])} | "
-                     f"{_share(numbers['ceiling_gain_kept'])} | {format_protection(plug, numbers['protection'])} |")
+              *figures_table(tasks, report["figures"], report["settings"]["plug_in"])]
     if rounds:
         lines += ["", "Alignment rounds (`offsite align`, then tuning on from the returned adapter):", "",
                   "| task | round | adapter steps | plug-in | gain kept (of full FT) | protection | align s |",
