@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "offsite"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("infrastructure", ("offsite", "offsite.errors", "offsite.constants", "offsite.config", "offsite.files",
                         "offsite.arch", "offsite.assets", "offsite.allocator", "offsite.loading",
-                        "offsite.processes", "offsite.numerics", "offsite.checkpoints", "offsite.device")),
+                        "offsite.processes", "offsite.numerics", "offsite.checkpoints", "offsite.device",
+                        "offsite.weights")),
     ("data", ("offsite.data",)),
     ("scoring", ("offsite.scoring",)),
     ("emulator", ("offsite.emulator",)),

@@ -29,20 +29,21 @@ from offsite.data.read import read_data, write_jsonl
 from offsite.data.tokens import Sequence
 from offsite.data.types import Data, TextData, limit
 from offsite.device import DTYPES, Placement, place_model
-from offsite.emulator.build import build_emulator, calibration_corpus
+from offsite.emulator.build import build_emulator, calibration_corpus, reduce_skeleton, streams
 from offsite.emulator.compress import COMPRESSIONS
 from offsite.emulator.distill import distill, read_corpus
-from offsite.emulator.split import plan_split
+from offsite.emulator.split import SplitPlan, plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange import issued, signing
-from offsite.exchange.adapter import Adapter, apply, extract, load_adapter, plug_into
+from offsite.exchange.adapter import Adapter, apply, check_fits, check_plug, extract, load_adapter, plug_into
 from offsite.exchange.bundle import Manifest, bundle_index, check_bundle, is_bundle, open_bundle, write_bundle
-from offsite.exchange.fingerprint import model_fingerprint
+from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.loading import check_window, load_config, load_model, load_tokenizer
 from offsite.scoring import score
 from offsite.training.resume import Resumable
 from offsite.training.trainer import train_layers, training_sequences
+from offsite.weights import open_streamed, source_keys, stores_layers, write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +59,58 @@ def emulate(config: EmulateConfig) -> Path:
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
         calibration_corpus(config)
+    if config.stream and streams(config) and _emulate_streamed(config):
+        return Path(config.output)
     log.info("loading full model %s", config.model)
     model = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
     plan = plan_split(model.config.num_hidden_layers, config.split)
     base_fingerprint = model_fingerprint(model, plan.adapter)
-    base_model = {
-        "name_or_path": config.model,
-        "revision": getattr(model.config, "_commit_hash", None),
-        "model_type": model.config.model_type,
-        "num_layers": plan.num_layers,
-    }
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
     emulator_model, plan, emulator = build_emulator(model, tokenizer, plan, config, corpus, checkpoint,
                                                     base_fingerprint)
     del model
-    manifest = Manifest(base_model, config.split, plan, base_fingerprint, {}, emulator)
-    write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest, sign=config.sign)
+    manifest = Manifest(_base_model(config.model, emulator_model, plan), config.split, plan, base_fingerprint, {},
+                        emulator)
+    write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest, sign=config.sign,
+                 max_shard_size=config.max_shard_size)
     issued.record(manifest, config.output)  # plug later replaces only these layers
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
+
+
+def _emulate_streamed(config: EmulateConfig) -> bool:
+    """`emulate` for a bundle of layers kept as they are, copied from the model's files shard by shard.
+
+    False when the model cannot stream (a hub id, a checkpoint transformers renames while loading):
+    then `emulate` loads it whole, with the same result.
+    """
+    streamed = open_streamed(config.model)
+    if streamed is None:
+        return False
+    skeleton = streamed.skeleton
+    plan = plan_split(skeleton.config.num_hidden_layers, config.split)
+    base_fingerprint = file_fingerprint(streamed, plan.adapter)
+    if base_fingerprint is None:
+        return False
+    plan, emulator = reduce_skeleton(skeleton, plan, config)
+    mapping = source_keys(streamed, plan.kept)
+    if mapping is None:
+        return False
+    log.info("streaming %d tensors of %s into the bundle (the full model is never loaded)", len(mapping),
+             config.model)
+    manifest = Manifest(_base_model(config.model, skeleton, plan), config.split, plan, base_fingerprint, {}, emulator)
+    write_bundle(config.output, config.overwrite,
+                 lambda tmp: write_streamed(streamed, tmp, mapping, max_shard_size=config.max_shard_size),
+                 load_tokenizer(config.model), manifest, sign=config.sign)
+    issued.record(manifest, config.output)
+    return True
+
+
+def _base_model(name_or_path: str, model: PreTrainedModel, plan: SplitPlan) -> dict[str, Any]:
+    """The manifest's record of the full model."""
+    return {"name_or_path": name_or_path, "revision": getattr(model.config, "_commit_hash", None),
+            "model_type": model.config.model_type, "num_layers": plan.num_layers}
 
 
 def tune(config: TuneConfig) -> Path:
@@ -198,13 +231,42 @@ def plug(config: PlugConfig) -> Path:
         raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
     adapter = load_adapter(config.adapter, trust=config.trust)
     layers = issued.issued_layers(adapter, config.adapter, config.bundle)
+    if config.stream and _plug_streamed(config, adapter, layers):
+        return Path(config.output)
     model = load_model(config.model)
     plug_into(model, adapter, config.adapter, layers)
     log.info("plugged adapter layers %s into %s", adapter.layers, config.model)
     with atomic_dir(config.output, config.overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=config.max_shard_size)
         load_tokenizer(config.model).save_pretrained(tmp)
     return Path(config.output)
+
+
+def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...]) -> bool:
+    """`plug` as a copy of the full model's files shard by shard, with only the adapter's tensors replaced.
+
+    The same checks as `plug_into`, on a weightless skeleton and the fingerprint read from the files.
+    False when the model cannot stream; then `plug` loads it whole, with the same result.
+    """
+    streamed = open_streamed(config.model)
+    if streamed is None:
+        return False
+    skeleton = streamed.skeleton
+    num_layers = skeleton.config.num_hidden_layers
+    mapping = source_keys(streamed, tuple(range(num_layers)))
+    if mapping is None or not stores_layers(streamed, [i for i in adapter.layers if i < num_layers]):
+        return False
+    check_plug(adapter, config.adapter, layers, num_layers, lambda: file_fingerprint(streamed, adapter.layers) or "")
+    check_fits(skeleton, adapter, {index: index for index in adapter.layers}, config.adapter)
+    replacements = {f"{streamed.layers_prefix}.{index}.{name}": tensor
+                    for index, named in adapter.tensors.items() for name, tensor in named.items()}
+    if not set(replacements) <= set(mapping):
+        return False
+    with atomic_dir(config.output, config.overwrite) as tmp:
+        write_streamed(streamed, tmp, mapping, replace=replacements.get, max_shard_size=config.max_shard_size)
+        load_tokenizer(config.model).save_pretrained(tmp)
+    log.info("plugged adapter layers %s into %s (streamed)", adapter.layers, config.model)
+    return True
 
 
 def load_for_eval(model_path: str, adapter_path: str | None, bundle: str | None = None

@@ -192,6 +192,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _split_flags(emulate)
     _distill_flags(emulate)
     add_options(emulate, EmulateConfig, only=("overwrite", "sign"))
+    add_options(emulate.add_argument_group("large models"), EmulateConfig, only=("stream", "max_shard_size"))
     _device_flags(emulate, "of distillation")
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")

@@ -16,6 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from huggingface_hub.serialization._base import parse_size_to_int  # the shard planner's own reading of sizes
+
+from offsite.constants import DEFAULT_SHARD_SIZE
 from offsite.errors import ConfigError, check
 
 
@@ -32,6 +35,16 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
     one may be given).
     """
     return field(default=default, default_factory=default_factory, metadata={"help": help, **cli})
+
+
+def shard_size_problems(size: str) -> list[str]:
+    """A size as huggingface_hub's shard planner reads it (a number and KB, MB, GB or TB)."""
+    try:
+        if parse_size_to_int(str(size)) > 0:
+            return []
+    except ValueError:
+        pass
+    return [f"--max-shard-size={size} is not a size; use a number with KB, MB, GB or TB (e.g. 500MB, 2GB)"]
 
 
 def non_negative(problems: list[str], **values: float | int | None) -> None:
@@ -281,7 +294,13 @@ class EmulateConfig(JsonConfig):
     sign: str | None = option(None, "sign the bundle with this private key (from `offsite keygen`)", metavar="KEY")
     runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where distillation runs
 
+    stream: bool = option(True, "read the full model's files tensor by tensor, so memory stays about one shard "
+                          "(--no-stream: load the whole model first)", flags=("--no-stream",))
+    max_shard_size: str = option(DEFAULT_SHARD_SIZE, "cut the written weights into files of at most this size "
+                                 "(e.g. 500MB, 5GB)", metavar="SIZE")
+
     def __post_init__(self) -> None:
+        check(shard_size_problems(self.max_shard_size))
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):
@@ -420,6 +439,13 @@ class PlugConfig(JsonConfig):
     trust: str | None = option(None, "refuse the adapter unless it is signed with this public key (the data "
                                "owner's KEY.pub)", metavar="PUBKEY")
     overwrite: bool = option(False, "replace an existing output directory")
+    stream: bool = option(True, "read the full model's files tensor by tensor, so memory stays about one shard "
+                          "(--no-stream: load the whole model first)", flags=("--no-stream",))
+    max_shard_size: str = option(DEFAULT_SHARD_SIZE, "cut the written weights into files of at most this size "
+                                 "(e.g. 500MB, 5GB)", metavar="SIZE")
+
+    def __post_init__(self) -> None:
+        check(shard_size_problems(self.max_shard_size))
 
 
 @dataclass

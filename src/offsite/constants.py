@@ -17,3 +17,6 @@ METRICS = "metrics.jsonl"
 # A Hugging Face model directory's configs.
 MODEL_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+
+# Written weights larger than this are cut into shards (memory while streaming is about one shard).
+DEFAULT_SHARD_SIZE = "2GB"

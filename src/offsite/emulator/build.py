@@ -44,7 +44,7 @@ def calibration_corpus(config: EmulateConfig) -> str:
     return corpus
 
 
-def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
+def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, plan: SplitPlan,
                   config: EmulateConfig) -> tuple[SplitPlan, list[int], dict[str, Any]]:
     """(plan with the kept middle layers, the kept layer standing in for each middle layer, what was measured)."""
     middle = list(range(len(plan.bottom), plan.num_layers - len(plan.top)))
@@ -65,6 +65,36 @@ def read_calibration(corpus: str) -> TextData:
     return read_text_corpus(corpus, "--calibration", "similarity")
 
 
+def streams(config: EmulateConfig) -> bool:
+    """Whether the bundle is the kept layers exactly as the full model holds them (nothing trains,
+    compresses or measures them), so it can be copied tensor by tensor from the model's files."""
+    return config.split.selection == "uniform" and not config.split.compression and not config.distill
+
+
+def _reduce(model: PreTrainedModel, plan: SplitPlan, config: EmulateConfig, schedule: list[int],
+            measured: dict[str, Any]) -> dict[str, Any]:
+    """Reduce `model` to the bundle's layers in place; the manifest's `emulator` entry so far."""
+    keep_layers(model, plan.kept)
+    log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
+    if plan.keeps_whole_middle:
+        log.warning("the emulator keeps all %d middle layers: this bundle carries the whole full model",
+                    len(plan.emulator))
+    split = config.split
+    return {"method": split.method, "selection": split.selection, "similarity": measured or None,
+            "share": {"schedule": schedule} if split.shares else None, "compression": None, "distill": None,
+            "keeps_every_middle_layer": plan.keeps_whole_middle}
+
+
+def reduce_skeleton(skeleton: PreTrainedModel, plan: SplitPlan, config: EmulateConfig
+                    ) -> tuple[SplitPlan, dict[str, Any]]:
+    """`build_emulator` for a bundle that `streams`: the weightless model reduced in place, the plan and entry."""
+    assert streams(config)
+    plan, schedule, measured = choose_layers(skeleton, None, plan, config)
+    info = _reduce(skeleton, plan, config, schedule, measured)
+    info["bytes"] = emulator_bytes(skeleton, [len(plan.bottom) + i for i in range(len(plan.emulator))])
+    return plan, info
+
+
 def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
                    config: EmulateConfig, corpus: TextData | None, checkpoint: Path,
                    base_fingerprint: str = "") -> tuple[PreTrainedModel, SplitPlan, dict[str, Any]]:
@@ -72,16 +102,8 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     split = config.split
     plan, schedule, measured = choose_layers(model, tokenizer, plan, config)
     emulator_model = copy.deepcopy(model) if config.distill else model
-    keep_layers(emulator_model, plan.kept)
-    log.info("bundle keeps layers %s of %d (adapter %s)", list(plan.kept), plan.num_layers, list(plan.adapter))
-    if plan.keeps_whole_middle:
-        log.warning("the emulator keeps all %d middle layers: this bundle carries the whole full model",
-                    len(plan.emulator))
+    info = _reduce(emulator_model, plan, config, schedule, measured)
     stored_emulator = [len(plan.bottom) + i for i in range(len(plan.emulator))]
-    info: dict[str, Any] = {"method": split.method, "selection": split.selection, "similarity": measured or None,
-                            "share": {"schedule": schedule} if split.shares else None,
-                            "compression": None, "distill": None,
-                            "keeps_every_middle_layer": plan.keeps_whole_middle}
     compression = COMPRESSIONS[split.compression] if split.compression else None
     if compression and compression.before_distillation:  # e.g. lowrank: distillation repairs the truncation
         info["compression"] = compress(emulator_model, stored_emulator, compression.name, split.rank_fraction)

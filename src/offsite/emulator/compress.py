@@ -176,8 +176,9 @@ def tensor_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
     seen, total = set(), 0
     for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()  # a skeleton's tensors all have pointer 0
+        if key not in seen:
+            seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
 

@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -136,6 +136,17 @@ def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, 
 
 def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
     """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces."""
+    check_fits(model, adapter, positions, source)
+    layers = get_layers(model)
+    for original, named in adapter.tensors.items():
+        layers[positions[original]].load_state_dict(named, strict=True)  # casts a float adapter to the model's dtype
+
+
+def check_fits(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
+    """Refuse an adapter whose keys, shapes or dtypes are not those of the layers it would replace.
+
+    `model` may be a weightless skeleton (a streamed plug): only names, shapes and dtypes are read.
+    """
     layers = get_layers(model)
     dtypes = sorted({str(t.dtype) for named in adapter.tensors.values() for t in named.values()})
     if len(dtypes) > 1:
@@ -157,7 +168,6 @@ def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source:
                     f"adapter {source}, layers.{original}.{name}: shape {tuple(tensor.shape)} {tensor.dtype} "
                     f"but the model expects {tuple(want.shape)} {want.dtype}"
                 )
-        layer.load_state_dict(named, strict=True)  # casts a float adapter to the model's dtype
 
 
 def _castable(stored: torch.dtype, wanted: torch.dtype) -> bool:
@@ -171,17 +181,27 @@ def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path, issu
     `issued`: the adapter layers of the bundle the model owner sent (see `exchange.issued`). The
     adapter's own list is not trusted: a fingerprint can be computed over any layers the bundle holds.
     """
+    check_plug(adapter, source, issued, model.config.num_hidden_layers,
+               lambda: model_fingerprint(model, adapter.layers))
+    apply(model, adapter, {index: index for index in adapter.layers}, source)
+
+
+def check_plug(adapter: Adapter, source: str | Path, issued: tuple[int, ...], num_layers: int,
+               base_fingerprint: Callable[[], str]) -> None:
+    """Refuse an adapter for other layers than the bundle issued, or for another base model.
+
+    `base_fingerprint()`: the full model's fingerprint over the adapter's layers (asked for only
+    once the layers are known to exist).
+    """
     if not adapter.layers or tuple(adapter.layers) != tuple(sorted(issued)):
         raise OffsiteError(f"adapter {source} replaces layers {adapter.layers}, but the bundle issued for this "
                            f"base has adapter layers {sorted(issued)}; refusing to plug it")
-    num_layers = model.config.num_hidden_layers
     if any(index >= num_layers for index in adapter.layers):
         raise OffsiteError(f"adapter {source} has layers {adapter.layers} but the model has only {num_layers} layers")
-    actual = model_fingerprint(model, adapter.layers)
+    actual = base_fingerprint()
     if actual != adapter.fingerprint:
         raise OffsiteError(
             f"adapter {source} was made for another base model: its fingerprint is {adapter.fingerprint[:16]}…, "
             f"this model's is {actual[:16]}…; plug it into the model its bundle was made from "
             f"({adapter.base_model.get('name_or_path', 'unknown')})"
         )
-    apply(model, adapter, {index: index for index in adapter.layers}, source)

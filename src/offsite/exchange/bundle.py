@@ -12,14 +12,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite import __version__
 from offsite.config import SplitConfig
-from offsite.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
+from offsite.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, DEFAULT_SHARD_SIZE, MANIFEST
 from offsite.emulator.compress import valid_spec
 from offsite.emulator.load import load_emulator
 from offsite.emulator.share import executed_layers
@@ -109,12 +109,19 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
 
-def write_bundle(output: str | Path, overwrite: bool, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 manifest: Manifest, sign: str | Path | None = None) -> Path:
+def write_bundle(output: str | Path, overwrite: bool, model: PreTrainedModel | Callable[[Path], None],
+                 tokenizer: PreTrainedTokenizerBase, manifest: Manifest, sign: str | Path | None = None,
+                 max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Save the bundle's model and tokenizer, then `manifest` with their files' SHA-256 (signed with the
-    private key `sign`, if given), all at once."""
+    private key `sign`, if given), all at once.
+
+    `model`: the bundle's model, or a function that writes its files into a directory (a streamed bundle).
+    """
     with atomic_dir(output, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if callable(model) and not isinstance(model, PreTrainedModel):
+            model(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         write_json(tmp / MANIFEST, replace(manifest, files=files).to_dict())
