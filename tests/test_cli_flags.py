@@ -19,13 +19,14 @@ DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distil
            "--kd-weight --lm-weight --align --kd-normalise --distill-select --kl-weight")  # the last 3: new (fidelity)
 # The long flags of every command as of 0.1.1, before the flags came from the config fields.
 FLAGS = {
-    "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign --device --dtype",  # --sign, --trust, --bundle: new in the hardening
+    "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign --device --dtype "  # --sign, --trust, --bundle: new in the hardening
+               "--no-stream --max-shard-size",  # new (scale)
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
             "--device --dtype --save-dtype",  # the last 3: new (scale)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype",  # new in the fidelity work
-    "plug": "--output --overwrite --bundle --trust",
+    "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype",
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "

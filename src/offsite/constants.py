@@ -19,4 +19,4 @@ MODEL_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # Written weights larger than this are cut into shards (memory while streaming is about one shard).
-DEFAULT_SHARD_SIZE = "2GB"
+DEFAULT_SHARD_SIZE = "500MB"

@@ -30,7 +30,6 @@ from offsite.loading import refuse_remote_code, resolve
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 
