@@ -24,7 +24,7 @@ FLAGS = {
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
-            "--device --dtype --save-dtype",  # the last 3: new (scale)
+            "--device --dtype --save-dtype --num-processes",  # the last 4: new (scale)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype",  # new in the fidelity work
     "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype",

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.loading import check_window, load_config, load_model, load_tokenizer
 from offsite.scoring import score
+from offsite.training import parallel
+from offsite.training.parallel import Processes
 from offsite.training.resume import Resumable
 from offsite.training.trainer import train_layers, training_sequences
 from offsite.weights import open_streamed, source_keys, stores_layers, write_streamed
@@ -119,7 +122,8 @@ def tune(config: TuneConfig) -> Path:
                      inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after training
-    placement = training_placement(config)
+    processes = parallel.current(cpu=config.runtime.device == "cpu" or not torch.cuda.is_available())
+    placement = training_placement(config, processes)
     data = read_data(config.data)
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
@@ -139,11 +143,17 @@ def tune(config: TuneConfig) -> Path:
     trained = [positions[i] for i in manifest.plan.adapter]
     place_model(model, placement, keep_float32=[get_layers(model)[p] for p in trained])
     resumable = Resumable(Path(config.output).with_name(f".{Path(config.output).name}.tune"),
-                          {**_run_identity(manifest, sequences, eval_data, config), "dtype": str(placement.dtype)},
+                          {**_run_identity(manifest, sequences, eval_data, config), "dtype": str(placement.dtype),
+                           "processes": processes.count},
                           config.checkpoint_every)
+    if not processes.main:  # it trains its share; the main process validates and writes the adapter
+        with tempfile.TemporaryDirectory(prefix="offsite-worker-") as scratch:
+            train_layers(model, tokenizer, sequences, trained, config.train, Path(scratch) / METRICS, eval_data,
+                         resumable, placement, processes)  # eval_data: it follows the main process's checks
+        return Path(config.output)
     with atomic_dir(config.output, config.overwrite) as tmp:
         model = train_layers(model, tokenizer, sequences, trained, config.train, tmp / METRICS, eval_data, resumable,
-                             placement)
+                             placement, processes)
         tensors = extract(model, {i: positions[i] for i in manifest.plan.adapter})
         adapter = Adapter(
             tensors={i: {k: v.to("cpu", DTYPES[config.save_dtype]) for k, v in named.items()}
@@ -157,9 +167,18 @@ def tune(config: TuneConfig) -> Path:
     return Path(config.output)
 
 
-def training_placement(config: TuneConfig) -> Placement:
+def training_placement(config: TuneConfig, processes: Processes = parallel.ONE) -> Placement:
     """Where `tune` trains, after refusing what it cannot do there."""
-    placement = Placement.of(config.runtime.device, config.runtime.dtype)
+    if config.num_processes > 1 and config.num_processes != processes.count:
+        raise OffsiteError(f"--num-processes {config.num_processes}, but this is one of {processes.count} "
+                           "processes: start several with `offsite tune --num-processes N` (from the command "
+                           "line) or `accelerate launch --multi_gpu --num_processes N -m offsite.cli tune ...`")
+    if processes.parallel and config.train.cache_emulator:
+        raise OffsiteError("--cache-emulator works in one process only; drop it, or --num-processes")
+    device = config.runtime.device
+    if processes.parallel and device == "auto":
+        device = str(processes.device)  # each process its own device, as the launcher assigned it
+    placement = Placement.of(device, config.runtime.dtype)
     if placement.dtype == torch.float16:
         raise OffsiteError("--dtype float16: training in float16 needs loss scaling, which offsite tune does not do; "
                            "use --dtype bfloat16 (or float32)")

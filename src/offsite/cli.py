@@ -201,7 +201,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(tune, TuneConfig, only=("checkpoint_every", "trust", "sign", "overwrite"))
     add_options(tune, TuneConfig, only=("init_adapter",))
     _device_flags(tune)
-    add_options(tune, TuneConfig, only=("save_dtype",))
+    add_options(tune, TuneConfig, only=("save_dtype", "num_processes"))
 
     align = add_command("align", help="model owner: re-distil a bundle's emulator with a returned adapter in the "
                                       "loop, so the next round of tuning transfers better")
@@ -267,9 +267,17 @@ def _run_emulate(args: argparse.Namespace) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> None:
+    config = from_args(TuneConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args))
+    from offsite.training import parallel  # noqa: PLC0415 - lazy torch (see above)
+    if config.num_processes > 1 and not parallel.launched():  # start the processes, each running this command
+        if os.environ.get(parallel.LAUNCHED):
+            raise OffsiteError("--num-processes: the launcher started a single process; see docs/scale.md")
+        parallel.launch(args.argv, config.num_processes)  # the main process says where the adapter is
+        return
     from offsite.api import tune  # noqa: PLC0415 - lazy torch (see above)
-    path = tune(from_args(TuneConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args)))
-    print(f"adapter written to {path}; return it to the model owner")
+    path = tune(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        print(f"adapter written to {path}; return it to the model owner")
 
 
 def _run_align(args: argparse.Namespace) -> None:
@@ -403,6 +411,7 @@ def _restart_with_allocator() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `tune --num-processes` hands its launcher
     try:
         if args.allocator is not None:
             os.environ[allocator.ENV] = args.allocator  # the processes offsite spawns see the choice too

@@ -385,6 +385,8 @@ class TuneConfig(JsonConfig):
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
     save_dtype: str = option("float32", "dtype of the exported adapter's weights (they train in float32)",
                              choices=DTYPE_NAMES[1:])
+    num_processes: int = option(1, "train data-parallel in N processes, started by accelerate's launcher "
+                                "(--batch-size is per process: the global batch is N times it)", metavar="N")
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -392,7 +394,7 @@ class TuneConfig(JsonConfig):
         if isinstance(self.runtime, dict):
             self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
-        positive(problems, checkpoint_every=self.checkpoint_every)
+        positive(problems, checkpoint_every=self.checkpoint_every, num_processes=self.num_processes)
         if self.train.patience is not None and self.eval_data is None:
             problems.append("--patience needs --eval-data: early stopping watches the validation metric")
         check(problems)

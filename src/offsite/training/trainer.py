@@ -7,6 +7,7 @@ trains every block of the full model with the same loop, so the two differ only 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
 from offsite.training.emulator_cache import EmulatorCache
 from offsite.training.loss import batch_loss
+from offsite.training.parallel import ONE, Processes
 from offsite.training.resume import Resumable
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,8 @@ class Best:
 
 def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], positions: list[int],
                  settings: TrainConfig, metrics_path: Path, eval_data: Data | None = None,
-                 checkpoint: Resumable | None = None, placement: Placement = CPU) -> PreTrainedModel:
+                 checkpoint: Resumable | None = None, placement: Placement = CPU,
+                 processes: Processes = ONE) -> PreTrainedModel:
     """Train the blocks at `positions` of `model` (everything else frozen) and return the trained model.
 
     With LoRA the adapters are merged back, so the result has plain weights.
@@ -108,6 +111,8 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     `checkpoint`, the run saves its state every few steps and on SIGTERM, and resumes from
     it (see offsite.training.resume). `placement`: the device and compute dtype of the forward
     (the model already placed with offsite.device.place_model: the trained blocks in float32).
+    `processes`: the data-parallel processes this one is part of (see offsite.training.parallel);
+    `settings.batch_size` is then per process.
     """
     freeze_all_but(model, positions)
     start = time.perf_counter()
@@ -119,7 +124,7 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     parking = cache.frozen_blocks_parked() if cache is not None else contextlib.nullcontext()
     with checkpointing, parking:
         summary = _train(trained, tokenizer, sequences, eval_data, settings, metrics_path, cache, checkpoint,
-                         placement)
+                         placement, processes)
     if cache is not None:
         summary["cache_seconds"] = cache_seconds
     if settings.lora_rank:
@@ -132,13 +137,16 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
 
 def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Data | None,
            settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None,
-           checkpoint: Resumable | None = None, placement: Placement = CPU) -> dict[str, Any]:
+           checkpoint: Resumable | None = None, placement: Placement = CPU,
+           processes: Processes = ONE) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.total_steps(len(sequences))
+    # Steps, shuffling and batches are those of one process with the global batch.
+    global_settings = dataclasses.replace(settings, batch_size=settings.batch_size * processes.count)
+    steps = global_settings.total_steps(len(sequences))
     eval_every = settings.eval_every or max(1, steps // 5)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    batches = _batch_stream(sequences, settings, tokenizer.pad_token_id, cache)
+    batches = _batch_stream(sequences, global_settings, tokenizer.pad_token_id, cache)
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
     stopped_at = None
     done = checkpoint.resume(model, optimizer, scheduler, best, metrics_path) if checkpoint else 0
@@ -146,28 +154,35 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
         next(batches)
     save_every = (checkpoint.every if checkpoint else None) or min(eval_every, 100)
     model.train()
-    with (open(metrics_path, "a") as metrics, tqdm(total=steps, initial=done, desc="train", unit="step") as bar,
+    with (open(metrics_path, "a") as metrics,
+          tqdm(total=steps, initial=done, desc="train", unit="step", disable=not processes.main) as bar,
           checkpoint.saved_on_sigterm() if checkpoint else contextlib.nullcontext() as stop):
         for step in range(done + 1, steps + 1):
             step_start = time.perf_counter()
-            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step, placement)
+            loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step, placement,
+                                   processes)
             step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
             if eval_data is not None and (step % eval_every == 0 or step == steps):
-                with (cache.frozen_blocks_loaded() if cache is not None else contextlib.nullcontext(),
-                      placement.autocast()):
-                    result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
-                best.offer(result, step, model)
-                _log(metrics, {"step": step, "eval": result})
-                log.info("step %d validation %s", step, result)
-                if settings.patience and step < steps and step - best.step >= settings.patience * eval_every:
-                    log.info("step %d: no better validation for %d checks since step %d; stopping",
-                             step, settings.patience, best.step)
+                stop_now = False
+                if processes.main:  # every process holds the same weights: one validates and keeps the best
+                    with (cache.frozen_blocks_loaded() if cache is not None else contextlib.nullcontext(),
+                          placement.autocast()):
+                        result = score(model, tokenizer, eval_data, settings.seq_len, settings.batch_size)
+                    best.offer(result, step, model)
+                    _log(metrics, {"step": step, "eval": result})
+                    log.info("step %d validation %s", step, result)
+                    stop_now = bool(settings.patience and step < steps
+                                    and step - best.step >= settings.patience * eval_every)
+                    if stop_now:
+                        log.info("step %d: no better validation for %d checks since step %d; stopping",
+                                 step, settings.patience, best.step)
+                if processes.from_main(stop_now):
                     stopped_at = step
                     break
-            if checkpoint and step < steps and (step % save_every == 0 or stop.requested):
+            if checkpoint and processes.main and step < steps and (step % save_every == 0 or stop.requested):
                 checkpoint.save(step, model, optimizer, scheduler, best, metrics_path)
                 if stop.requested:
                     raise KeyboardInterrupt  # the CLI says how to resume
@@ -177,7 +192,8 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     return {"steps": ran, "max_steps": steps, "stopped_early": stopped_at is not None, "final_loss": loss,
             "best_step": best.step, "best_eval": best.result, "train_sequences": len(sequences),
             "trainable_params": sum(p.numel() for p in params), "seconds": seconds,
-            "seconds_per_step": step_seconds / max(1, ran - done)}
+            "seconds_per_step": step_seconds / max(1, ran - done), "processes": processes.count,
+            "global_batch": settings.batch_size * processes.count * settings.grad_accum}
 
 
 def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int, cache: EmulatorCache | None = None):
@@ -194,16 +210,22 @@ def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int,
 
 
 def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
-                    cache: EmulatorCache | None, step: int, placement: Placement = CPU) -> float:
+                    cache: EmulatorCache | None, step: int, placement: Placement = CPU,
+                    processes: Processes = ONE) -> float:
     total = torch.zeros((), device=placement.device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(grad_accum):
-        batch = placement.batch(next(batches))
+        batch, share = processes.shard(next(batches))
+        if share == 0:  # this process's rows of a short last batch score nothing
+            continue
+        batch = placement.batch(batch)
         with placement.autocast():  # the forward in the compute dtype; the backward follows it
-            loss = (cache.loss if cache is not None else batch_loss)(model, batch) / grad_accum
+            loss = (cache.loss if cache is not None else batch_loss)(model, batch) * share / grad_accum
         loss.backward()
         total += loss.detach().float()
-    check_step(total, [p for group in optimizer.param_groups for p in group["params"]], step, "training",
-               "lower --lr (or --weight-decay), or check the data and the bundle")
+    processes.sum_gradients(params)
+    total = processes.sum(total)
+    check_step(total, params, step, "training", "lower --lr (or --weight-decay), or check the data and the bundle")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

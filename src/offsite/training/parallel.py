@@ -1,0 +1,120 @@
+"""Data-parallel training over the processes accelerate's launcher starts.
+
+`accelerate launch -m offsite.cli tune ...` (or `offsite tune --num-processes N`, which calls that
+launcher) starts N copies of `tune`. Every process opens the same verified bundle and draws the
+same shuffled global micro-batches (per-process batch x processes); each takes its own rows. Its
+loss is scaled by its share of the global micro-batch's scored tokens, so the gradients summed
+over processes are exactly the gradient of the global micro-batch's mean loss: the run trains as
+one process with the global batch would, to float rounding. Only the trainable (adapter)
+gradients are all-reduced, as one flat tensor per step; the frozen emulator is never sent.
+Validation, the best checkpoint, the metrics and the adapter file belong to the main process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, reduce
+
+from offsite.data.tokens import IGNORE
+from offsite.errors import OffsiteError
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes (one, unless launched by accelerate)."""
+
+    rank: int = 0
+    count: int = 1
+    device: torch.device | None = None  # the launcher's device for this process (None: one process)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.count > 1
+
+    def shard(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """This process's rows of a global micro-batch, and its share of the batch's scored tokens."""
+        if not self.parallel:
+            return batch, 1.0
+        rows = batch["labels"].shape[0]
+        per_process = -(-rows // self.count)  # a short last batch leaves the last processes fewer rows
+        mine = {name: value[self.rank * per_process: (self.rank + 1) * per_process] for name, value in batch.items()}
+        scored = int((batch["labels"] != IGNORE).sum())
+        return mine, int((mine["labels"] != IGNORE).sum()) / max(1, scored)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the trainable parameters' gradients over the processes (one all-reduce)."""
+        if not self.parallel:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        offset = 0
+        for param, grad in zip(params, grads):
+            param.grad = flat[offset: offset + grad.numel()].view_as(param).clone()
+            offset += grad.numel()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return reduce(value, reduction="sum") if self.parallel else value
+
+    def from_main(self, value: Any) -> Any:
+        """The main process's `value`, on every process (e.g. its decision to stop early)."""
+        if not self.parallel:
+            return value
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+
+ONE = Processes()
+
+
+LAUNCHED = "OFFSITE_LAUNCHED"  # set by `launch` for its processes: they must not launch again
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current(cpu: bool) -> Processes:
+    """This process's place: from accelerate's state when a launcher started several processes.
+
+    `cpu`: the processes train on CPUs (gloo), not one GPU each (nccl).
+    """
+    if not launched():
+        return ONE
+    state = PartialState(cpu=cpu)  # reads the launcher's environment and joins the process group
+    device = torch.device("cpu") if cpu else state.device
+    return Processes(state.process_index, state.num_processes, device)
+
+
+def launch(argv: list[str], count: int) -> None:
+    """Run `offsite ARGV` in `count` processes through accelerate's launcher; fail in one line if any fails.
+
+    When a process dies, the launcher stops the others (none waits forever on the next all-reduce).
+    """
+    with socket.socket() as probe:  # a free port, so that two runs on one machine do not meet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # --multi_gpu is accelerate's torchrun launcher, which starts the processes on CPUs too (its --cpu
+    # starts one process, or needs MPI); the processes choose gloo on CPUs themselves (`current`).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "offsite.cli", *argv]
+    env = {**os.environ, LAUNCHED: "1"}
+    code = subprocess.run(command, check=False, env=env).returncode
+    if code != 0:
+        raise OffsiteError(f"training in {count} processes failed (exit code {code}): a process stopped or was "
+                           "killed, and the launcher stopped the others; the first error is above. Nothing was "
+                           "written; a checkpoint, if one was saved, resumes the same command")
