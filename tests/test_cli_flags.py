@@ -27,7 +27,8 @@ FLAGS = {
             "--device --dtype --save-dtype --num-processes",  # the last 4: new (scale)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype",  # new in the fidelity work
     "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
-    "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype",
+    "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype "
+            "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
             "--compare-uniform --fair-budget",

@@ -320,10 +320,35 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         data = limit(data, config.limit)
     check_window(load_config(config.model), config.seq_len)
     placement = Placement.of(config.runtime.device, config.runtime.dtype)
-    model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
-    place_model(model, placement)
+    if config.device_map:
+        model, tokenizer = load_spread(config, placement)
+    else:
+        model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
+        place_model(model, placement)
     with placement.autocast():
-        return score(model, tokenizer, data, config.seq_len, config.batch_size)
+        return score(model, tokenizer, data, config.seq_len, config.batch_size, config.batch_tokens)
+
+
+def load_spread(config: EvalConfig, placement: Placement) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A full or plugged model placed by accelerate over the devices (`--device-map auto`), in the compute dtype.
+
+    An adapter is plugged into the placed blocks, which must all be in memory: a block offloaded
+    to disk has no weights to check the fingerprint on or to replace.
+    """
+    if is_bundle(config.model):
+        raise OffsiteError(f"--device-map: {config.model} is a bundle, which is small by design; score it without "
+                           "--device-map (on --device)")
+    model = load_model(config.model, dtype=placement.dtype, device_map=config.device_map,
+                       max_memory=config.memory_limits())
+    placed = getattr(model, "hf_device_map", {})
+    log.info("placed by accelerate: %s", sorted(set(map(str, placed.values()))))
+    if config.adapter:
+        if "disk" in placed.values():
+            raise OffsiteError("--device-map with --adapter: some blocks were offloaded to disk; give --max-memory "
+                               "room for the whole model, or plug the adapter first (offsite plug) and score that")
+        adapter = load_adapter(config.adapter)
+        plug_into(model, adapter, config.adapter, issued.issued_layers(adapter, config.adapter, config.bundle))
+    return model, load_tokenizer(config.model)
 
 
 def _size(path: Path) -> int:

@@ -463,13 +463,35 @@ class EvalConfig(JsonConfig):
     batch_size: int = option(8, "sequences per forward pass")
     limit: int | None = option(None, "score only the first N examples (or documents)")
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
+    batch_tokens: int | None = option(None, "batch text by padded tokens instead of --batch-size sequences (memory "
+                                      "follows tokens, not sequences)", metavar="N")
+    device_map: str | None = option(None, "auto: spread a full or plugged model too large for one device over the "
+                                    "GPUs, then CPU memory (accelerate's device_map)", choices=["auto"])
+    max_memory: list[str] | None = option(None, "with --device-map auto: the most each device may hold, as "
+                                          "DEVICE=SIZE (e.g. 0=20GiB 1=20GiB cpu=64GiB)", nargs="+",
+                                          metavar="DEVICE=SIZE")
 
     def __post_init__(self) -> None:
         if isinstance(self.runtime, dict):
             self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
-        positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit)
+        positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit,
+                 batch_tokens=self.batch_tokens)
+        if self.max_memory is not None and self.device_map is None:
+            problems.append("--max-memory needs --device-map auto")
+        for entry in self.max_memory or ():
+            device, _, size = entry.partition("=")
+            if not (re.fullmatch(r"[0-9]+|cpu|mps", device) and re.fullmatch(r"[0-9.]+\s*[KMGT]i?B", size)):
+                problems.append(f"--max-memory {entry!r}: use DEVICE=SIZE, DEVICE a GPU index or cpu, SIZE like "
+                                "20GiB or 500MB")
         check(problems)
+
+    def memory_limits(self) -> dict[int | str, str] | None:
+        """--max-memory as accelerate takes it: {0: "20GiB", "cpu": "64GiB"}."""
+        if not self.max_memory:
+            return None
+        pairs = (entry.partition("=")[::2] for entry in self.max_memory)
+        return {int(device) if device.isdigit() else device: size for device, size in pairs}
 
 
 @dataclass

@@ -56,12 +56,14 @@ def check_window(config: PretrainedConfig, seq_len: int, flag: str = "--seq-len"
                            "or less")
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: bool = False) -> PreTrainedModel:
+def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: bool = False,
+               device_map: str | None = None, max_memory: dict[int | str, str] | None = None) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code.
 
     transformers maps safetensors files into memory, so the weights stay file pages for as
     long as any tensor of the file is alive. `in_memory` (local directories) reads them into
     ordinary memory instead, so that freeing some of them (offsite.training.parking) really frees it.
+    `device_map="auto"` (with `max_memory`): accelerate places the blocks over the GPUs, then CPU memory.
     """
     source = resolve(name_or_path)
     _check_local(source)
@@ -69,8 +71,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
         if in_memory and _has_safetensors(source):
             model = _load_in_memory(Path(source), dtype)
         else:
+            placed = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source),
-                                                         trust_remote_code=False)
+                                                         trust_remote_code=False, **placed)
     except OffsiteError:
         raise
     except Exception as error:  # noqa: BLE001 - as in load_config; truncated weights, odd configs

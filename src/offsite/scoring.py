@@ -15,17 +15,30 @@ from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
 from offsite.errors import OffsiteError
 
 
+def batches(lengths: list[int], batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices into `lengths`, longest first (so padding is small), cut into batches.
+
+    `batch_tokens`: each batch holds as many sequences as fit that many padded tokens (at least
+    one), instead of `batch_size` sequences.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if batch_tokens is None:
+        return [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+    chunks: list[list[int]] = []
+    while order:
+        count = max(1, batch_tokens // lengths[order[0]])  # the first is the longest: it sets the padded width
+        chunks.append(order[:count])
+        order = order[count:]
+    return chunks
+
+
 @torch.no_grad()
 def sequence_scores(model: PreTrainedModel, sequences: list[Sequence], pad_id: int, batch_size: int,
-                    desc: str) -> list[tuple[float, int]]:
-    """(sum of log-probs of the scored tokens, number scored) for each sequence, in order.
-
-    Sequences are batched longest first so padding is small.
-    """
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
+                    desc: str, batch_tokens: int | None = None) -> list[tuple[float, int]]:
+    """(sum of log-probs of the scored tokens, number scored) for each sequence, in order."""
     results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
-        chunk = order[start: start + batch_size]
+    chunks = batches([len(s.input_ids) for s in sequences], batch_size, batch_tokens)
+    for chunk in tqdm(chunks, desc=desc, leave=False, unit="batch"):
         batch = {name: value.to(model.device) for name, value in collate([sequences[i] for i in chunk], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         scores = token_log_probs(logits, batch["labels"]).sum(-1)
@@ -36,12 +49,12 @@ def sequence_scores(model: PreTrainedModel, sequences: list[Sequence], pad_id: i
 
 
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: TextData,
-               seq_len: int, batch_size: int) -> dict[str, Any]:
+               seq_len: int, batch_size: int, batch_tokens: int | None = None) -> dict[str, Any]:
     """Token-weighted perplexity over non-overlapping windows of `seq_len` tokens."""
     sequences = lm_sequences(tokenizer, data.texts, seq_len)
     if not sequences:
         raise OffsiteError(f"{data.source}: the text is too short to score (needs at least 2 tokens)")
-    scores = sequence_scores(model, sequences, tokenizer.pad_token_id, batch_size, "perplexity")
+    scores = sequence_scores(model, sequences, tokenizer.pad_token_id, batch_size, "perplexity", batch_tokens)
     total, count = sum(s for s, _ in scores), sum(n for _, n in scores)
     if not math.isfinite(total):
         raise OffsiteError(f"{data.source}: the model's log-likelihood is not finite ({total}); its weights or "
@@ -98,13 +111,13 @@ def choice_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Data, seq_len: int,
-          batch_size: int) -> dict[str, Any]:
-    """Perplexity for text data, accuracy for choice data."""
+          batch_size: int, batch_tokens: int | None = None) -> dict[str, Any]:
+    """Perplexity for text data, accuracy for choice data (one example at a time: its choices are one batch)."""
     was_training = model.training
     model.eval()
     try:
         if isinstance(data, ChoiceData):
             return choice_accuracy(model, tokenizer, data.examples, seq_len)
-        return perplexity(model, tokenizer, data, seq_len, batch_size)
+        return perplexity(model, tokenizer, data, seq_len, batch_size, batch_tokens)
     finally:
         model.train(was_training)
