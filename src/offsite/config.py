@@ -294,8 +294,8 @@ class EmulateConfig(JsonConfig):
     sign: str | None = option(None, "sign the bundle with this private key (from `offsite keygen`)", metavar="KEY")
     runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where distillation runs
 
-    stream: bool = option(True, "read the full model's files tensor by tensor, so memory stays about one shard "
-                          "(--no-stream: load the whole model first)", flags=("--no-stream",))
+    stream: bool = option(True, "load the whole full model first, instead of reading its files tensor by tensor "
+                          "(which keeps memory to about one shard; see docs/scale.md)", flags=("--no-stream",))
     max_shard_size: str = option(DEFAULT_SHARD_SIZE, "cut the written weights into files of at most this size "
                                  "(e.g. 500MB, 5GB)", metavar="SIZE")
 
@@ -441,8 +441,8 @@ class PlugConfig(JsonConfig):
     trust: str | None = option(None, "refuse the adapter unless it is signed with this public key (the data "
                                "owner's KEY.pub)", metavar="PUBKEY")
     overwrite: bool = option(False, "replace an existing output directory")
-    stream: bool = option(True, "read the full model's files tensor by tensor, so memory stays about one shard "
-                          "(--no-stream: load the whole model first)", flags=("--no-stream",))
+    stream: bool = option(True, "load the whole full model first, instead of reading its files tensor by tensor "
+                          "(which keeps memory to about one shard; see docs/scale.md)", flags=("--no-stream",))
     max_shard_size: str = option(DEFAULT_SHARD_SIZE, "cut the written weights into files of at most this size "
                                  "(e.g. 500MB, 5GB)", metavar="SIZE")
 
