@@ -31,7 +31,7 @@ FLAGS = {
             "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)
     "info": "--json",
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
-            "--compare-uniform --fair-budget",
+            "--compare-uniform --fair-budget --device --dtype",
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
               f"{DISTILL} --quick --seed",
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "

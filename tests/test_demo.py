@@ -248,3 +248,23 @@ def test_a_distilled_emulator_is_built_once_and_reused_by_a_demo_with_another_ou
     (next((tmp_path / "second" / "bundles").iterdir()) / "model.safetensors").write_bytes(b"x")
     from offsite.exchange.bundle import check_bundle
     check_bundle(next(demo_module.shared_emulators().iterdir()))  # a copy, not a link: the kept one is intact
+
+
+def test_demo_runs_every_stage_in_the_chosen_precision_and_keys_it(tiny_tasks, model_dirs, tmp_path, caplog):
+    from offsite.config import DeviceConfig
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["text"], quick=True,
+                        isolate=False, distill=None, ceiling=False)
+    config.split.emulator_layers = 2
+    float32 = json.loads((demo(config) / "report.json").read_text())
+    config.runtime = DeviceConfig(device="cpu", dtype="bfloat16")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="offsite"):
+        bf16 = json.loads((demo(config) / "report.json").read_text())
+    assert ": cached" not in caplog.text.replace("bundle: cached", "")  # no float32 result stands in for bfloat16
+    assert "compute dtype bfloat16" in caplog.text  # the data owner's tune ran in it
+    assert bf16["placement"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert float32["placement"] == {"device": "cpu", "dtype": "float32"}
+    assert "Stages ran on cpu in bfloat16." in (tmp_path / "demo" / "report.md").read_text()
+    for setting in ("zero_shot", "full_finetune", "plug_in"):  # computed in bfloat16: close, not equal
+        low, full = bf16["settings"][setting]["text"]["perplexity"], float32["settings"][setting]["text"]["perplexity"]
+        assert low != full and low == pytest.approx(full, rel=0.05), setting

@@ -229,6 +229,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
     add_options(demo, DemoConfig, only=("seed", "compare_uniform", "fair_budget"))
     add_options(demo, TrainConfig, only=DEMO_ADAPTER_FLAGS, unset="the budget's")
+    _device_flags(demo, "of every stage")
 
     ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")
     add_options(ablate, AblateConfig)
@@ -338,7 +339,8 @@ def _demo_distill(args: argparse.Namespace) -> DistillConfig | str | None:
 
 def _demo_config(args: argparse.Namespace) -> DemoConfig:
     return from_args(DemoConfig, args, split=_split(args), distill=_demo_distill(args),
-                     adapter_training=_given(TrainConfig, args, only=DEMO_ADAPTER_FLAGS))
+                     adapter_training=_given(TrainConfig, args, only=DEMO_ADAPTER_FLAGS),
+                     runtime=from_args(DeviceConfig, args))
 
 
 def _run_demo(args: argparse.Namespace) -> None:

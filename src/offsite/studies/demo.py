@@ -23,6 +23,7 @@ from offsite.api import align, emulate
 from offsite.assets import cache_dir
 from offsite.config import AlignConfig, DistillConfig, EmulateConfig
 from offsite.constants import ADAPTER_WEIGHTS, MANIFEST
+from offsite.device import Placement
 from offsite.exchange.bundle import check_bundle, read_manifest
 from offsite.files import atomic_dir
 from offsite.loading import load_config
@@ -88,8 +89,8 @@ def tune_adapter(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
         name += "-" + hashlib.sha256(json.dumps(config.adapter_training, sort_keys=True).encode()).hexdigest()[:8]
     adapter = emulator.bundle.parent.parent / "adapters" / name
     tuned = cache.run("offsite_tune", lambda: in_fresh_process(
-        config.isolate, offsite_tune_stage, str(emulator.bundle), str(train_file), str(adapter), settings),
-        needs=adapter / ADAPTER_WEIGHTS, **inputs)
+        config.isolate, offsite_tune_stage, str(emulator.bundle), str(train_file), str(adapter), settings, None, None,
+        config.runtime), needs=adapter / ADAPTER_WEIGHTS, **inputs)
     return adapter, tuned
 
 
@@ -103,13 +104,15 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
     train_file, test_file = files
     inputs = {**task_inputs, "emulator": emulator.key()}
     bundle = str(emulator.bundle)
-    zero = cache.run("emulator_zero_shot", lambda: evaluate_stage(bundle, None, str(test_file), budget), **inputs)
+    zero = cache.run("emulator_zero_shot", lambda: evaluate_stage(bundle, None, str(test_file), budget,
+                                                                  runtime=config.runtime), **inputs)
     inputs = adapter_inputs(config, inputs)
     adapter, tuned = tune_adapter(config, cache, task, emulator, train_file, budget, inputs)
-    emulated = cache.run("emulator_finetune", lambda: evaluate_stage(bundle, str(adapter), str(test_file), budget),
+    emulated = cache.run("emulator_finetune", lambda: evaluate_stage(bundle, str(adapter), str(test_file), budget,
+                                                                    runtime=config.runtime),
                          adapter=tuned["summary"], **inputs)
-    plugged = cache.run("plug_in", lambda: evaluate_stage(config.model, str(adapter), str(test_file), budget, bundle),
-                        adapter=tuned["summary"], **inputs)
+    plugged = cache.run("plug_in", lambda: evaluate_stage(config.model, str(adapter), str(test_file), budget, bundle,
+                                                          config.runtime), adapter=tuned["summary"], **inputs)
     found = {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
              "timing": _timing(tuned)}
     if rounds and config.align_rounds:
@@ -143,10 +146,10 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
         next_adapter = adapter.parent / f"{adapter.name}-round{number}"
         tuned = cache.run("offsite_tune", lambda: in_fresh_process(
             config.isolate, offsite_tune_stage, str(aligned), str(train_file), str(next_adapter), settings,
-            str(adapter)), needs=next_adapter / ADAPTER_WEIGHTS, **round_inputs)
+            str(adapter), None, config.runtime), needs=next_adapter / ADAPTER_WEIGHTS, **round_inputs)
         scored = {name: cache.run(name, lambda model=model, bundle_arg=bundle_arg: evaluate_stage(
-                      model, str(next_adapter), str(test_file), budget, bundle_arg), adapter=tuned["summary"],
-                      **round_inputs)
+                      model, str(next_adapter), str(test_file), budget, bundle_arg, config.runtime),
+                      adapter=tuned["summary"], **round_inputs)
                   for name, model, bundle_arg in (("emulator_finetune", str(aligned), None),
                                                   ("plug_in", config.model, str(aligned)))}
         found.append({"round": number, **scored, "adapter_steps": (number + 1) * tuned["summary"]["steps"],
@@ -158,7 +161,7 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
 def _align_stage(config: DemoConfig, bundle: Path, adapter: Path, output: Path) -> dict[str, Any]:
     start = time.perf_counter()
     align(AlignConfig(bundle=str(bundle), model=config.model, adapter=str(adapter), output=str(output),
-                      distill=align_settings(config), overwrite=True))
+                      distill=align_settings(config), overwrite=True, runtime=config.runtime))
     summary = read_manifest(output).emulator["alignments"][-1]
     return {"seconds": time.perf_counter() - start,
             "standin_error": summary.get("heldout_standin_error_best"), "summary": summary}
@@ -175,13 +178,14 @@ def run_ceiling(config: DemoConfig, cache: StageCache, task: str, ceiling: Emula
     inputs = adapter_inputs(config, {**task_inputs, "emulator": ceiling.key()})
     adapter, tuned = tune_adapter(config, cache, task, ceiling, train_file, budget, inputs)
     plugged = cache.run("plug_in", lambda: evaluate_stage(config.model, str(adapter), str(test_file), budget,
-                                                     str(ceiling.bundle)), adapter=tuned["summary"], **inputs)
+                                                     str(ceiling.bundle), config.runtime),
+                        adapter=tuned["summary"], **inputs)
     return {"result": plugged, "timing": _timing(tuned)}
 
 
 def zero_shot(config: DemoConfig, cache: StageCache, run: TaskRun) -> dict[str, Any]:
-    return cache.run("zero_shot", lambda: evaluate_stage(config.model, None, str(run.files[1]), run.budget),
-                     **full_model_inputs(run))
+    return cache.run("zero_shot", lambda: evaluate_stage(config.model, None, str(run.files[1]), run.budget,
+                                                         runtime=config.runtime), **full_model_inputs(run))
 
 
 def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator],
@@ -193,7 +197,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     full = cache.run("full_finetune", lambda: in_fresh_process(
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
         asdict(train_settings(budget, budget.full_lr, config.seed)),
-        str(out / "data" / f"{task}.full_finetune.metrics.jsonl")), **full_model_inputs(run))
+        str(out / "data" / f"{task}.full_finetune.metrics.jsonl"), None, config.runtime), **full_model_inputs(run))
     per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs,
                                          rounds=e is measured[0]) for e in measured}
     primary = per_emulator[measured[0].name]
@@ -236,7 +240,8 @@ def demo(config: DemoConfig) -> Path:
             per_task[task]["fair"] = fair_comparison(config, cache, task, measured[0], ceiling)
     manifests = {e.name: read_manifest(e.bundle) for e in measured}
     run = {"wall_seconds": time.perf_counter() - start, "stages_computed": cache.computed,
-           "stages_reused": cache.reused}
+           "stages_reused": cache.reused,
+           "placement": Placement.of(config.runtime.device, config.runtime.dtype).describe()}
     return write_report(config, per_task, manifests, run)
 
 
@@ -248,7 +253,7 @@ def _make_bundle(config: DemoConfig, emulator: Emulator, shared: Path | None = N
         log.info("bundle: copied the distilled emulator built by an earlier demo (%s)", shared)
         return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator, "from": str(shared)}
     emulate(EmulateConfig(model=config.model, output=str(emulator.bundle), split=emulator.split,
-                          distill=emulator.distill, overwrite=True))
+                          distill=emulator.distill, overwrite=True, runtime=config.runtime))
     if shared is not None:
         _copy_bundle(emulator.bundle, shared)
     return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator}

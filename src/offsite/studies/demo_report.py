@@ -184,6 +184,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{len(kept)} middle layers {kept}, emulator method: {report['emulator_method']}. "
         f"Budget: {report['budget']}. Wall time of this run: {report['wall_seconds'] / 60:.1f} min "
         f"({report['stages_computed']} stages computed, {report['stages_reused']} reused from earlier runs)."
+        + (f" Stages ran on {report['placement']['device']} in {report['placement']['dtype']}."
+           if "placement" in report else "")
         + (f" Adapter training overrides: {report['adapter_training']}." if report.get("adapter_training") else ""),
         "",
         "| setting | " + " | ".join(f"{t} ({u})" for t, u in zip(tasks, units)) + " |",

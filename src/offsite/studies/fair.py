@@ -92,7 +92,7 @@ def _full_point(config: DemoConfig, cache: StageCache, run: TaskRun, valid: Path
     key = {**full_model_inputs(run), "fair": inputs["fair"], "validation": inputs["validation"]}
     stage = cache.run("fair_full_finetune", lambda: in_fresh_process(
         config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file), settings, str(metrics),
-        str(valid)), lr=lr, **key)
+        str(valid), config.runtime), lr=lr, **key)
     return _record(lr, stage, {"full_finetune": stage["result"]})
 
 
@@ -105,11 +105,12 @@ def _adapter_point(config: DemoConfig, cache: StageCache, task: str, run: TaskRu
     adapter = emulator.bundle.parent.parent / "adapters" / f"{task}-{emulator.bundle.name}-fair-{lr:g}"
     stage = cache.run("fair_offsite_tune", lambda: in_fresh_process(
         config.isolate, offsite_tune_stage, str(emulator.bundle), str(train_file), str(adapter), settings, None,
-        str(valid)), needs=adapter / ADAPTER_WEIGHTS, **key)
+        str(valid), config.runtime), needs=adapter / ADAPTER_WEIGHTS, **key)
     scored = {"plug_in": cache.run("fair_plug_in", lambda: evaluate_stage(
-        config.model, str(adapter), str(test_file), run.budget, str(emulator.bundle)),
+        config.model, str(adapter), str(test_file), run.budget, str(emulator.bundle), config.runtime),
         adapter=stage["summary"], **key)}
     if through:
         scored["emulator_finetune"] = cache.run("fair_emulator_finetune", lambda: evaluate_stage(
-            str(emulator.bundle), str(adapter), str(test_file), run.budget), adapter=stage["summary"], **key)
+            str(emulator.bundle), str(adapter), str(test_file), run.budget, runtime=config.runtime),
+            adapter=stage["summary"], **key)
     return _record(lr, stage, scored)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from offsite.config import DistillConfig, JsonConfig, SplitConfig, TrainConfig, option, positive
+from offsite.config import DeviceConfig, DistillConfig, JsonConfig, SplitConfig, TrainConfig, option, positive
 from offsite.data.builtin import BUILTIN
 from offsite.errors import ConfigError, check
 
@@ -117,8 +117,11 @@ class DemoConfig(JsonConfig):
                                "per learning rate)")
     fair: FairBudget = field(default_factory=FairBudget)  # what --fair-budget gives (studies may change it)
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where every stage runs
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):

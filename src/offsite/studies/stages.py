@@ -18,11 +18,12 @@ import torch
 
 from offsite.api import load_for_eval, tune
 from offsite.arch import get_layers
-from offsite.config import DistillConfig, SplitConfig, TrainConfig, TuneConfig
+from offsite.config import DeviceConfig, DistillConfig, SplitConfig, TrainConfig, TuneConfig
 from offsite.constants import ADAPTER_METADATA
 from offsite.data.builtin import load_builtin
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.types import ChoiceData, Data, truncate_text
+from offsite.device import CPU, Placement, place_model
 from offsite.emulator.build import read_calibration
 from offsite.emulator.distill import read_corpus
 from offsite.files import sha256_file, write_json
@@ -79,38 +80,59 @@ def train_settings(budget: TaskBudget, lr: float, seed: int) -> TrainConfig:
                        seed=seed)
 
 
+def placement_inputs(runtime: DeviceConfig) -> dict[str, Any]:
+    """What stage keys record of where the stages run: nothing on the CPU in float32, so the CPU's
+    cached results stay valid; else the device type and dtype, which change the numbers."""
+    placement = Placement.of(runtime.device, runtime.dtype)
+    if placement == CPU:
+        return {}
+    return {"placement": {"device": placement.device.type, "dtype": str(placement.dtype).removeprefix("torch.")}}
+
+
 def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dict[str, Any],
-                       init_adapter: str | None = None, eval_file: str | None = None) -> dict[str, Any]:
+                       init_adapter: str | None = None, eval_file: str | None = None,
+                       runtime: DeviceConfig | None = None) -> dict[str, Any]:
     """Data owner's side, exactly as a user runs it: `offsite tune` on the bundle."""
     tune(TuneConfig(bundle=bundle, data=train_file, output=adapter, train=TrainConfig(**settings), overwrite=True,
-                    init_adapter=init_adapter, eval_data=eval_file))
+                    init_adapter=init_adapter, eval_data=eval_file, runtime=runtime or DeviceConfig()))
     summary = json.loads((Path(adapter) / ADAPTER_METADATA).read_text())["training"]["summary"]
     return {"summary": summary, "peak_rss_mb": peak_rss_mb()}
 
 
 def full_finetune_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
-                        metrics: str, eval_file: str | None = None) -> dict[str, Any]:
+                        metrics: str, eval_file: str | None = None,
+                        runtime: DeviceConfig | None = None) -> dict[str, Any]:
     """Baseline: every transformer block of the full model trained on the same data and steps.
 
     `eval_file`: validation data, for the best checkpoint and early stopping (`settings["patience"]`).
+    `runtime`: where it trains, as `tune` would (every block float32, the rest in the compute dtype).
     """
     train = TrainConfig(**settings)
+    runtime = runtime or DeviceConfig()
+    placement = Placement.of(runtime.device, runtime.dtype)
     torch.manual_seed(train.seed)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    blocks = list(range(len(get_layers(model))))
+    place_model(model, placement, keep_float32=list(get_layers(model)))
     sequences = training_sequences(read_data(train_file), tokenizer, train.seq_len)
     Path(metrics).unlink(missing_ok=True)  # a rerun's records must not follow an interrupted run's
-    model = train_layers(model, tokenizer, sequences, list(range(len(get_layers(model)))), train, Path(metrics),
-                         read_data(eval_file) if eval_file else None)
+    model = train_layers(model, tokenizer, sequences, blocks, train, Path(metrics),
+                         read_data(eval_file) if eval_file else None, placement=placement)
     peak = peak_rss_mb()
-    result = score(model, tokenizer, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
+    with placement.autocast():
+        result = score(model, tokenizer, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
     return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
 
 
 def evaluate_stage(model: str, adapter: str | None, test_file: str, budget: TaskBudget,
-              bundle: str | None = None) -> dict[str, Any]:
+                   bundle: str | None = None, runtime: DeviceConfig | None = None) -> dict[str, Any]:
     """`offsite eval`; `bundle`: the bundle an adapter on the full model was trained on."""
+    runtime = runtime or DeviceConfig()
+    placement = Placement.of(runtime.device, runtime.dtype)
     loaded, tokenizer = load_for_eval(model, adapter, bundle)
-    return score(loaded, tokenizer, read_data(test_file), budget.seq_len, EVAL_BATCH_SIZE)
+    place_model(loaded, placement)
+    with placement.autocast():
+        return score(loaded, tokenizer, read_data(test_file), budget.seq_len, EVAL_BATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -122,9 +144,12 @@ class Emulator:
     distill: DistillConfig | None
     bundle: Path
     corpora: dict[str, str] = field(default_factory=dict)  # SHA-256 of the texts it is made from, by role
+    placement: dict[str, Any] = field(default_factory=dict)  # where it is distilled, off the CPU (placement_inputs)
 
     def key(self) -> dict[str, Any]:
         key = {"split": self.split.identity(), "distill": self.distill.identity() if self.distill else None}
+        if self.placement and self.distill:  # only distillation runs a model to make the bundle
+            key.update(self.placement)
         if self.corpora:  # an edited corpus file must not reuse stages of the emulator made from the old one
             key["corpora"] = self.corpora
         return key
@@ -145,7 +170,10 @@ def make_emulator(config: DemoConfig, split: SplitConfig, distill: DistillConfig
     blob = json.dumps({"model": config.model, "split": split.identity(),
                        "distill": distill.identity() if distill else None}, sort_keys=True)
     folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder, corpus_hashes(split, distill))
+    if distill and placement_inputs(config.runtime):
+        folder += "-" + hashlib.sha256(json.dumps(placement_inputs(config.runtime)).encode()).hexdigest()[:6]
+    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder, corpus_hashes(split, distill),
+                    placement_inputs(config.runtime))
 
 
 def adapter_settings(config: DemoConfig, budget: TaskBudget) -> dict[str, Any]:
@@ -171,7 +199,8 @@ def prepare_task(config: DemoConfig, task: str) -> TaskRun:
     write_jsonl(train, train_file)
     write_jsonl(test, test_file)
     # The data's hash is part of every key, so a changed dataset never reuses a stale result.
-    inputs = {"task": task, "budget": asdict(budget), "data": [sha256_file(train_file), sha256_file(test_file)]}
+    inputs = {"task": task, "budget": asdict(budget), "data": [sha256_file(train_file), sha256_file(test_file)],
+              **placement_inputs(config.runtime)}
     return TaskRun(budget, (train_file, test_file), inputs, {"train": data_size(train), "test": data_size(test)})
 
 
