@@ -14,7 +14,7 @@ from test_tune import run_tune
 from transformers import AutoModelForCausalLM
 
 from offsite import DeviceConfig, EvalConfig, PlugConfig, TrainConfig, TuneConfig, evaluate, plug, tune
-from offsite.api import training_placement
+from offsite.api import distill_placement, training_placement
 from offsite.arch import get_layers
 from offsite.device import Placement, place_model, resolve_device, resolve_dtype
 from offsite.errors import ConfigError, OffsiteError
@@ -64,7 +64,7 @@ def test_place_model_keeps_the_trained_blocks_float32(model_dirs, tmp_path):
 def test_bfloat16_training_on_the_cpu_exports_a_float32_adapter_that_plugs(model_dirs, sample_text_file, tmp_path):
     bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
     losses = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         adapter = tune(TuneConfig(bundle=str(bundle), data=str(sample_text_file), output=str(tmp_path / dtype),
                                   train=TrainConfig(max_steps=8, lr=3e-3, batch_size=4, seq_len=64, warmup_ratio=0.0),
                                   runtime=DeviceConfig(device="cpu", dtype=dtype)))
@@ -74,6 +74,8 @@ def test_bfloat16_training_on_the_cpu_exports_a_float32_adapter_that_plugs(model
     assert losses["bfloat16"] != losses["float32"]  # it did run in bfloat16 ...
     assert losses["bfloat16"][-1] < losses["bfloat16"][0] - 0.05  # ... it learned ...
     assert abs(losses["bfloat16"][-1] - losses["float32"][-1]) < 0.05  # ... as float32 does
+    assert losses["float16"] != losses["float32"]  # float16 with loss scaling learns as well
+    assert abs(losses["float16"][-1] - losses["float32"][-1]) < 0.05
     plugged = plug(PlugConfig(model=str(model_dirs["llama"]), adapter=str(adapter), output=str(tmp_path / "p")))
     before = evaluate(EvalConfig(model=str(model_dirs["llama"]), data=str(sample_text_file), seq_len=64))
     after = evaluate(EvalConfig(model=str(plugged), data=str(sample_text_file), seq_len=64))
@@ -91,10 +93,9 @@ def test_save_dtype_writes_the_adapter_in_that_dtype_and_plug_casts_it(model_dir
     assert model.dtype == torch.float32  # the full model's dtype, not the adapter file's
 
 
-def test_float16_training_and_a_cached_emulator_off_the_cpu_are_refused(monkeypatch):
-    config = TuneConfig(bundle="b", data="d", output="o", runtime=DeviceConfig(device="cpu", dtype="float16"))
-    with pytest.raises(OffsiteError, match="--dtype float16: training in float16 needs loss scaling"):
-        training_placement(config)
+def test_float16_distillation_and_a_cached_emulator_off_the_cpu_are_refused(monkeypatch):
+    with pytest.raises(OffsiteError, match="--dtype float16: distillation does no loss scaling"):
+        distill_placement(DeviceConfig(device="cpu", dtype="float16"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     config = TuneConfig(bundle="b", data="d", output="o", runtime=DeviceConfig(device="cuda", dtype="float32"),

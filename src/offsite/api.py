@@ -22,8 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.arch import get_layers
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
-from offsite.config import (AlignConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig, PlugConfig,
-                            SampleConfig, TuneConfig)
+from offsite.config import (AlignConfig, DeviceConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig,
+                            PlugConfig, SampleConfig, TuneConfig)
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
@@ -59,6 +59,7 @@ def emulate(config: EmulateConfig) -> Path:
         signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
     corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
     if config.distill:
+        distill_placement(config.runtime)  # a dtype it cannot train in fails now too
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
         calibration_corpus(config)
@@ -179,13 +180,18 @@ def training_placement(config: TuneConfig, processes: Processes = parallel.ONE) 
     if processes.parallel and device == "auto":
         device = str(processes.device)  # each process its own device, as the launcher assigned it
     placement = Placement.of(device, config.runtime.dtype)
-    if placement.dtype == torch.float16:
-        raise OffsiteError("--dtype float16: training in float16 needs loss scaling, which offsite tune does not do; "
-                           "use --dtype bfloat16 (or float32)")
     if config.train.cache_emulator and placement.device.type != "cpu":
         raise OffsiteError(f"--cache-emulator keeps the emulator's outputs in CPU memory and works with --device cpu "
                            f"only; drop it to train on {placement.device}")
     log.info("training on %s, compute dtype %s", placement.device, str(placement.dtype).removeprefix("torch."))
+    return placement
+
+
+def distill_placement(runtime: DeviceConfig) -> Placement:
+    """Where distillation runs; float16 is refused (distillation does no loss scaling, unlike `tune`)."""
+    placement = Placement.of(runtime.device, runtime.dtype)
+    if placement.dtype == torch.float16:
+        raise OffsiteError("--dtype float16: distillation does no loss scaling; use --dtype bfloat16 (or float32)")
     return placement
 
 
@@ -200,6 +206,7 @@ def align(config: AlignConfig) -> Path:
     if config.sign:
         signing.check_private_key(config.sign)
     corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading
+    placement = distill_placement(config.runtime)
     student, tokenizer, manifest = open_bundle(config.bundle, in_memory=True)
     check_window(student.config, config.distill.seq_len, "--distill-seq-len")
     compression = manifest.emulator.get("compression")
@@ -217,7 +224,6 @@ def align(config: AlignConfig) -> Path:
     shipped = extract(student, {i: positions[i] for i in manifest.plan.adapter})
     apply(student, adapter, positions, config.adapter)
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
-    placement = Placement.of(config.runtime.device, config.runtime.dtype)
     identity = {"fingerprint": manifest.fingerprint, "bundle": manifest.files, "adapter": adapter.weights_sha256
                 or adapter.fingerprint, "dtype": str(placement.dtype)}
     summary = distill(full, student, tokenizer, manifest.plan, config.distill, corpus, checkpoint, identity,

@@ -147,6 +147,8 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     eval_every = settings.eval_every or max(1, steps // 5)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     batches = _batch_stream(sequences, global_settings, tokenizer.pad_token_id, cache)
+    # float16 underflows small gradients: scale the loss up, and skip a step whose gradients overflowed.
+    scaler = torch.amp.GradScaler(placement.device.type) if placement.dtype == torch.float16 else None
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
     stopped_at = None
     done = checkpoint.resume(model, optimizer, scheduler, best, metrics_path) if checkpoint else 0
@@ -160,7 +162,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
         for step in range(done + 1, steps + 1):
             step_start = time.perf_counter()
             loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step, placement,
-                                   processes)
+                                   processes, scaler)
             step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
@@ -211,7 +213,7 @@ def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int,
 
 def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
                     cache: EmulatorCache | None, step: int, placement: Placement = CPU,
-                    processes: Processes = ONE) -> float:
+                    processes: Processes = ONE, scaler: torch.amp.GradScaler | None = None) -> float:
     total = torch.zeros((), device=placement.device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(grad_accum):
@@ -221,12 +223,19 @@ def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, sched
         batch = placement.batch(batch)
         with placement.autocast():  # the forward in the compute dtype; the backward follows it
             loss = (cache.loss if cache is not None else batch_loss)(model, batch) * share / grad_accum
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().float()
     processes.sum_gradients(params)
     total = processes.sum(total)
-    check_step(total, params, step, "training", "lower --lr (or --weight-decay), or check the data and the bundle")
-    optimizer.step()
+    hint = "lower --lr (or --weight-decay), or check the data and the bundle"
+    if scaler is None:
+        check_step(total, params, step, "training", hint)
+        optimizer.step()
+    else:  # the scaler checks the gradients itself: an overflow lowers the scale and skips the step
+        check_step(total, [], step, "training", hint + " (or train in --dtype bfloat16)")
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total.item()
