@@ -20,7 +20,7 @@ DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distil
 # The long flags of every command as of 0.1.1, before the flags came from the config fields.
 FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign --device --dtype "  # --sign, --trust, --bundle: new in the hardening
-               "--no-stream --max-shard-size",  # new (scale)
+               "--no-stream --max-shard-size --num-processes",  # new (scale)
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import SAMPLE_TEXT
 
 from offsite import EmulateConfig, SplitConfig, TrainConfig, TuneConfig, emulate, tune
 from offsite.errors import OffsiteError
 from offsite.exchange.adapter import load_adapter
-from offsite.training.parallel import Processes
+from offsite.parallel import Processes
 
 TUNE = ["--max-steps", "4", "--seq-len", "32", "--device", "cpu", "--lr", "1e-3"]
 
@@ -64,6 +65,27 @@ def test_two_processes_train_the_adapter_one_process_trains(bundle, tmp_path):
     assert sum("eval" in r for r in losses[1]) == 2  # the main process validated, once per check
     assert a.training["summary"]["best_step"] == summary["best_step"]
     assert not list(tmp_path.glob(".*"))  # no checkpoint left behind
+
+
+def test_two_processes_distil_the_emulator_one_process_distils(model_dirs, bundle, tmp_path):
+    # Per-token normalisation: the mean over the processes' equal halves is the global batch's mean exactly
+    # (the global normalisation is a ratio of means, which halves average only approximately).
+    common = ["emulate", str(model_dirs["llama"]), "--bottom", "1", "--top", "1", "--emulator-layers", "2",
+              "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "4", "--distill-seq-len", "32",
+              "--kd-normalise", "token", "--device", "cpu"]
+    one = offsite(*common, "-o", str(tmp_path / "one"), "--distill-batch-size", "4")
+    assert one.returncode == 0, one.stderr
+    two = offsite(*common, "-o", str(tmp_path / "two"), "--distill-batch-size", "2", "--num-processes", "2")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("bundle written to") == 1
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    plain = load_file(bundle / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-5  # distillation changed the emulator
+    manifest = json.loads((tmp_path / "two" / "offsite.json").read_text())
+    assert manifest["emulator"]["distill"]["steps"] == 4
+    assert not list(tmp_path.glob(".*"))  # the checkpoint folder is gone
 
 
 def load_adapter_from_bundle(bundle: Path) -> dict[int, dict[str, torch.Tensor]]:
@@ -113,7 +135,7 @@ def test_a_killed_worker_fails_the_run_with_a_clear_message(bundle, tmp_path):
         if run.poll() is None:
             run.kill()
     assert run.returncode == 1
-    assert "offsite tune: error: training in 2 processes failed" in err
+    assert "offsite tune: error: running in 2 processes failed" in err
     assert not (tmp_path / "out").exists()
     assert not _workers(marker)  # the other worker was stopped too
 

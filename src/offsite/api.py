@@ -42,8 +42,8 @@ from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.loading import check_window, load_config, load_model, load_tokenizer
 from offsite.scoring import score
-from offsite.training import parallel
-from offsite.training.parallel import Processes
+from offsite import parallel
+from offsite.parallel import Processes
 from offsite.training.resume import Resumable
 from offsite.training.trainer import train_layers, training_sequences
 from offsite.weights import open_streamed, source_keys, stores_layers, write_streamed
@@ -63,6 +63,7 @@ def emulate(config: EmulateConfig) -> Path:
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
         calibration_corpus(config)
+    processes = _distill_processes(config)
     if config.stream and streams(config) and _emulate_streamed(config):
         return Path(config.output)
     log.info("loading full model %s", config.model)
@@ -72,8 +73,10 @@ def emulate(config: EmulateConfig) -> Path:
     base_fingerprint = model_fingerprint(model, plan.adapter)
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
     emulator_model, plan, emulator = build_emulator(model, tokenizer, plan, config, corpus, checkpoint,
-                                                    base_fingerprint)
+                                                    base_fingerprint, processes)
     del model
+    if not processes.main:  # it distilled its share; the main process writes the bundle
+        return Path(config.output)
     manifest = Manifest(_base_model(config.model, emulator_model, plan), config.split, plan, base_fingerprint, {},
                         emulator)
     write_bundle(config.output, config.overwrite, emulator_model, tokenizer, manifest, sign=config.sign,
@@ -81,6 +84,17 @@ def emulate(config: EmulateConfig) -> Path:
     issued.record(manifest, config.output)  # plug later replaces only these layers
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
+
+
+def _distill_processes(config: EmulateConfig) -> Processes:
+    """The data-parallel processes distillation runs in (one, unless launched: `emulate --num-processes`)."""
+    processes = parallel.current(cpu=config.runtime.device == "cpu" or not torch.cuda.is_available())
+    if processes.parallel and not config.distill:
+        raise OffsiteError("several processes distil an emulator: --num-processes needs --distill")
+    if config.num_processes > 1 and config.num_processes != processes.count:
+        raise OffsiteError(f"--num-processes {config.num_processes}, but this is one of {processes.count} processes: "
+                           "start several with `offsite emulate --num-processes N` (from the command line)")
+    return processes
 
 
 def _emulate_streamed(config: EmulateConfig) -> bool:

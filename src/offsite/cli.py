@@ -192,7 +192,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _split_flags(emulate)
     _distill_flags(emulate)
     add_options(emulate, EmulateConfig, only=("overwrite", "sign"))
-    add_options(emulate.add_argument_group("large models"), EmulateConfig, only=("stream", "max_shard_size"))
+    add_options(emulate.add_argument_group("large models"), EmulateConfig,
+                only=("stream", "max_shard_size", "num_processes"))
     _device_flags(emulate, "of distillation")
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
@@ -261,19 +262,31 @@ def _build_parser() -> argparse.ArgumentParser:
 # the allocator's restart do not need.
 
 def _run_emulate(args: argparse.Namespace) -> None:
+    config = from_args(EmulateConfig, args, split=_split(args), distill=_distill(args),
+                       runtime=from_args(DeviceConfig, args))
+    if _launched_here(args, config.num_processes):
+        return
     from offsite.api import emulate  # noqa: PLC0415 - lazy torch (see above)
-    path = emulate(from_args(EmulateConfig, args, split=_split(args), distill=_distill(args),
-                             runtime=from_args(DeviceConfig, args)))
-    print(f"bundle written to {path}; send it to the data owner")
+    path = emulate(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        print(f"bundle written to {path}; send it to the data owner")
+
+
+def _launched_here(args: argparse.Namespace, count: int) -> bool:
+    """With --num-processes N > 1 and no launcher yet: run this command in N processes (through accelerate's
+    launcher) and return True; the main process prints what was written."""
+    from offsite import parallel  # noqa: PLC0415 - lazy torch (see above)
+    if count <= 1 or parallel.launched():
+        return False
+    if os.environ.get(parallel.LAUNCHED):
+        raise OffsiteError("--num-processes: the launcher started a single process; see docs/scale.md")
+    parallel.launch(args.argv, count)
+    return True
 
 
 def _run_tune(args: argparse.Namespace) -> None:
     config = from_args(TuneConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args))
-    from offsite.training import parallel  # noqa: PLC0415 - lazy torch (see above)
-    if config.num_processes > 1 and not parallel.launched():  # start the processes, each running this command
-        if os.environ.get(parallel.LAUNCHED):
-            raise OffsiteError("--num-processes: the launcher started a single process; see docs/scale.md")
-        parallel.launch(args.argv, config.num_processes)  # the main process says where the adapter is
+    if _launched_here(args, config.num_processes):
         return
     from offsite.api import tune  # noqa: PLC0415 - lazy torch (see above)
     path = tune(config)

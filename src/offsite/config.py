@@ -293,14 +293,17 @@ class EmulateConfig(JsonConfig):
     overwrite: bool = option(False, "replace an existing output directory")
     sign: str | None = option(None, "sign the bundle with this private key (from `offsite keygen`)", metavar="KEY")
     runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where distillation runs
-
+    num_processes: int = option(1, "distil data-parallel in N processes, started by accelerate's launcher "
+                                "(--distill-batch-size is per process)", metavar="N")
     stream: bool = option(True, "load the whole full model first, instead of reading its files tensor by tensor "
                           "(which keeps memory to about one shard; see docs/scale.md)", flags=("--no-stream",))
     max_shard_size: str = option(DEFAULT_SHARD_SIZE, "cut the written weights into files of at most this size "
                                  "(e.g. 500MB, 5GB)", metavar="SIZE")
 
     def __post_init__(self) -> None:
-        check(shard_size_problems(self.max_shard_size))
+        problems = shard_size_problems(self.max_shard_size)
+        positive(problems, num_processes=self.num_processes)
+        check(problems)
         if isinstance(self.split, dict):
             self.split = SplitConfig.from_dict(self.split)
         if isinstance(self.distill, dict):

@@ -29,6 +29,7 @@ from offsite.emulator.similarity import select_by_similarity
 from offsite.emulator.split import SplitPlan
 from offsite.emulator.surgery import keep_layers
 from offsite.errors import OffsiteError
+from offsite.parallel import ONE, Processes
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def reduce_skeleton(skeleton: PreTrainedModel, plan: SplitPlan, config: EmulateC
 
 def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
                    config: EmulateConfig, corpus: TextData | None, checkpoint: Path,
-                   base_fingerprint: str = "") -> tuple[PreTrainedModel, SplitPlan, dict[str, Any]]:
+                   base_fingerprint: str = "", processes: Processes = ONE
+                   ) -> tuple[PreTrainedModel, SplitPlan, dict[str, Any]]:
     """The bundle's model (stored form), its final plan and the manifest's `emulator` entry."""
     split = config.split
     plan, schedule, measured = choose_layers(model, tokenizer, plan, config)
@@ -110,11 +112,14 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     stored = expand(emulator_model, executed_positions(plan, info)) if split.shares else None
     if config.distill:
         # A checkpoint left by an interrupted run resumes only into the same full model, split and method.
-        placement = Placement.of(config.runtime.device, config.runtime.dtype)
+        device = config.runtime.device
+        if processes.parallel and device == "auto":
+            device = str(processes.device)  # each process its own device, as the launcher assigned it
+        placement = Placement.of(device, config.runtime.dtype)
         identity = {"fingerprint": base_fingerprint, "split": split.identity(), "kept": list(plan.kept),
                     "dtype": str(placement.dtype)}
         info["distill"] = distill(model, emulator_model, tokenizer, executed_plan(plan, info), config.distill,
-                                  corpus, checkpoint, identity, placement)
+                                  corpus, checkpoint, identity, placement, processes)
         info["method"] = f"{split.method}+distill"
     if stored is not None:
         collapse(emulator_model, stored)

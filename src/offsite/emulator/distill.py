@@ -38,6 +38,7 @@ from offsite.emulator.hidden import hidden_states_at
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.numerics import check_step
+from offsite.parallel import ONE, Processes
 from offsite.scoring import perplexity
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ def read_corpus(settings: DistillConfig) -> TextData:
 
 def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
             settings: DistillConfig, corpus: TextData, checkpoint_dir: Path,
-            identity: dict[str, Any] | None = None, placement: Placement = CPU) -> dict[str, Any]:
+            identity: dict[str, Any] | None = None, placement: Placement = CPU,
+            processes: Processes = ONE) -> dict[str, Any]:
     """Train `student`'s emulator layers in place; return a summary for the manifest.
 
     `placement`: where both models run and the forward's dtype. The full model, frozen and used
@@ -146,6 +148,10 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     `checkpoint_dir` holds the run's state every `eval_every` steps (safetensors and
     JSON), so a rerun after an interruption resumes from there, but only a run of the same
     `identity` (the full model's fingerprint, the split and the method: see `emulator.build`).
+
+    `processes`: data-parallel processes (see offsite.parallel): each step's global batch is
+    `batch_size` windows per process, each process's gradients are averaged with the others', and the
+    held-out checks, the best checkpoint and the checkpoints to resume from are the main process's.
     """
     heldout = _heldout(settings.corpus)
     sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
@@ -170,16 +176,19 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     full.eval()
     history = state.setdefault("history", [])
     start, step_seconds, steps_run = time.perf_counter(), 0.0, 0
+    judge.active = judge.active and processes.main
+    width = settings.batch_size * processes.count  # the global batch
     if judge.active and "before" not in state:
         state["heldout"] = [{"step": 0, **judge.scores()}]
         state["before"] = state["heldout"][0][judge.what]
-    with tqdm(total=settings.steps, initial=state["step"], desc="distill", unit="step") as bar:
+    with tqdm(total=settings.steps, initial=state["step"], desc="distill", unit="step",
+              disable=not processes.main) as bar:
         while state["step"] < settings.steps:
             step = state["step"]
-            picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
+            picks = processes.rows([order[(step * width + i) % len(order)] for i in range(width)])
             step_start = time.perf_counter()
             kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs,
-                           settings, optimizer, step + 1, placement)
+                           settings, optimizer, step + 1, placement, processes)
             step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
             history.append({"step": step + 1, "kd": kd, "lm": lm, "kl": kl})
@@ -188,12 +197,13 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             if judge.active and (state["step"] % settings.eval_every == 0 or state["step"] == settings.steps):
                 state["heldout"].append({"step": state["step"], **judge.scores()})
                 _offer(state, state["heldout"][-1][judge.what], emulator, checkpoint_dir, judge.what)
-            if state["step"] % settings.eval_every == 0:
+            if state["step"] % settings.eval_every == 0 and processes.main:
                 _save(checkpoint_dir, emulator, optimizer, state)
-    _restore_best(state, emulator, checkpoint_dir)
+    if processes.main:
+        _restore_best(state, emulator, checkpoint_dir)
     student.requires_grad_(False)
     student.to("cpu")
-    tokens = steps_run * settings.batch_size * settings.seq_len
+    tokens = steps_run * width * settings.seq_len
     return {
         "corpus": settings.corpus, "corpus_sha256": corpus.sha256(),
         "settings": settings.to_dict(), "steps": state["step"], "seconds": time.perf_counter() - start,
@@ -253,7 +263,8 @@ def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences: list[Sequence], pad_id: int,
-          pairs, settings: DistillConfig, optimizer, step: int, placement: Placement = CPU) -> tuple[float, float, float]:
+          pairs, settings: DistillConfig, optimizer, step: int, placement: Placement = CPU,
+          processes: Processes = ONE) -> tuple[float, float, float]:
     batch = placement.batch(collate(batch_sequences, pad_id))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     full_out = teacher.batch(indices, inputs, placement)
@@ -272,11 +283,13 @@ def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences:
         kd = kd_loss(hidden, full_out, pairs, batch["attention_mask"], settings.kd_normalise)
     loss = settings.kd_weight * kd + settings.lm_weight * lm + settings.kl_weight * kl
     loss.backward()
-    check_step(loss, [p for group in optimizer.param_groups for p in group["params"]], step, "distillation",
-               "lower --distill-lr, or check the corpus and the full model")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    processes.mean_gradients(params)
+    losses = processes.sum(torch.stack([loss, kd, lm, kl]).detach().float()) / processes.count
+    check_step(losses[0], params, step, "distillation", "lower --distill-lr, or check the corpus and the full model")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return kd.item(), lm.item(), kl.item()
+    return losses[1].item(), losses[2].item(), losses[3].item()
 
 
 def output_kl(student_logits: torch.Tensor, full_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

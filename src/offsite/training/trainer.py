@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from offsite.arch import get_layers, layer_paths
 from offsite.config import TrainConfig
-from offsite.data.tokens import Sequence, collate, lm_sequences, train_choice_sequence
+from offsite.data.tokens import IGNORE, Sequence, collate, lm_sequences, train_choice_sequence
 from offsite.data.types import ChoiceData, Data
 from offsite.device import CPU, Placement
 from offsite.numerics import check_step
@@ -33,7 +33,7 @@ from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
 from offsite.training.emulator_cache import EmulatorCache
 from offsite.training.loss import batch_loss
-from offsite.training.parallel import ONE, Processes
+from offsite.parallel import ONE, Processes
 from offsite.training.resume import Resumable
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def train_layers(model: PreTrainedModel, tokenizer, sequences: list[Sequence], p
     `checkpoint`, the run saves its state every few steps and on SIGTERM, and resumes from
     it (see offsite.training.resume). `placement`: the device and compute dtype of the forward
     (the model already placed with offsite.device.place_model: the trained blocks in float32).
-    `processes`: the data-parallel processes this one is part of (see offsite.training.parallel);
+    `processes`: the data-parallel processes this one is part of (see offsite.parallel);
     `settings.batch_size` is then per process.
     """
     freeze_all_but(model, positions)
@@ -217,7 +217,7 @@ def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, sched
     total = torch.zeros((), device=placement.device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(grad_accum):
-        batch, share = processes.shard(next(batches))
+        batch, share = processes.shard(next(batches), IGNORE)
         if share == 0:  # this process's rows of a short last batch score nothing
             continue
         batch = placement.batch(batch)

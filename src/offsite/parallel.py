@@ -23,7 +23,6 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 
-from offsite.data.tokens import IGNORE
 from offsite.errors import OffsiteError
 
 
@@ -43,15 +42,21 @@ class Processes:
     def parallel(self) -> bool:
         return self.count > 1
 
-    def shard(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-        """This process's rows of a global micro-batch, and its share of the batch's scored tokens."""
+    def shard(self, batch: dict[str, torch.Tensor], ignore_index: int = -100) -> tuple[dict[str, torch.Tensor], float]:
+        """This process's rows of a global micro-batch, and its share of the batch's scored tokens
+        (labels other than `ignore_index`)."""
         if not self.parallel:
             return batch, 1.0
         rows = batch["labels"].shape[0]
         per_process = -(-rows // self.count)  # a short last batch leaves the last processes fewer rows
         mine = {name: value[self.rank * per_process: (self.rank + 1) * per_process] for name, value in batch.items()}
-        scored = int((batch["labels"] != IGNORE).sum())
-        return mine, int((mine["labels"] != IGNORE).sum()) / max(1, scored)
+        scored = int((batch["labels"] != ignore_index).sum())
+        return mine, int((mine["labels"] != ignore_index).sum()) / max(1, scored)
+
+    def rows(self, indices: list[int]) -> list[int]:
+        """This process's part of a global batch's rows, cut as `shard` cuts a batch."""
+        per_process = -(-len(indices) // self.count)
+        return indices[self.rank * per_process: (self.rank + 1) * per_process]
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the trainable parameters' gradients over the processes (one all-reduce)."""
@@ -66,6 +71,13 @@ class Processes:
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         return reduce(value, reduction="sum") if self.parallel else value
+
+    def mean_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the trainable parameters' gradients over the processes (each a mean over its own rows)."""
+        if self.parallel:
+            self.sum_gradients(params)
+            for param in params:
+                param.grad /= self.count
 
     def from_main(self, value: Any) -> Any:
         """The main process's `value`, on every process (e.g. its decision to stop early)."""
@@ -115,6 +127,6 @@ def launch(argv: list[str], count: int) -> None:
     env = {**os.environ, LAUNCHED: "1"}
     code = subprocess.run(command, check=False, env=env).returncode
     if code != 0:
-        raise OffsiteError(f"training in {count} processes failed (exit code {code}): a process stopped or was "
+        raise OffsiteError(f"running in {count} processes failed (exit code {code}): a process stopped or was "
                            "killed, and the launcher stopped the others; the first error is above. Nothing was "
                            "written; a checkpoint, if one was saved, resumes the same command")
