@@ -33,7 +33,7 @@ FLAGS = {
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
             "--compare-uniform --fair-budget --device --dtype",
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
-              f"{DISTILL} --quick --seed",
+              f"{DISTILL} --quick --seed --device --dtype",
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "
              "--warmup-steps --lora-rank --epochs --settings --eval-examples --threads --in-process --json "
              "--device --dtype",

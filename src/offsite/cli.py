@@ -235,6 +235,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")
     add_options(ablate, AblateConfig)
     _distill_flags(ablate, default_of(AblateConfig, "distill"))  # the '+distill' methods need a corpus
+    _device_flags(ablate, "of every stage")
 
     bench = add_command("bench", help="training speed and memory: full fine-tuning against offsite-tuning")
     add_options(bench, BenchConfig, only=("model", "random_shape", "task"))
@@ -365,7 +366,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 def _run_ablate(args: argparse.Namespace) -> None:
     from offsite.studies.ablate import ablate  # noqa: PLC0415 - lazy torch (see above)
-    out = ablate(from_args(AblateConfig, args, distill=from_args(DistillConfig, args)))
+    out = ablate(from_args(AblateConfig, args, distill=from_args(DistillConfig, args),
+                           runtime=from_args(DeviceConfig, args)))
     print((out / "ablate.md").read_text())
     print(f"report written to {out / 'ablate.md'}, {out / 'ablate.json'} and {out / 'ablate.png'}")
 

@@ -42,7 +42,7 @@ def ablate(config: AblateConfig) -> Path:
     """Measure every method on `config.task`; write ablate.json, ablate.md and ablate.png."""
     start = time.perf_counter()
     demo_config = DemoConfig(model=config.model, output=config.output, tasks=[config.task], quick=config.quick,
-                             seed=config.seed, isolate=config.isolate)
+                             seed=config.seed, isolate=config.isolate, runtime=config.runtime)
     Path(config.output).mkdir(parents=True, exist_ok=True)
     middle = load_config(config.model).num_hidden_layers - config.bottom - config.top
     measured = [make_emulator(demo_config, budget_split(config, m, middle), config.distill if m.endswith("+distill")

@@ -164,10 +164,13 @@ class AblateConfig(JsonConfig):
     quick: bool = option(False, "the demo's small budget")
     seed: int = option(0, "seed of every stage")
     isolate: bool = True  # train in a fresh process, as the demo does
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where every stage runs, as in the demo
 
     def __post_init__(self) -> None:
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
         problems = []
         if self.task not in BUILTIN:
             problems.append(f"--task: unknown task '{self.task}'; available: {', '.join(BUILTIN)}")
