@@ -56,6 +56,18 @@ def test_streamed_bundle_is_byte_identical_to_the_loaded_path(family, model_dirs
     assert digests(streamed) == digests(loaded)
 
 
+@pytest.mark.parametrize("method", ["uniform+share", "uniform+lowrank", "uniform+int8", "uniform+share+int8"])
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_streamed_compressed_and_shared_bundles_are_byte_identical(method, family_name, model_dirs, tmp_path, caplog):
+    caplog.set_level("INFO")
+    split = SplitConfig(bottom=1, top=1, emulator_layers=3, method=method)
+    streamed = emulate(EmulateConfig(model=str(model_dirs[family_name]), output=str(tmp_path / "s"), split=split))
+    assert "the full model is never loaded" in caplog.text
+    loaded = emulate(EmulateConfig(model=str(model_dirs[family_name]), output=str(tmp_path / "l"), split=split,
+                                   stream=False))
+    assert digests(streamed) == digests(loaded)
+
+
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
 def test_streamed_sharded_bundle_holds_the_same_tensors_and_loads(family_name, model_dirs, tmp_path):
     streamed, loaded = bundles(model_dirs[family_name], tmp_path, max_shard_size="40KB")

@@ -30,7 +30,7 @@ from offsite.data.read import read_data, write_jsonl
 from offsite.data.tokens import Sequence
 from offsite.data.types import Data, TextData, limit
 from offsite.device import DTYPES, Placement, place_model
-from offsite.emulator.build import build_emulator, calibration_corpus, reduce_skeleton, streams
+from offsite.emulator.build import build_emulator, calibration_corpus, compress_reduced, reduce_skeleton, streams
 from offsite.emulator.compress import COMPRESSIONS
 from offsite.emulator.distill import distill, read_corpus
 from offsite.emulator.split import SplitPlan, plan_split
@@ -46,7 +46,7 @@ from offsite import parallel
 from offsite.parallel import Processes
 from offsite.training.resume import Resumable
 from offsite.training.trainer import train_layers, training_sequences
-from offsite.weights import open_streamed, source_keys, stores_layers, write_streamed
+from offsite.weights import materialize, open_streamed, source_keys, stores_layers, write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,15 @@ def _emulate_streamed(config: EmulateConfig) -> bool:
         return False
     log.info("streaming %d tensors of %s into the bundle (the full model is never loaded)", len(mapping),
              config.model)
+    if config.split.compression:  # the kept layers alone, loaded and compressed
+        bundle_model = materialize(streamed, mapping)
+        compress_reduced(bundle_model, plan, config, emulator)
+        write = bundle_model
+    else:
+        write = lambda tmp: write_streamed(streamed, tmp, mapping, max_shard_size=config.max_shard_size)  # noqa: E731
     manifest = Manifest(_base_model(config.model, skeleton, plan), config.split, plan, base_fingerprint, {}, emulator)
-    write_bundle(config.output, config.overwrite,
-                 lambda tmp: write_streamed(streamed, tmp, mapping, max_shard_size=config.max_shard_size),
-                 load_tokenizer(config.model), manifest, sign=config.sign)
+    write_bundle(config.output, config.overwrite, write, load_tokenizer(config.model), manifest, sign=config.sign,
+                 max_shard_size=config.max_shard_size)
     issued.record(manifest, config.output)
     return True
 

@@ -182,6 +182,21 @@ def write_streamed(model: StreamedModel, output: Path, mapping: dict[str, str],
         skeleton.generation_config.save_pretrained(output)
 
 
+def materialize(model: StreamedModel, mapping: dict[str, str]) -> PreTrainedModel:
+    """The skeleton (reduced to some layers) with its weights read from the files: memory is those layers only.
+
+    Tied weights are tied again; non-persistent buffers (e.g. rotary frequencies) are left unset, so
+    the result is for transforming and saving weights, never for running.
+    """
+    skeleton = model.skeleton
+    wanted = saved_state(skeleton)
+    skeleton.to_empty(device="cpu")
+    skeleton.load_state_dict({name: model.files.get(source).to(wanted[name].dtype) for name, source in mapping.items()},
+                             strict=False)
+    skeleton.tie_weights()
+    return skeleton
+
+
 def layer_tensor_names(model: StreamedModel, index: int) -> dict[str, str]:
     """Name inside block `index` -> its file key, for every tensor of that block's state dict."""
     block = get_layers(model.skeleton)[index]

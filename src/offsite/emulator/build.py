@@ -67,9 +67,9 @@ def read_calibration(corpus: str) -> TextData:
 
 
 def streams(config: EmulateConfig) -> bool:
-    """Whether the bundle is the kept layers exactly as the full model holds them (nothing trains,
-    compresses or measures them), so it can be copied tensor by tensor from the model's files."""
-    return config.split.selection == "uniform" and not config.split.compression and not config.distill
+    """Whether the bundle is made from the kept layers alone (no model runs: nothing is distilled or
+    measured), so only their tensors need reading: copied as they are, or compressed once loaded."""
+    return config.split.selection == "uniform" and not config.distill
 
 
 def _reduce(model: PreTrainedModel, plan: SplitPlan, config: EmulateConfig, schedule: list[int],
@@ -94,6 +94,14 @@ def reduce_skeleton(skeleton: PreTrainedModel, plan: SplitPlan, config: EmulateC
     info = _reduce(skeleton, plan, config, schedule, measured)
     info["bytes"] = emulator_bytes(skeleton, [len(plan.bottom) + i for i in range(len(plan.emulator))])
     return plan, info
+
+
+def compress_reduced(model: PreTrainedModel, plan: SplitPlan, config: EmulateConfig, info: dict[str, Any]) -> None:
+    """What `build_emulator` does after `reduce_skeleton` without distillation: compress the emulator layers
+    of `model` (already reduced to the bundle's layers and loaded) in place, and count its bytes again."""
+    stored_emulator = [len(plan.bottom) + i for i in range(len(plan.emulator))]
+    info["compression"] = compress(model, stored_emulator, config.split.compression, config.split.rank_fraction)
+    info["bytes"] = emulator_bytes(model, stored_emulator)
 
 
 def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
