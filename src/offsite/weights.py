@@ -59,7 +59,7 @@ class WeightFiles:
     def _open(self, path: Path):
         if path not in self._files:
             try:
-                self._files[path] = safe_open(str(path), framework="pt", backend="pread").__enter__()
+                self._files[path] = safe_open(str(path), framework="pt", backend="pread")  # closed with this object
             except (SafetensorError, OSError) as error:
                 raise OffsiteError(f"{path}: not readable safetensors ({one_line(str(error))})") from None
         return self._files[path]
