@@ -169,7 +169,7 @@ def test_a_file_swapped_after_the_check_is_never_loaded(model_dirs, tmp_path, mo
     bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
     other = make_bundle(model_dirs["llama"], tmp_path / "o", bottom=1, top=3)  # same files, other weights
     honest, _ = load_bundle(bundle)
-    copy = bundle_module._copy_hashing
+    copy = bundle_module.copy_hashing
 
     def then_swap(source, target):
         digest = copy(source, target)
@@ -177,9 +177,26 @@ def test_a_file_swapped_after_the_check_is_never_loaded(model_dirs, tmp_path, mo
             shutil.copy(other / "model.safetensors", source)
         return digest
 
-    monkeypatch.setattr(bundle_module, "_copy_hashing", then_swap)
+    monkeypatch.setattr(bundle_module, "copy_hashing", then_swap)
     loaded, _ = load_bundle(bundle)
     assert all(torch.equal(a, b) for a, b in zip(honest.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_an_adapter_file_swapped_after_the_check_is_never_loaded(model_dirs, tmp_path, monkeypatch):
+    from offsite.exchange import adapter as adapter_module
+    adapter = untrained_adapter(make_bundle(model_dirs["llama"], tmp_path / "b"), tmp_path / "a")
+    honest = load_adapter(adapter)
+    forged = {k: v + 1 for k, v in load_file(adapter / "adapter.safetensors").items()}
+    copy = adapter_module.copy_hashing
+
+    def then_swap(source, target):
+        digest = copy(source, target)
+        save_file(forged, source)  # the attacker swaps the weights right after they were hashed
+        return digest
+
+    monkeypatch.setattr(adapter_module, "copy_hashing", then_swap)
+    loaded = load_adapter(adapter)
+    assert all(torch.equal(honest.tensors[i][n], loaded.tensors[i][n]) for i in honest.tensors for n in honest.tensors[i])
 
 
 # --- 5. distillation checkpoints resume only into the same full model and split ----------------------------

@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,8 @@ from offsite.emulator.distill import distill, read_corpus
 from offsite.emulator.split import SplitPlan, plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange import issued, signing
-from offsite.exchange.adapter import Adapter, apply, check_fits, check_plug, extract, load_adapter, plug_into
+from offsite.exchange.adapter import (Adapter, apply, check_fits, check_plug, extract, load_adapter, opened_adapter,
+                                      plug_into)
 from offsite.exchange.bundle import Manifest, bundle_index, check_bundle, is_bundle, open_bundle, write_bundle
 from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
@@ -273,10 +274,12 @@ def plug(config: PlugConfig) -> Path:
     check_output_dir(config.output, config.overwrite, inputs=(config.model, config.adapter))
     if is_bundle(config.model):
         raise OffsiteError(f"MODEL {config.model} is a bundle; plug into the full model the bundle was made from")
+    if config.stream:
+        with opened_adapter(config.adapter, trust=config.trust) as (adapter, read):  # one tensor at a time
+            if _plug_streamed(config, adapter, issued.issued_layers(adapter, config.adapter, config.bundle), read):
+                return Path(config.output)
     adapter = load_adapter(config.adapter, trust=config.trust)
     layers = issued.issued_layers(adapter, config.adapter, config.bundle)
-    if config.stream and _plug_streamed(config, adapter, layers):
-        return Path(config.output)
     model = load_model(config.model)
     plug_into(model, adapter, config.adapter, layers)
     log.info("plugged adapter layers %s into %s", adapter.layers, config.model)
@@ -286,10 +289,12 @@ def plug(config: PlugConfig) -> Path:
     return Path(config.output)
 
 
-def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...]) -> bool:
+def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...],
+                   read: Callable[[int, str], torch.Tensor]) -> bool:
     """`plug` as a copy of the full model's files shard by shard, with only the adapter's tensors replaced.
 
-    The same checks as `plug_into`, on a weightless skeleton and the fingerprint read from the files.
+    The same checks as `plug_into`, on a weightless skeleton and the fingerprint read from the files;
+    `adapter` holds weightless tensors, and `read(index, name)` reads one when its shard is written.
     False when the model cannot stream; then `plug` loads it whole, with the same result.
     """
     streamed = open_streamed(config.model)
@@ -302,12 +307,13 @@ def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...]
         return False
     check_plug(adapter, config.adapter, layers, num_layers, lambda: file_fingerprint(streamed, adapter.layers) or "")
     check_fits(skeleton, adapter, {index: index for index in adapter.layers}, config.adapter)
-    replacements = {f"{streamed.layers_prefix}.{index}.{name}": tensor
-                    for index, named in adapter.tensors.items() for name, tensor in named.items()}
+    replacements = {f"{streamed.layers_prefix}.{index}.{name}": (index, name)
+                    for index, named in adapter.tensors.items() for name in named}
     if not set(replacements) <= set(mapping):
         return False
     with atomic_dir(config.output, config.overwrite) as tmp:
-        write_streamed(streamed, tmp, mapping, replace=replacements.get, max_shard_size=config.max_shard_size)
+        write_streamed(streamed, tmp, mapping, replace=lambda key: read(*replacements[key]) if key in replacements
+                       else None, max_shard_size=config.max_shard_size)
         load_tokenizer(config.model).save_pretrained(tmp)
     log.info("plugged adapter layers %s into %s (streamed)", adapter.layers, config.model)
     return True

@@ -40,6 +40,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def copy_hashing(source: Path, target: Path) -> str:
+    """Copy `source` to `target` and return the SHA-256 of exactly the bytes copied."""
+    digest = hashlib.sha256()
+    descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a symlink swapped in is not followed
+    with os.fdopen(descriptor, "rb") as reader, open(target, "wb") as writer:
+        for chunk in iter(lambda: reader.read(1 << 22), b""):
+            digest.update(chunk)
+            writer.write(chunk)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; what the block writes there replaces `path` only if it succeeds."""

@@ -8,15 +8,17 @@ fingerprint and records how it was trained.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -26,7 +28,7 @@ from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_ME
 from offsite.errors import OffsiteError
 from offsite.exchange import signing
 from offsite.exchange.fingerprint import model_fingerprint
-from offsite.files import atomic_file, is_version, one_line, read_json_bytes, write_json
+from offsite.files import atomic_file, copy_hashing, is_version, one_line, read_json_bytes, write_json
 from offsite.numerics import refuse_non_finite
 
 
@@ -71,11 +73,54 @@ _KEY = re.compile(r"layers\.(0|[1-9][0-9]*)\.([A-Za-z0-9_.]+)", re.ASCII)
 
 
 def load_adapter(directory: str | Path, trust: str | Path | None = None) -> Adapter:
-    """Read an adapter file strictly: one read of the weights, checked against `adapter.json`, finite values only.
+    """Read an adapter file strictly: checked against `adapter.json` (SHA-256), canonical keys, finite values only.
 
     `trust`: the data owner's public key; `adapter.json` must be signed with it.
     """
+    with opened_adapter(directory, trust) as (adapter, read):
+        adapter.tensors = {index: {name: read(index, name) for name in named} for index, named in adapter.tensors.items()}
+        return adapter
+
+
+@contextlib.contextmanager
+def opened_adapter(directory: str | Path, trust: str | Path | None = None
+                   ) -> Iterator[tuple[Adapter, Callable[[int, str], torch.Tensor]]]:
+    """The adapter file checked as `load_adapter` checks it, with weightless tensors (their shapes and dtypes)
+    and a function that reads one tensor: memory holds one tensor at a time (a streamed `plug`).
+
+    The weights are read once into a private copy while hashed, and only the copy is read after, so
+    what was checked is what is used.
+    """
     root = Path(directory)
+    meta = _read_metadata(root, trust)
+    path = root / ADAPTER_WEIGHTS
+    with tempfile.TemporaryDirectory(prefix="offsite-adapter-") as private:
+        copy = Path(private) / ADAPTER_WEIGHTS
+        try:
+            digest = copy_hashing(path, copy)
+            if "weights_sha256" in meta and digest != meta["weights_sha256"]:
+                raise OffsiteError(f"{path} has been modified or damaged (SHA-256 differs from {ADAPTER_METADATA}); "
+                                   "ask the data owner to send the adapter again")
+            weights = safe_open(str(copy), framework="pt", backend="pread")
+            keys = _layer_keys(list(weights.keys()), path)
+            shapes: dict[int, dict[str, torch.Tensor]] = {}
+            for index, named in keys.items():
+                for name, key in named.items():
+                    tensor = weights.get_tensor(key)
+                    refuse_non_finite([(key, tensor)], str(path))
+                    shapes.setdefault(index, {})[name] = tensor.to("meta")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise OffsiteError(f"cannot read {path}: {one_line(str(error))}") from None
+        if sorted(keys) != sorted(meta.get("layers", [])):
+            raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(keys)} but {ADAPTER_METADATA} lists "
+                               f"{meta.get('layers')}")
+        adapter = Adapter(shapes, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}),
+                          meta.get("weights_sha256"))
+        yield adapter, lambda index, name: weights.get_tensor(keys[index][name])
+
+
+def _read_metadata(root: Path, trust: str | Path | None) -> dict[str, Any]:
+    """`adapter.json`, checked (and its signature, with `trust`), after refusing anything but a flat folder."""
     if not root.is_dir():
         raise OffsiteError(f"adapter {root} does not exist or is not a directory; make one with `offsite tune`")
     links = sorted(p.name for p in root.iterdir() if p.is_symlink() or p.is_dir())
@@ -89,27 +134,19 @@ def load_adapter(directory: str | Path, trust: str | Path | None = None) -> Adap
         raise OffsiteError(f"{root / ADAPTER_METADATA} is not an offsite adapter of format version "
                            f"{ADAPTER_FORMAT_VERSION}")
     _check_metadata(meta, root / ADAPTER_METADATA)
-    path = root / ADAPTER_WEIGHTS
-    try:
-        data = path.read_bytes()  # once: what is checked is what is loaded
-        if "weights_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
-            raise OffsiteError(f"{path} has been modified or damaged (SHA-256 differs from {ADAPTER_METADATA}); "
-                               "ask the data owner to send the adapter again")
-        flat = load(data)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise OffsiteError(f"cannot read {path}: {one_line(str(error))}") from None
-    tensors: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in flat.items():
+    return meta
+
+
+def _layer_keys(keys: list[str], path: Path) -> dict[int, dict[str, str]]:
+    """Original layer index -> name in the layer -> the file's key, refusing any key not in canonical form."""
+    found: dict[int, dict[str, str]] = {}
+    for key in keys:
         match = _KEY.fullmatch(key)
         if match is None:
             raise OffsiteError(f"{path}: unexpected tensor key {one_line(key)} (expected layers.<index>.<name>, "
                                "the index in ASCII digits without leading zeros)")
-        tensors.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
-    refuse_non_finite(flat, str(path))
-    if sorted(tensors) != sorted(meta.get("layers", [])):
-        raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(tensors)} but {ADAPTER_METADATA} lists {meta.get('layers')}")
-    return Adapter(tensors, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}),
-                   meta.get("weights_sha256"))
+        found.setdefault(int(match.group(1)), {})[match.group(2)] = key
+    return found
 
 
 def _check_metadata(meta: dict[str, Any], path: Path) -> None:

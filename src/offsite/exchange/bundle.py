@@ -7,8 +7,6 @@ SHA-256 of every file and the base fingerprint that ties adapters to the full mo
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +24,7 @@ from offsite.emulator.share import executed_layers
 from offsite.emulator.split import ROLES, SplitPlan
 from offsite.errors import OffsiteError
 from offsite.exchange import signing
-from offsite.files import atomic_dir, is_version, one_line, read_json_bytes, sha256_file, write_json
+from offsite.files import atomic_dir, copy_hashing, is_version, one_line, read_json_bytes, sha256_file, write_json
 from offsite.loading import load_tokenizer, refuse_remote_code
 from offsite.numerics import refuse_non_finite
 
@@ -162,22 +160,11 @@ def verified_copy(bundle: str | Path, manifest: Manifest) -> Iterator[Path]:
                            f"unexpected files {one_line(str(unexpected))}; ask the model owner for a fresh bundle")
     with tempfile.TemporaryDirectory(prefix="offsite-bundle-") as private:
         for name, expected in manifest.files.items():
-            if _copy_hashing(root / name, Path(private) / name) != expected:
+            if copy_hashing(root / name, Path(private) / name) != expected:
                 raise OffsiteError(f"bundle file {root / name} has been modified (SHA-256 differs from {MANIFEST}); "
                                    "ask the model owner for a fresh bundle")
         refuse_remote_code(Path(private))
         yield Path(private)
-
-
-def _copy_hashing(source: Path, target: Path) -> str:
-    """Copy `source` to `target` and return the SHA-256 of exactly the bytes copied."""
-    digest = hashlib.sha256()
-    descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a symlink swapped in is not followed
-    with os.fdopen(descriptor, "rb") as reader, open(target, "wb") as writer:
-        for chunk in iter(lambda: reader.read(1 << 22), b""):
-            digest.update(chunk)
-            writer.write(chunk)
-    return digest.hexdigest()
 
 
 def open_bundle(bundle: str | Path, in_memory: bool = False, trust: str | Path | None = None
