@@ -25,7 +25,7 @@ FLAGS = {
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
             "--device --dtype --save-dtype --num-processes",  # the last 4: new (scale)
-    "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype",  # new in the fidelity work
+    "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype --num-processes",  # new in the fidelity work
     "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype "
             "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)

@@ -88,6 +88,23 @@ def test_two_processes_distil_the_emulator_one_process_distils(model_dirs, bundl
     assert not list(tmp_path.glob(".*"))  # the checkpoint folder is gone
 
 
+def test_two_processes_align_as_one_process_aligns(model_dirs, bundle, tmp_path):
+    from test_plug import untrained_adapter
+    adapter = untrained_adapter(bundle, tmp_path / "adapter")
+    common = ["align", str(bundle), "--model", str(model_dirs["llama"]), "--adapter", str(adapter),
+              "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "2", "--distill-seq-len", "32",
+              "--kd-normalise", "token", "--device", "cpu"]
+    one = offsite(*common, "-o", str(tmp_path / "one"), "--distill-batch-size", "4")
+    assert one.returncode == 0, one.stderr
+    two = offsite(*common, "-o", str(tmp_path / "two"), "--distill-batch-size", "2", "--num-processes", "2")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("re-aligned bundle written to") == 1
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    plain = load_file(bundle / "model.safetensors")
+    assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-6  # the emulator was re-aligned
+
+
 def load_adapter_from_bundle(bundle: Path) -> dict[int, dict[str, torch.Tensor]]:
     from offsite.exchange.adapter import extract
     from offsite.exchange.bundle import bundle_index, load_bundle

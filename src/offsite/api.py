@@ -64,7 +64,7 @@ def emulate(config: EmulateConfig) -> Path:
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
         calibration_corpus(config)
-    processes = _distill_processes(config)
+    processes = _distill_processes(config, "emulate")
     if config.stream and streams(config) and _emulate_streamed(config):
         return Path(config.output)
     log.info("loading full model %s", config.model)
@@ -87,14 +87,14 @@ def emulate(config: EmulateConfig) -> Path:
     return Path(config.output)
 
 
-def _distill_processes(config: EmulateConfig) -> Processes:
-    """The data-parallel processes distillation runs in (one, unless launched: `emulate --num-processes`)."""
+def _distill_processes(config: EmulateConfig | AlignConfig, command: str) -> Processes:
+    """The data-parallel processes distillation runs in (one, unless launched: `COMMAND --num-processes`)."""
     processes = parallel.current(cpu=config.runtime.device == "cpu" or not torch.cuda.is_available())
     if processes.parallel and not config.distill:
         raise OffsiteError("several processes distil an emulator: --num-processes needs --distill")
     if config.num_processes > 1 and config.num_processes != processes.count:
         raise OffsiteError(f"--num-processes {config.num_processes}, but this is one of {processes.count} processes: "
-                           "start several with `offsite emulate --num-processes N` (from the command line)")
+                           f"start several with `offsite {command} --num-processes N` (from the command line)")
     return processes
 
 
@@ -207,9 +207,12 @@ def training_placement(config: TuneConfig, processes: Processes = parallel.ONE) 
     return placement
 
 
-def distill_placement(runtime: DeviceConfig) -> Placement:
+def distill_placement(runtime: DeviceConfig, processes: Processes = parallel.ONE) -> Placement:
     """Where distillation runs; float16 is refused (distillation does no loss scaling, unlike `tune`)."""
-    placement = Placement.of(runtime.device, runtime.dtype)
+    device = runtime.device
+    if processes.parallel and device == "auto":
+        device = str(processes.device)  # each process its own device, as the launcher assigned it
+    placement = Placement.of(device, runtime.dtype)
     if placement.dtype == torch.float16:
         raise OffsiteError("--dtype float16: distillation does no loss scaling; use --dtype bfloat16 (or float32)")
     return placement
@@ -226,7 +229,8 @@ def align(config: AlignConfig) -> Path:
     if config.sign:
         signing.check_private_key(config.sign)
     corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading
-    placement = distill_placement(config.runtime)
+    processes = _distill_processes(config, "align")
+    placement = distill_placement(config.runtime, processes)
     student, tokenizer, manifest = open_bundle(config.bundle, in_memory=True)
     check_window(student.config, config.distill.seq_len, "--distill-seq-len")
     compression = manifest.emulator.get("compression")
@@ -247,8 +251,10 @@ def align(config: AlignConfig) -> Path:
     identity = {"fingerprint": manifest.fingerprint, "bundle": manifest.files, "adapter": adapter.weights_sha256
                 or adapter.fingerprint, "dtype": str(placement.dtype)}
     summary = distill(full, student, tokenizer, manifest.plan, config.distill, corpus, checkpoint, identity,
-                      placement)
+                      placement, processes)
     del full
+    if not processes.main:  # it distilled its share; the main process writes the bundle
+        return Path(config.output)
     apply(student, Adapter(shipped, manifest.fingerprint, manifest.base_model, {}), positions, config.bundle)
     rounds = [*manifest.emulator.get("alignments", []), {"adapter": str(config.adapter),
                                                          "adapter_fingerprint": adapter.fingerprint, **summary}]

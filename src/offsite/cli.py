@@ -208,7 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "loop, so the next round of tuning transfers better")
     add_options(align, AlignConfig, only=("bundle", "model", "adapter", "output"))
     _distill_flags(align)  # --distill is required: _run_align says so
-    add_options(align, AlignConfig, only=("trust", "sign", "overwrite"))
+    add_options(align, AlignConfig, only=("trust", "sign", "overwrite", "num_processes"))
     _device_flags(align)
 
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
@@ -296,11 +296,15 @@ def _run_tune(args: argparse.Namespace) -> None:
 
 
 def _run_align(args: argparse.Namespace) -> None:
-    from offsite.api import align  # noqa: PLC0415 - lazy torch (see above)
     if not args.distill:
         raise ConfigError(["--distill CORPUS is required: the public text the emulator is re-aligned on"])
-    path = align(from_args(AlignConfig, args, distill=_distill(args), runtime=from_args(DeviceConfig, args)))
-    print(f"re-aligned bundle written to {path}; send it to the data owner with their adapter")
+    config = from_args(AlignConfig, args, distill=_distill(args), runtime=from_args(DeviceConfig, args))
+    if _launched_here(args, config.num_processes):
+        return
+    from offsite.api import align  # noqa: PLC0415 - lazy torch (see above)
+    path = align(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        print(f"re-aligned bundle written to {path}; send it to the data owner with their adapter")
 
 
 def _run_plug(args: argparse.Namespace) -> None:

@@ -424,12 +424,17 @@ class AlignConfig(JsonConfig):
                               metavar="KEY")
     overwrite: bool = option(False, "replace an existing output directory")
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
+    num_processes: int = option(1, "re-distil data-parallel in N processes, started by accelerate's launcher "
+                                "(--distill-batch-size is per process)", metavar="N")
 
     def __post_init__(self) -> None:
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
         if isinstance(self.runtime, dict):
             self.runtime = DeviceConfig.from_dict(self.runtime)
+        problems: list[str] = []
+        positive(problems, num_processes=self.num_processes)
+        check(problems)
 
 
 @dataclass
