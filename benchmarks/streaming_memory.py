@@ -15,7 +15,6 @@ imports nothing heavy, and builds the model and compares the outputs in child pr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -60,23 +59,17 @@ def same_weights(a: Path, b: Path) -> str:
     import torch  # here only, as in build_model
     from safetensors.torch import load_file
 
+    from offsite.files import sha256_file
+
     files_a, files_b = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
     if [p.name for p in files_a] == [p.name for p in files_b] and all(
-            _sha(x) == _sha(y) for x, y in zip(files_a, files_b)):
+            sha256_file(x) == sha256_file(y) for x, y in zip(files_a, files_b)):
         return "byte-identical files"
     tensors_a = {k: v for p in files_a for k, v in load_file(p).items()}
     tensors_b = {k: v for p in files_b for k, v in load_file(p).items()}
     if tensors_a.keys() == tensors_b.keys() and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a):
         return "equal tensors (sharded differently)"
     return "DIFFERENT"
-
-
-def _sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main() -> None:

@@ -67,18 +67,27 @@ def test_two_processes_train_the_adapter_one_process_trains(bundle, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no checkpoint left behind
 
 
-def test_two_processes_distil_the_emulator_one_process_distils(model_dirs, bundle, tmp_path):
-    # Per-token normalisation: the mean over the processes' equal halves is the global batch's mean exactly
-    # (the global normalisation is a ratio of means, which halves average only approximately).
-    common = ["emulate", str(model_dirs["llama"]), "--bottom", "1", "--top", "1", "--emulator-layers", "2",
-              "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "4", "--distill-seq-len", "32",
-              "--kd-normalise", "token", "--device", "cpu"]
+def distilled_in_one_and_two_processes(argv: list[str], tmp_path: Path, written: str
+                                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The bundle weights of `offsite ARGV` with distillation batch 4 in one process and 2 in each of two.
+
+    Per-token normalisation: the mean over the processes' equal halves is the global batch's mean exactly
+    (the global normalisation is a ratio of means, which halves average only approximately).
+    """
+    common = [*argv, "--distill-seq-len", "32", "--kd-normalise", "token", "--device", "cpu"]
     one = offsite(*common, "-o", str(tmp_path / "one"), "--distill-batch-size", "4")
     assert one.returncode == 0, one.stderr
     two = offsite(*common, "-o", str(tmp_path / "two"), "--distill-batch-size", "2", "--num-processes", "2")
     assert two.returncode == 0, two.stderr
-    assert two.stdout.count("bundle written to") == 1
+    assert two.stdout.count(written) == 1  # one line per run, not per process
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    return a, b
+
+
+def test_two_processes_distil_the_emulator_one_process_distils(model_dirs, bundle, tmp_path):
+    a, b = distilled_in_one_and_two_processes(
+        ["emulate", str(model_dirs["llama"]), "--bottom", "1", "--top", "1", "--emulator-layers", "2",
+         "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "4"], tmp_path, "bundle written to")
     plain = load_file(bundle / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -91,15 +100,10 @@ def test_two_processes_distil_the_emulator_one_process_distils(model_dirs, bundl
 def test_two_processes_align_as_one_process_aligns(model_dirs, bundle, tmp_path):
     from test_plug import untrained_adapter
     adapter = untrained_adapter(bundle, tmp_path / "adapter")
-    common = ["align", str(bundle), "--model", str(model_dirs["llama"]), "--adapter", str(adapter),
-              "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "2", "--distill-seq-len", "32",
-              "--kd-normalise", "token", "--device", "cpu"]
-    one = offsite(*common, "-o", str(tmp_path / "one"), "--distill-batch-size", "4")
-    assert one.returncode == 0, one.stderr
-    two = offsite(*common, "-o", str(tmp_path / "two"), "--distill-batch-size", "2", "--num-processes", "2")
-    assert two.returncode == 0, two.stderr
-    assert two.stdout.count("re-aligned bundle written to") == 1
-    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    a, b = distilled_in_one_and_two_processes(
+        ["align", str(bundle), "--model", str(model_dirs["llama"]), "--adapter", str(adapter),
+         "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "2"], tmp_path,
+        "re-aligned bundle written to")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     plain = load_file(bundle / "model.safetensors")
     assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-6  # the emulator was re-aligned

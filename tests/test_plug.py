@@ -23,6 +23,17 @@ def untrained_adapter(bundle, directory):
     return directory
 
 
+def shifted_adapter(bundle, directory, by: float):
+    """The bundle's adapter layers with `by` added to every weight, saved as an adapter file."""
+    adapter_dir = untrained_adapter(bundle, directory)
+    adapter = load_adapter(adapter_dir)
+    for named in adapter.tensors.values():
+        for tensor in named.values():
+            tensor.add_(by)
+    adapter.save(adapter_dir)
+    return adapter_dir
+
+
 def test_plugging_untrained_adapter_reproduces_full_model(family, model_dirs, tmp_path):
     bundle = make_bundle(model_dirs[family], tmp_path / "b")
     adapter = untrained_adapter(bundle, tmp_path / "a")
@@ -34,12 +45,7 @@ def test_plugging_untrained_adapter_reproduces_full_model(family, model_dirs, tm
 
 def test_plug_replaces_exactly_the_adapter_layers(model_dirs, tmp_path):
     bundle = make_bundle(model_dirs["llama"], tmp_path / "b")
-    adapter_dir = untrained_adapter(bundle, tmp_path / "a")
-    adapter = load_adapter(adapter_dir)
-    for named in adapter.tensors.values():
-        for tensor in named.values():
-            tensor.add_(0.5)
-    adapter.save(adapter_dir)
+    adapter_dir = shifted_adapter(bundle, tmp_path / "a", 0.5)
     plugged = AutoModelForCausalLM.from_pretrained(
         plug(PlugConfig(str(model_dirs["llama"]), str(adapter_dir), str(tmp_path / "p"))))
     full = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_plug import untrained_adapter
+from test_plug import shifted_adapter, untrained_adapter
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -86,12 +86,7 @@ def test_streamed_plug_is_byte_identical_and_replaces_only_adapter_tensors(famil
     caplog.set_level("INFO")
     full = model_dirs[family]
     bundle = emulate(EmulateConfig(model=str(full), output=str(tmp_path / "b"), split=SPLIT))
-    adapter_dir = untrained_adapter(bundle, tmp_path / "a")
-    adapter = load_adapter(adapter_dir)
-    for named in adapter.tensors.values():
-        for tensor in named.values():
-            tensor.add_(0.25)
-    adapter.save(adapter_dir)
+    adapter_dir = shifted_adapter(bundle, tmp_path / "a", 0.25)
     streamed = plug(PlugConfig(str(full), str(adapter_dir), str(tmp_path / "streamed")))
     assert ("(streamed)" in caplog.text) == (family not in LOADED_WHOLE)
     loaded = plug(PlugConfig(str(full), str(adapter_dir), str(tmp_path / "loaded"), stream=False))

@@ -89,12 +89,9 @@ def emulate(config: EmulateConfig) -> Path:
 
 def _distill_processes(config: EmulateConfig | AlignConfig, command: str) -> Processes:
     """The data-parallel processes distillation runs in (one, unless launched: `COMMAND --num-processes`)."""
-    processes = parallel.current(cpu=config.runtime.device == "cpu" or not torch.cuda.is_available())
+    processes = parallel.current(config.runtime, config.num_processes, command)
     if processes.parallel and not config.distill:
         raise OffsiteError("several processes distil an emulator: --num-processes needs --distill")
-    if config.num_processes > 1 and config.num_processes != processes.count:
-        raise OffsiteError(f"--num-processes {config.num_processes}, but this is one of {processes.count} processes: "
-                           f"start several with `offsite {command} --num-processes N` (from the command line)")
     return processes
 
 
@@ -143,7 +140,7 @@ def tune(config: TuneConfig) -> Path:
                      inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after training
-    processes = parallel.current(cpu=config.runtime.device == "cpu" or not torch.cuda.is_available())
+    processes = parallel.current(config.runtime, config.num_processes, "tune")
     placement = training_placement(config, processes)
     data = read_data(config.data)
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
@@ -190,16 +187,9 @@ def tune(config: TuneConfig) -> Path:
 
 def training_placement(config: TuneConfig, processes: Processes = parallel.ONE) -> Placement:
     """Where `tune` trains, after refusing what it cannot do there."""
-    if config.num_processes > 1 and config.num_processes != processes.count:
-        raise OffsiteError(f"--num-processes {config.num_processes}, but this is one of {processes.count} "
-                           "processes: start several with `offsite tune --num-processes N` (from the command "
-                           "line) or `accelerate launch --multi_gpu --num_processes N -m offsite.cli tune ...`")
     if processes.parallel and config.train.cache_emulator:
         raise OffsiteError("--cache-emulator works in one process only; drop it, or --num-processes")
-    device = config.runtime.device
-    if processes.parallel and device == "auto":
-        device = str(processes.device)  # each process its own device, as the launcher assigned it
-    placement = Placement.of(device, config.runtime.dtype)
+    placement = processes.placement(config.runtime)
     if config.train.cache_emulator and placement.device.type != "cpu":
         raise OffsiteError(f"--cache-emulator keeps the emulator's outputs in CPU memory and works with --device cpu "
                            f"only; drop it to train on {placement.device}")
@@ -209,10 +199,7 @@ def training_placement(config: TuneConfig, processes: Processes = parallel.ONE) 
 
 def distill_placement(runtime: DeviceConfig, processes: Processes = parallel.ONE) -> Placement:
     """Where distillation runs; float16 is refused (distillation does no loss scaling, unlike `tune`)."""
-    device = runtime.device
-    if processes.parallel and device == "auto":
-        device = str(processes.device)  # each process its own device, as the launcher assigned it
-    placement = Placement.of(device, runtime.dtype)
+    placement = processes.placement(runtime)
     if placement.dtype == torch.float16:
         raise OffsiteError("--dtype float16: distillation does no loss scaling; use --dtype bfloat16 (or float32)")
     return placement

@@ -23,6 +23,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 
+from offsite.config import DeviceConfig
+from offsite.device import Placement
 from offsite.errors import OffsiteError
 
 
@@ -79,6 +81,11 @@ class Processes:
             for param in params:
                 param.grad /= self.count
 
+    def placement(self, runtime: DeviceConfig) -> Placement:
+        """Where this process runs: `--device auto` means the device the launcher gave it."""
+        device = str(self.device) if self.parallel and runtime.device == "auto" else runtime.device
+        return Placement.of(device, runtime.dtype)
+
     def from_main(self, value: Any) -> Any:
         """The main process's `value`, on every process (e.g. its decision to stop early)."""
         if not self.parallel:
@@ -99,16 +106,22 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def current(cpu: bool) -> Processes:
+def current(runtime: DeviceConfig, asked: int, command: str) -> Processes:
     """This process's place: from accelerate's state when a launcher started several processes.
 
-    `cpu`: the processes train on CPUs (gloo), not one GPU each (nccl).
+    The processes train on CPUs (gloo) with `--device cpu` or without CUDA, else on one GPU each
+    (nccl). `asked`: the command's --num-processes, which must match the launch when above 1.
     """
-    if not launched():
-        return ONE
-    state = PartialState(cpu=cpu)  # reads the launcher's environment and joins the process group
-    device = torch.device("cpu") if cpu else state.device
-    return Processes(state.process_index, state.num_processes, device)
+    processes = ONE
+    if launched():
+        cpu = runtime.device == "cpu" or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)  # reads the launcher's environment and joins the process group
+        processes = Processes(state.process_index, state.num_processes, torch.device("cpu") if cpu else state.device)
+    if asked > 1 and asked != processes.count:
+        raise OffsiteError(f"--num-processes {asked}, but this is one of {processes.count} processes: start several "
+                           f"with `offsite {command} --num-processes N` (from the command line) or `accelerate "
+                           f"launch --multi_gpu --num_processes N -m offsite.cli {command} ...`")
+    return processes
 
 
 def launch(argv: list[str], count: int) -> None:

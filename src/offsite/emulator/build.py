@@ -21,7 +21,6 @@ from offsite.config import EmulateConfig
 from offsite.data.read import read_text_corpus
 from offsite.data.tokens import lm_sequences
 from offsite.data.types import TextData
-from offsite.device import Placement
 from offsite.emulator.compress import COMPRESSIONS, compress, emulator_bytes
 from offsite.emulator.distill import distill
 from offsite.emulator.share import collapse, executed_plan, executed_positions, expand, nearest_schedule
@@ -120,10 +119,7 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     stored = expand(emulator_model, executed_positions(plan, info)) if split.shares else None
     if config.distill:
         # A checkpoint left by an interrupted run resumes only into the same full model, split and method.
-        device = config.runtime.device
-        if processes.parallel and device == "auto":
-            device = str(processes.device)  # each process its own device, as the launcher assigned it
-        placement = Placement.of(device, config.runtime.dtype)
+        placement = processes.placement(config.runtime)
         identity = {"fingerprint": base_fingerprint, "split": split.identity(), "kept": list(plan.kept),
                     "dtype": str(placement.dtype)}
         info["distill"] = distill(model, emulator_model, tokenizer, executed_plan(plan, info), config.distill,
