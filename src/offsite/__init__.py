@@ -16,10 +16,10 @@ __version__ = "0.1.1"
 _EXPORTS = {
     "EmulateConfig": "offsite.config", "EvalConfig": "offsite.config", "PlugConfig": "offsite.config",
     "SplitConfig": "offsite.config", "TrainConfig": "offsite.config", "TuneConfig": "offsite.config",
-    "DeviceConfig": "offsite.config",
+    "DeviceConfig": "offsite.config", "FederateConfig": "offsite.config",
     "DistillConfig": "offsite.config", "OffsiteError": "offsite.errors",
     "emulate": "offsite.api", "tune": "offsite.api", "plug": "offsite.api", "evaluate": "offsite.api",
-    "describe": "offsite.api",
+    "describe": "offsite.api", "federate": "offsite.api",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,6 +25,7 @@ from offsite.config import (
     DeviceConfig,
     EvalConfig,
     ExportConfig,
+    FederateConfig,
     KeygenConfig,
     PlugConfig,
     SampleConfig,
@@ -121,7 +122,7 @@ def add_options(parser: Any, cls: type, defaults: Any = None, only: tuple[str, .
 def _help(text: str, default: Any, unset: str | None, kind: Any) -> str:
     if unset:
         return f"{text} (default: {unset})"
-    if default is None or default is dataclasses.MISSING or kind is bool or "default" in text:
+    if default is None or default == [] or default is dataclasses.MISSING or kind is bool or "default" in text:
         return text
     shown = " ".join(default) if isinstance(default, list) else default
     return f"{text} (default {shown})"
@@ -163,6 +164,10 @@ def _device_flags(parser: argparse.ArgumentParser, what: str = "") -> None:
 def _distill(args: argparse.Namespace) -> DistillConfig | None:
     return from_args(DistillConfig, args) if args.distill else None
 
+
+# TrainConfig fields each data owner's round of `federate` takes (its steps are --local-steps)
+FEDERATE_TRAIN_FLAGS = ("lr", "weight_decay", "warmup_ratio", "batch_size", "grad_accum", "seq_len", "lora_rank",
+                        "lora_alpha", "seed", "proximal_mu", "checkpoint_emulator")
 
 # TrainConfig fields the demo lets a flag replace for every task's adapter (its own --seed is the demo's)
 DEMO_ADAPTER_FLAGS = ("lr", "lora_rank", "weight_decay")
@@ -212,6 +217,18 @@ def _build_parser() -> argparse.ArgumentParser:
     _device_flags(align)
 
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)
+
+    federate = add_command("federate", help="model owner and data owners: train one adapter over many owners' data "
+                                            "through Flower (simulated on this machine)")
+    add_options(federate, FederateConfig, only=("bundle", "client_data", "output", "rounds", "local_steps",
+                                                "strategy", "server_lr"))
+    add_options(federate.add_argument_group("privacy"), FederateConfig, only=("secagg", "dp_noise", "dp_clip"))
+    add_options(federate.add_argument_group("the model owner's evaluation after every round"), FederateConfig,
+                only=("eval_data", "model", "eval_limit"))
+    add_options(federate.add_argument_group("each data owner's training in a round"), TrainConfig,
+                only=FEDERATE_TRAIN_FLAGS)
+    add_options(federate, FederateConfig, only=("min_clients", "client_cpus", "round_timeout", "overwrite"))
+    _device_flags(federate, "of the owners' training and the server's scoring")
 
     evaluate = add_command("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
     add_options(evaluate, EvalConfig)
@@ -307,6 +324,13 @@ def _run_align(args: argparse.Namespace) -> None:
         print(f"re-aligned bundle written to {path}; send it to the data owner with their adapter")
 
 
+def _run_federate(args: argparse.Namespace) -> None:
+    config = from_args(FederateConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args))
+    from offsite.api import federate  # noqa: PLC0415 - lazy torch (see above)
+    path = federate(config)
+    print(f"federated adapter written to {path} (each round in {path}/rounds.jsonl); plug it with `offsite plug`")
+
+
 def _run_plug(args: argparse.Namespace) -> None:
     from offsite.api import plug  # noqa: PLC0415 - lazy torch (see above)
     print(f"plugged model written to {plug(from_args(PlugConfig, args))}")
@@ -396,7 +420,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "emulate": _run_emulate, "tune": _run_tune, "align": _run_align, "plug": _run_plug, "eval": _run_eval,
+    "emulate": _run_emulate, "tune": _run_tune, "align": _run_align, "federate": _run_federate, "plug": _run_plug, "eval": _run_eval,
     "info": _run_info, "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
     "ablate": _run_ablate, "keygen": _run_keygen,
 }

@@ -341,6 +341,10 @@ class TrainConfig(JsonConfig):
     # pass instead of keeping them (offsite.training.checkpointing): less memory, one more forward.
     checkpoint_emulator: bool = option(False, "recompute the emulator's activations in the backward pass instead "
                                        "of keeping them: less memory, about one more emulator forward per step")
+    # FedProx (Li et al., 2020): a data owner's local steps in a federation are pulled back towards
+    # the adapter the round started from, so owners with different data drift apart less.
+    proximal_mu: float = option(0.0, "add mu/2 x the squared distance of the trained weights from where they "
+                                "started to the loss (FedProx's proximal term; 0: off)", metavar="MU")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -354,7 +358,7 @@ class TrainConfig(JsonConfig):
             problems.append("--lora-alpha needs --lora-rank")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup-ratio={self.warmup_ratio} must be in [0, 1)")
-        non_negative(problems, weight_decay=self.weight_decay)
+        non_negative(problems, weight_decay=self.weight_decay, proximal_mu=self.proximal_mu)
         check(problems)
 
     def total_steps(self, num_sequences: int) -> int:
@@ -435,6 +439,80 @@ class AlignConfig(JsonConfig):
         problems: list[str] = []
         positive(problems, num_processes=self.num_processes)
         check(problems)
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+@dataclass
+class FederateConfig(JsonConfig):
+    """Model owner and data owners: train one adapter over many owners' data through Flower.
+
+    Every round the server sends the global adapter, each data owner trains it for `local_steps`
+    through its own copy of the bundle (`offsite tune`'s trainer) and returns only the adapter's
+    tensors and its example count, and the server aggregates them with `strategy`.
+    """
+
+    bundle: str = option(help="the bundle every data owner trains through", positional=True)
+    output: str = option(help="the federated adapter to write (with rounds.jsonl)", flags=("-o", "--output"))
+    client_data: list[str] = option(default_factory=list, help="one data file per data owner: the simulation "
+                                    "runs one client for each (deployment: each SuperNode's --node-config)",
+                                    nargs="+", metavar="FILE")
+    rounds: int = option(3, "federated rounds")
+    local_steps: int = option(10, "optimizer steps each data owner trains per round", metavar="E")
+    strategy: str = option("fedavg", "how the server aggregates: fedavg (weighted by examples), fedprox (fedavg, "
+                           "the owners' training pulled towards the round's adapter: give --proximal-mu), fedadam "
+                           "or fedyogi (a server-side optimizer over the averaged update: --server-lr)",
+                           choices=STRATEGIES)
+    server_lr: float = option(1e-3, "fedadam/fedyogi: the server optimizer's learning rate")
+    secagg: bool = option(False, "secure aggregation (Flower's SecAgg+): the server sees only the average of the "
+                          "updates, never one owner's (needs 3 or more owners)")
+    dp_noise: float | None = option(None, "central differential privacy (Flower's server-side fixed clipping): the "
+                                    "noise multiplier; needs --dp-clip", metavar="S")
+    dp_clip: float | None = option(None, "differential privacy: the L2 norm each owner's update is clipped to",
+                                   metavar="C")
+    eval_data: str | None = option(None, "the model owner's held-out data, scored after every round (rounds.jsonl)")
+    model: str | None = option(None, "the full model: with --eval-data, score the plug-in of each round's adapter "
+                               "(default: score it through the bundle)", metavar="MODEL")
+    eval_limit: int | None = option(None, "score only the first N examples of --eval-data", metavar="N")
+    min_clients: int | None = option(None, "deployment: wait for this many SuperNodes, and train with all of them "
+                                     "(simulation: one per --client-data file)", metavar="N")
+    client_cpus: float = option(1.0, "simulation: CPU cores each simulated data owner gets (owners run side by side "
+                                "on the cores there are)", metavar="N")
+    round_timeout: float = option(3600.0, "seconds the server waits for the owners' replies in a round",
+                                  metavar="SECONDS")
+    overwrite: bool = option(False, "replace an existing output directory")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if isinstance(self.runtime, dict):
+            self.runtime = DeviceConfig.from_dict(self.runtime)
+        problems: list[str] = []
+        positive(problems, rounds=self.rounds, local_steps=self.local_steps, server_lr=self.server_lr,
+                 dp_noise=self.dp_noise, dp_clip=self.dp_clip, eval_limit=self.eval_limit,
+                 min_clients=self.min_clients, client_cpus=self.client_cpus, round_timeout=self.round_timeout)
+        if (self.dp_noise is None) != (self.dp_clip is None):
+            problems.append("--dp-noise and --dp-clip go together: give both, or neither")
+        if self.dp_noise is not None and self.secagg:
+            problems.append("--dp-noise with --secagg: server-side clipping needs each owner's update, which secure "
+                            "aggregation hides; choose one")
+        if self.secagg and self.strategy != "fedavg":
+            problems.append(f"--secagg averages the updates (fedavg); --strategy {self.strategy} is not available "
+                            "with it")
+        if self.train.proximal_mu and self.strategy != "fedprox":
+            problems.append("--proximal-mu is FedProx's term: pass --strategy fedprox with it")
+        if self.model is not None and self.eval_data is None:
+            problems.append("--model is what --eval-data scores the plug-in on: give --eval-data too")
+        if self.train.patience is not None or self.train.epochs is not None or self.train.max_steps is not None:
+            problems.append("each round trains --local-steps steps: --epochs, --max-steps and --patience do not apply")
+        check(problems)
+
+    @property
+    def num_clients(self) -> int:
+        return self.min_clients or len(self.client_data)
 
 
 @dataclass

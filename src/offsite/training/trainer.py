@@ -140,6 +140,8 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
            checkpoint: Resumable | None = None, placement: Placement = CPU,
            processes: Processes = ONE) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
+    # Where the weights start, taken before a checkpoint is resumed: the proximal term's anchor.
+    anchor = [p.detach().clone() for p in params] if settings.proximal_mu else None
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     # Steps, shuffling and batches are those of one process with the global batch.
     global_settings = dataclasses.replace(settings, batch_size=settings.batch_size * processes.count)
@@ -162,7 +164,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
         for step in range(done + 1, steps + 1):
             step_start = time.perf_counter()
             loss = _optimizer_step(model, batches, settings.grad_accum, optimizer, scheduler, cache, step, placement,
-                                   processes, scaler)
+                                   processes, scaler, Proximal(settings.proximal_mu, anchor) if anchor else None)
             step_seconds += time.perf_counter() - step_start
             _log(metrics, {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             bar.update()
@@ -211,9 +213,30 @@ def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int,
             yield batch
 
 
+@dataclass
+class Proximal:
+    """FedProx's proximal term mu/2 * ||w - anchor||^2 over the trained parameters."""
+
+    mu: float
+    anchor: list[torch.Tensor]
+
+    def add_gradient(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """Add the term's gradient mu * (w - anchor) to each parameter's (unscaled) gradient; return the term."""
+        value = torch.zeros((), device=params[0].device)
+        with torch.no_grad():
+            for param, start in zip(params, self.anchor):
+                difference = param - start
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.add_(difference, alpha=self.mu)
+                value += difference.float().pow(2).sum()
+        return value * self.mu / 2
+
+
 def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, scheduler,
                     cache: EmulatorCache | None, step: int, placement: Placement = CPU,
-                    processes: Processes = ONE, scaler: torch.amp.GradScaler | None = None) -> float:
+                    processes: Processes = ONE, scaler: torch.amp.GradScaler | None = None,
+                    proximal: Proximal | None = None) -> float:
     total = torch.zeros((), device=placement.device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(grad_accum):
@@ -229,11 +252,15 @@ def _optimizer_step(model: nn.Module, batches, grad_accum: int, optimizer, sched
     total = processes.sum(total)
     hint = "lower --lr (or --weight-decay), or check the data and the bundle"
     if scaler is None:
+        if proximal is not None:  # after the all-reduce: every process adds the same term
+            total += proximal.add_gradient(params)
         check_step(total, params, step, "training", hint)
         optimizer.step()
     else:  # the scaler checks the gradients itself: an overflow lowers the scale and skips the step
         check_step(total, [], step, "training", hint + " (or train in --dtype bfloat16)")
         scaler.unscale_(optimizer)
+        if proximal is not None:
+            total += proximal.add_gradient(params)
         scaler.step(optimizer)
         scaler.update()
     scheduler.step()

@@ -1,0 +1,208 @@
+"""The model owner's side of a federation: the global adapter, the strategy, the checks and the round log.
+
+The server holds the bundle (for the adapter's starting weights and the shapes every update must
+have) and, optionally, the full model and held-out data to score each round's plug-in. It writes
+`rounds.jsonl` (one line per round: who trained, who was dropped and why, the training loss, the
+score) and, at the end, the global adapter as an ordinary adapter file that `offsite plug` takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, FedYogi,
+                                     Strategy)
+
+from offsite.config import FederateConfig, TrainConfig
+from offsite.errors import OffsiteError
+from offsite.federation import secure
+from offsite.federation.updates import WEIGHT, Reference, bundle_adapter, check_update, from_record, to_record
+
+log = logging.getLogger(__name__)
+
+ROUNDS = "rounds.jsonl"
+
+
+def round_training(config: FederateConfig) -> TrainConfig:
+    """What each owner trains per round: the flags' settings for `--local-steps` steps."""
+    return dataclasses.replace(config.train, max_steps=config.local_steps, epochs=None)
+
+
+def build_strategy(config: FederateConfig) -> Strategy:
+    """Flower's strategy for `--strategy`, wrapped in its DP wrapper with `--dp-noise`."""
+    every = {"fraction_evaluate": 0.0, "min_train_nodes": config.num_clients,
+             "min_available_nodes": config.num_clients}  # the owners score nothing: the server does
+    strategy: Strategy
+    if config.strategy == "fedavg":
+        strategy = FedAvg(**every)
+    elif config.strategy == "fedprox":
+        strategy = FedProx(**every, proximal_mu=config.train.proximal_mu)
+    else:
+        optimizer = FedAdam if config.strategy == "fedadam" else FedYogi
+        strategy = optimizer(**every, eta=config.server_lr, eta_l=config.train.lr)
+    if config.dp_noise is not None:
+        strategy = DifferentialPrivacyServerSideFixedClipping(strategy, config.dp_noise, config.dp_clip,
+                                                              config.num_clients)
+    return strategy
+
+
+class Checked(Strategy):
+    """A strategy whose owners' replies are checked before it aggregates them (see updates.check_update).
+
+    A reply that fails is left out of its round, with the owner's node id and the reason in the log
+    and in `self.pending`; the round goes on with the others.
+    """
+
+    def __init__(self, strategy: Strategy, reference: Reference) -> None:
+        self.strategy = strategy
+        self.reference = reference
+        self.pending: dict[str, Any] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept, dropped, failed = [], [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failed.append({"node": node, "reason": reply.error.reason})
+                continue
+            reason = check_update(reply.content, self.reference)
+            if reason is None:
+                kept.append(reply)
+            else:
+                log.warning("round %d: dropped the update of node %d: %s", server_round, node, reason)
+                dropped.append({"node": node, "reason": reason})
+        for failure in failed:
+            log.warning("round %d: node %d failed: %s", server_round, failure["node"], failure["reason"])
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        weights = [int(r.content["metrics"][WEIGHT]) for r in kept]
+        losses = [float(r.content["metrics"].get("train-loss", float("nan"))) for r in kept]
+        self.pending = {"clients": len(kept), "dropped": dropped, "failed": failed, "examples": sum(weights),
+                        "train_loss": sum(w * l for w, l in zip(weights, losses)) / sum(weights) if kept else None}
+        return (arrays if kept else None), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class Scorer:
+    """Scores an adapter on the model owner's held-out data: plugged into the full model, or in the bundle."""
+
+    def __init__(self, config: FederateConfig) -> None:
+        from offsite.api import load_for_eval  # noqa: PLC0415 - the api imports this package lazily
+        from offsite.data.read import read_data  # noqa: PLC0415
+        from offsite.data.types import limit  # noqa: PLC0415
+        from offsite.device import Placement, place_model  # noqa: PLC0415
+        from offsite.exchange.bundle import bundle_index, read_manifest  # noqa: PLC0415
+        self.data = read_data(config.eval_data, "--eval-data", default_split="validation")
+        if config.eval_limit is not None:
+            self.data = limit(self.data, config.eval_limit)
+        manifest = read_manifest(config.bundle)
+        self.plug_in = config.model is not None
+        self.model, self.tokenizer = load_for_eval(config.model or config.bundle, None)
+        self.positions = ({i: i for i in manifest.plan.adapter} if self.plug_in else
+                          {i: bundle_index(manifest)[i] for i in manifest.plan.adapter})
+        self.placement = Placement.of(config.runtime.device, config.runtime.dtype)
+        place_model(self.model, self.placement)
+        self.seq_len, self.batch_size = config.train.seq_len, config.train.batch_size
+        self.checked = False
+        self.config = config
+
+    def __call__(self, reference: Reference, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        from offsite.exchange.adapter import apply, plug_into  # noqa: PLC0415
+        from offsite.scoring import score  # noqa: PLC0415
+        adapter = reference.adapter(tensors, {})
+        if self.plug_in and not self.checked:  # once: the fingerprint and layers do not change between rounds
+            plug_into(self.model, adapter, "the global adapter", tuple(self.positions))
+            self.checked = True
+        apply(self.model, adapter, self.positions, "the global adapter")
+        with self.placement.autocast():
+            result = score(self.model, self.tokenizer, self.data, self.seq_len, self.batch_size)
+        return {**result, "scored": "plug-in" if self.plug_in else "bundle"}
+
+
+class Server:
+    """The ServerApp's work: run the rounds, log each, write the final adapter into `output`."""
+
+    def __init__(self, config: FederateConfig, output: Path) -> None:
+        self.config = config
+        self.output = output
+        self.start, self.reference = bundle_adapter(config.bundle)
+        self.scorer = Scorer(config) if config.eval_data else None
+        self.began = time.perf_counter()
+        self.applied = 0
+
+    def round_config(self, server_round: int | None = None) -> dict[str, Any]:
+        settings = {"train": json.dumps(round_training(self.config).to_dict()),
+                    "fingerprint": self.reference.fingerprint}
+        return settings if server_round is None else {**settings, "server-round": server_round}
+
+    def on_round(self, server_round: int, tensors: dict[str, torch.Tensor], pending: dict[str, Any]
+                 ) -> dict[str, Any]:
+        """Score the round's global adapter and append its line to rounds.jsonl; the score for Flower."""
+        if server_round > 0 and pending.get("clients"):
+            self.applied += 1
+        scored = self.scorer(self.reference, tensors) if self.scorer else None
+        line = {"round": server_round, **pending, "eval": scored,
+                "seconds": round(time.perf_counter() - self.began, 2)}
+        with open(self.output / ROUNDS, "a") as rounds:
+            rounds.write(json.dumps(line) + "\n")
+        if scored:
+            log.info("round %d: %s", server_round, {k: v for k, v in scored.items() if k in ("accuracy", "perplexity")})
+        return {k: v for k, v in (scored or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def run(self, grid: Grid, context: Context) -> None:
+        config = self.config
+        if config.secagg:
+            strategy = secure.MaskedAverage(self.start, self.round_config, config.num_clients, self.on_round)
+            final = secure.run_masked(grid, context, strategy, config.rounds, config.round_timeout,
+                                      config.num_clients)
+        else:
+            checked = Checked(build_strategy(config), self.reference)
+
+            def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+                pending, checked.pending = checked.pending, {}
+                return MetricRecord(self.on_round(server_round, from_record(arrays), pending))
+
+            result = checked.start(grid, to_record(self.start), config.rounds, config.round_timeout,
+                                   train_config=ConfigRecord(self.round_config()), evaluate_fn=evaluate)
+            final = from_record(result.arrays) if len(result.arrays) else self.start
+        if not self.applied:
+            raise OffsiteError(f"no round of the federation produced an update (see {self.output / ROUNDS}); "
+                               "no adapter was written")
+        summary = {"rounds": config.rounds, "rounds_applied": self.applied, "clients": config.num_clients,
+                   "seconds": round(time.perf_counter() - self.began, 2)}
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("client_data",)}  # owners' paths stay out
+        self.reference.adapter(final, {"federation": settings, "summary": summary}).save(self.output)
+
+
+def server_app(config: FederateConfig, output: Path, finished: list[Server]) -> ServerApp:
+    """The Flower ServerApp of a federation whose settings are `config`; the Server is appended to `finished`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server = Server(config, output)
+        server.run(grid, context)
+        finished.append(server)
+
+    return app
