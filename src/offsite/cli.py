@@ -229,6 +229,10 @@ def _build_parser() -> argparse.ArgumentParser:
                 only=FEDERATE_TRAIN_FLAGS)
     add_options(federate, FederateConfig, only=("min_clients", "client_cpus", "round_timeout", "overwrite"))
     _device_flags(federate, "of the owners' training and the server's scoring")
+    federate.add_argument("--write-app", metavar="DIR", help="instead of simulating: write the Flower App project "
+                          "for the deployment runtime (`flwr run DIR SUPERLINK`) with these settings; needs "
+                          "--min-clients, and each data owner's SuperNode gets its own bundle and data (see "
+                          "docs/federation.md)")
 
     evaluate = add_command("eval", help="perplexity or choice accuracy of a model, bundle or plugged model")
     add_options(evaluate, EvalConfig)
@@ -326,6 +330,12 @@ def _run_align(args: argparse.Namespace) -> None:
 
 def _run_federate(args: argparse.Namespace) -> None:
     config = from_args(FederateConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args))
+    if args.write_app:
+        from offsite.federation.app import write_app  # noqa: PLC0415 - lazy torch (see above)
+        project = write_app(config, args.write_app)
+        print(f"Flower App written to {project}; run it with `flwr run {project.parent} SUPERLINK --stream` "
+              "(see docs/federation.md)")
+        return
     from offsite.api import federate  # noqa: PLC0415 - lazy torch (see above)
     path = federate(config)
     print(f"federated adapter written to {path} (each round in {path}/rounds.jsonl); plug it with `offsite plug`")

@@ -72,9 +72,12 @@ def round_settings(config: Mapping[str, Any]) -> TrainConfig:
     return dataclasses.replace(train, seed=train.seed + int(config["server-round"]), proximal_mu=mu)
 
 
-def client_app(node_of: Callable[[Context], Node]) -> ClientApp:
-    """The Flower ClientApp of a data owner; `node_of(context)`: the owner's bundle and data."""
-    app = ClientApp(mods=[secure.when_asked])
+def client_app(node_of: Callable[[Context], Node], mods: tuple[Callable, ...] = ()) -> ClientApp:
+    """The Flower ClientApp of a data owner; `node_of(context)`: the owner's bundle and data.
+
+    `mods`: more Flower client mods, run outside SecAgg+'s (e.g. Flower's local DP mod).
+    """
+    app = ClientApp(mods=[*mods, secure.when_asked])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

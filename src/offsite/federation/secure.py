@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -34,13 +35,22 @@ from offsite.numerics import refuse_non_finite
 
 log = logging.getLogger(__name__)
 
-# Each client's weighted update is clipped to [-CLIP, CLIP] and quantized into 2**24 levels
-# (Flower's default is 2**22 over [-8, 8], for whole weights). An adapter's update after a few
-# local steps at lr 1e-4 is of order 1e-3, far inside the range.
+# Each client's update, scaled by its weight's share of MAX_WEIGHT, is clipped to [-CLIP, CLIP]
+# and quantized (Flower's default range is [-8, 8], for whole weights). An adapter's update after a
+# few local steps at lr 1e-4 is of order 1e-3, far inside the range.
 CLIP = 1.0
-LEVELS = 2 ** 24
 # A client's weight (its example count) is quantized as a share of this: counts above it are capped.
 MAX_WEIGHT = 10_000
+MODULUS = 2 ** 32  # the masks' range, Flower's default (and its maximum)
+
+
+def levels(num_clients: int) -> int:
+    """Quantization levels: as many as the sum of every client's masked values leaves room for in MODULUS.
+
+    A client with few examples sends its update times a small share of MAX_WEIGHT, so the rounding
+    step must be fine: 2**29 levels for 3 or 4 owners (Flower's default is 2**22).
+    """
+    return 2 ** min(30, 31 - math.ceil(math.log2(num_clients)))
 
 
 def when_asked(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -69,7 +79,8 @@ def train_masked(message: Message, node: Any, train_locally: Callable) -> Messag
     if weight < result.examples:
         log.warning("secure aggregation weighs at most %d examples; this owner's %d count as %d",
                     weight, result.examples, weight)
-    fitres = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([update[k].numpy() for k in keys]), weight,
+    # float64: the mod adds CLIP before quantizing, and a float32 sum near 1 keeps only 2**-24 of the update
+    fitres = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([update[k].double().numpy() for k in keys]), weight,
                     {"train-loss": result.loss})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
@@ -125,7 +136,8 @@ def run_masked(grid: Grid, context: Context, strategy: MaskedAverage, rounds: in
                            f"this federation has {num_clients}")
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds, round_timeout=timeout), strategy=strategy)
     workflow = SecAggPlusWorkflow(num_shares=num_clients, reconstruction_threshold=max(2, num_clients // 2 + 1),
-                                  max_weight=MAX_WEIGHT, clipping_range=CLIP, quantization_range=LEVELS,
+                                  max_weight=MAX_WEIGHT, clipping_range=CLIP, quantization_range=levels(num_clients),
+                                  modulus_range=MODULUS,
                                   timeout=timeout)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
     return strategy.tensors

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Context
 from flwr.simulation import run_simulation
@@ -25,8 +26,11 @@ from offsite.files import atomic_dir, check_output_dir
 log = logging.getLogger(__name__)
 
 
-def federate(config: FederateConfig) -> Path:
-    """Run the federation of `config` in Flower's simulation runtime; write the global adapter to `config.output`."""
+def federate(config: FederateConfig, client_mods: tuple[Callable, ...] = ()) -> Path:
+    """Run the federation of `config` in Flower's simulation runtime; write the global adapter to `config.output`.
+
+    `client_mods`: Flower client mods every simulated owner runs (see `client.client_app`).
+    """
     if len(config.client_data) < 2:
         raise OffsiteError("--client-data: a federation needs two or more data owners' files (one per owner)")
     if config.min_clients is not None and config.min_clients != len(config.client_data):
@@ -44,7 +48,7 @@ def federate(config: FederateConfig) -> Path:
 
     finished: list[Server] = []
     with atomic_dir(config.output, config.overwrite) as tmp:
-        run_simulation(server_app(config, tmp, finished), client_app(node_of), num_supernodes=len(nodes),
+        run_simulation(server_app(config, tmp, finished), client_app(node_of, client_mods), num_supernodes=len(nodes),
                        backend_config=_backend(config))
         if not finished or not (tmp / ADAPTER_METADATA).exists():
             log_path = tmp / ROUNDS
