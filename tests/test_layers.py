@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("offsite.training",)),
     ("exchange", ("offsite.exchange",)),
     ("api", ("offsite.api",)),
+    ("federation", ("offsite.federation",)),
     ("studies", ("offsite.studies",)),
     ("cli", ("offsite.cli",)),
 ]

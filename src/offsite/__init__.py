@@ -19,7 +19,7 @@ _EXPORTS = {
     "DeviceConfig": "offsite.config", "FederateConfig": "offsite.config",
     "DistillConfig": "offsite.config", "OffsiteError": "offsite.errors",
     "emulate": "offsite.api", "tune": "offsite.api", "plug": "offsite.api", "evaluate": "offsite.api",
-    "describe": "offsite.api", "federate": "offsite.api",
+    "describe": "offsite.api", "federate": "offsite.federation.simulation",
 }
 __all__ = sorted(_EXPORTS)
 

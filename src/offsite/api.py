@@ -22,8 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.arch import get_layers
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
-from offsite.config import (AlignConfig, DeviceConfig, EmulateConfig, EvalConfig, ExportConfig, FederateConfig,
-                            KeygenConfig, PlugConfig, SampleConfig, TuneConfig)
+from offsite.config import (AlignConfig, DeviceConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig,
+                            PlugConfig, SampleConfig, TuneConfig)
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
 from offsite.data.read import read_data, write_jsonl
@@ -251,16 +251,6 @@ def align(config: AlignConfig) -> Path:
     issued.record(new_manifest, config.output)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
-
-
-def federate(config: FederateConfig) -> Path:
-    """Model owner and data owners: one adapter trained over many owners' data through Flower, simulated here.
-
-    Write the global adapter (an ordinary adapter file, with `rounds.jsonl`) to `config.output`.
-    The deployment runtime runs the same apps: see `offsite.federation.app`.
-    """
-    from offsite.federation.simulation import federate as simulate  # noqa: PLC0415 - flwr loads only when used
-    return simulate(config)
 
 
 def _run_identity(manifest: Manifest, sequences: list[Sequence], eval_data: Data | None,

@@ -336,7 +336,7 @@ def _run_federate(args: argparse.Namespace) -> None:
         print(f"Flower App written to {project}; run it with `flwr run {project.parent} SUPERLINK --stream` "
               "(see docs/federation.md)")
         return
-    from offsite.api import federate  # noqa: PLC0415 - lazy torch (see above)
+    from offsite.federation.simulation import federate  # noqa: PLC0415 - lazy torch (see above)
     path = federate(config)
     print(f"federated adapter written to {path} (each round in {path}/rounds.jsonl); plug it with `offsite plug`")
 

@@ -9,23 +9,24 @@ their paths, only the trained tensors and how many examples they were trained on
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from offsite.config import DeviceConfig, TrainConfig, TuneConfig
+from offsite.api import tune
+from offsite.config import DeviceConfig, TuneConfig
 from offsite.errors import OffsiteError
 from offsite.exchange.adapter import Adapter, load_adapter
 from offsite.exchange.bundle import read_manifest
 from offsite.federation import secure
-from offsite.federation.updates import ARRAYS, CONFIG, METRICS, WEIGHT, flat, from_record, nested, to_record
+from offsite.federation.updates import (ARRAYS, CONFIG, METRICS, WEIGHT, flat, from_record, nested, round_settings,
+                                       to_record)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ def train_locally(node: Node, start: dict[str, torch.Tensor], train: TrainConfig
     if manifest.fingerprint != fingerprint:
         raise OffsiteError(f"bundle {node.bundle} is not the one this federation trains (fingerprints "
                            f"{manifest.fingerprint[:16]}… and {fingerprint[:16]}…); use the model owner's bundle")
-    from offsite.api import tune  # noqa: PLC0415 - api imports this package's caller; import it when used
     with tempfile.TemporaryDirectory(prefix="offsite-federate-") as scratch:
         initial, trained = Path(scratch) / "start", Path(scratch) / "trained"
         initial.mkdir()
@@ -63,13 +63,6 @@ def train_locally(node: Node, start: dict[str, torch.Tensor], train: TrainConfig
         adapter = load_adapter(trained)
     summary = adapter.training["summary"]
     return LocalResult(flat(adapter.tensors), int(summary["train_sequences"]), float(summary["final_loss"]))
-
-
-def round_settings(config: Mapping[str, Any]) -> TrainConfig:
-    """The training settings the server sent, with this round's seed and (FedProx) proximal weight."""
-    train = TrainConfig.from_dict(json.loads(str(config["train"])))
-    mu = float(config.get("proximal-mu", train.proximal_mu))  # FedProx's strategy sends it under this key
-    return dataclasses.replace(train, seed=train.seed + int(config["server-round"]), proximal_mu=mu)
 
 
 def client_app(node_of: Callable[[Context], Node], mods: tuple[Callable, ...] = ()) -> ClientApp:

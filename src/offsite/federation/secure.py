@@ -31,6 +31,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from offsite.errors import OffsiteError
+from offsite.federation.updates import round_settings
 from offsite.numerics import refuse_non_finite
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ def is_secure(message: Message) -> bool:
 
 def train_masked(message: Message, node: Any, train_locally: Callable) -> Message:
     """A SecAgg+ round on the client: train, then reply with the update (which the mod masks)."""
-    from offsite.federation.client import round_settings  # noqa: PLC0415 - client imports this module
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     config = fitins.config
     keys = json.loads(str(config["keys"]))

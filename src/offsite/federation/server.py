@@ -21,10 +21,17 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, FedYogi,
                                      Strategy)
 
+from offsite.api import load_for_eval
 from offsite.config import FederateConfig, TrainConfig
+from offsite.data.read import read_data
+from offsite.data.types import limit
+from offsite.device import Placement, place_model
 from offsite.errors import OffsiteError
+from offsite.exchange.adapter import apply, plug_into
+from offsite.exchange.bundle import bundle_index, read_manifest
 from offsite.federation import secure
 from offsite.federation.updates import WEIGHT, Reference, bundle_adapter, check_update, from_record, to_record
+from offsite.scoring import score
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +115,6 @@ class Scorer:
     """Scores an adapter on the model owner's held-out data: plugged into the full model, or in the bundle."""
 
     def __init__(self, config: FederateConfig) -> None:
-        from offsite.api import load_for_eval  # noqa: PLC0415 - the api imports this package lazily
-        from offsite.data.read import read_data  # noqa: PLC0415
-        from offsite.data.types import limit  # noqa: PLC0415
-        from offsite.device import Placement, place_model  # noqa: PLC0415
-        from offsite.exchange.bundle import bundle_index, read_manifest  # noqa: PLC0415
         self.data = read_data(config.eval_data, "--eval-data", default_split="validation")
         if config.eval_limit is not None:
             self.data = limit(self.data, config.eval_limit)
@@ -128,8 +130,6 @@ class Scorer:
         self.config = config
 
     def __call__(self, reference: Reference, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        from offsite.exchange.adapter import apply, plug_into  # noqa: PLC0415
-        from offsite.scoring import score  # noqa: PLC0415
         adapter = reference.adapter(tensors, {})
         if self.plug_in and not self.checked:  # once: the fingerprint and layers do not change between rounds
             plug_into(self.model, adapter, "the global adapter", tuple(self.positions))

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
 from flwr.app import Context
 from flwr.simulation import run_simulation
 
@@ -60,7 +61,6 @@ def federate(config: FederateConfig, client_mods: tuple[Callable, ...] = ()) -> 
 
 def _backend(config: FederateConfig) -> dict:
     """Ray's resources: each owner `--client-cpus` cores (and a GPU share where training runs on one)."""
-    import torch  # noqa: PLC0415 - already loaded by now; kept local with the device question
     resources: dict[str, float] = {"num_cpus": config.client_cpus, "num_gpus": 0.0}
     if config.runtime.device != "cpu" and torch.cuda.is_available():
         resources["num_gpus"] = 1.0 / len(config.client_data)

@@ -8,12 +8,16 @@ before it is averaged: one bad client is dropped from its round, never averaged 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from offsite.config import TrainConfig
 from offsite.exchange.adapter import Adapter, extract
 from offsite.exchange.bundle import bundle_index, open_bundle
 
@@ -101,3 +105,10 @@ def check_update(content: RecordDict, reference: Reference) -> str | None:
         if not np.isfinite(value).all():
             return f"{key}: holds NaN or infinite values"
     return None
+
+
+def round_settings(config: Mapping[str, Any]) -> TrainConfig:
+    """The training settings the server sent, with this round's seed and (FedProx) proximal weight."""
+    train = TrainConfig.from_dict(json.loads(str(config["train"])))
+    mu = float(config.get("proximal-mu", train.proximal_mu))  # FedProx's strategy sends it under this key
+    return dataclasses.replace(train, seed=train.seed + int(config["server-round"]), proximal_mu=mu)
