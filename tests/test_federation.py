@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Array, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx
 from test_bundle import make_bundle
 from tiny_models import SAMPLE_TEXT
 
@@ -24,7 +24,7 @@ from offsite.config import DeviceConfig, FederateConfig, PlugConfig
 from offsite.errors import ConfigError, OffsiteError
 from offsite.exchange.adapter import load_adapter
 from offsite.federation.app import config_from_run, run_config, write_app
-from offsite.federation.server import ROUNDS, Checked
+from offsite.federation.server import ROUNDS, Checked, build_strategy
 from offsite.federation.simulation import federate
 from offsite.federation.updates import ARRAYS, METRICS, WEIGHT, Reference, bundle_adapter, from_record, to_record
 
@@ -78,6 +78,18 @@ def test_a_bad_update_is_dropped_named_and_the_round_goes_on(corrupt, named, cap
     assert checked.pending["clients"] == 2 and [d["node"] for d in checked.pending["dropped"]] == [22]
     assert named in checked.pending["dropped"][0]["reason"]
     assert "round 3: dropped the update of node 22" in caplog.text and named in caplog.text
+
+
+def test_each_strategy_flag_builds_flowers_strategy():
+    def strategy(**settings):
+        return build_strategy(FederateConfig(bundle="b", output="o", client_data=["a", "b", "c"], **settings))
+    assert type(strategy()) is FedAvg and strategy().min_train_nodes == 3 and strategy().fraction_evaluate == 0
+    assert strategy(strategy="fedprox", train=TrainConfig(proximal_mu=0.3)).proximal_mu == 0.3
+    assert type(strategy(strategy="fedadam", server_lr=0.02)) is FedAdam
+    assert strategy(strategy="fedyogi", server_lr=0.02).eta == 0.02
+    private = strategy(dp_noise=0.5, dp_clip=2.0)
+    assert isinstance(private, DifferentialPrivacyServerSideFixedClipping) and private.clipping_norm == 2.0
+    assert private.noise_multiplier == 0.5 and type(private.strategy) is FedAvg
 
 
 def test_a_round_where_every_update_is_bad_changes_nothing():
@@ -154,8 +166,10 @@ def test_secure_aggregation_gives_the_same_adapter(federation):
                for n, t in named.items()) > 0  # it went through the masking, not around it
 
 
-def test_a_bad_owner_is_dropped_in_a_real_run_and_the_others_train_on(federation, caplog):
-    def poison(message, context, call_next):  # the third owner sends NaN
+def test_a_bad_owner_is_dropped_in_a_real_run_and_the_others_train_on(federation):
+    def poison(message, context, call_next):  # the second owner fails, the third sends NaN
+        if int(context.node_config["partition-id"]) == 1:
+            raise RuntimeError("the owner's disk is full")
         answer = call_next(message, context)
         if int(context.node_config["partition-id"]) == 2 and message.metadata.message_type == MessageType.TRAIN:
             tensors = from_record(answer.content[ARRAYS])
@@ -167,7 +181,8 @@ def test_a_bad_owner_is_dropped_in_a_real_run_and_the_others_train_on(federation
                             local_steps=1, train=TRAIN, runtime=CPU)
     out = federate(config, client_mods=(poison,))
     line = json.loads((out / ROUNDS).read_text().splitlines()[-1])
-    assert line["clients"] == 2 and len(line["dropped"]) == 1 and "NaN" in line["dropped"][0]["reason"]
+    assert line["clients"] == 1 and len(line["dropped"]) == 1 and "NaN" in line["dropped"][0]["reason"]
+    assert len(line["failed"]) == 1 and "disk is full" in line["failed"][0]["reason"]
     assert all(torch.isfinite(t).all() for named in load_adapter(out).tensors.values() for t in named.values())
 
 
@@ -261,3 +276,15 @@ def test_the_deployment_runtime_runs_the_same_app(federation, tmp_path):
         for process in processes:
             process.wait(timeout=30)
     assert math.isfinite(json.loads((tmp_path / "adapter" / ROUNDS).read_text().splitlines()[-1])["train_loss"])
+
+
+def test_a_federation_where_no_owner_succeeds_says_so_and_writes_nothing(federation):
+    def fail(message, context, call_next):
+        raise RuntimeError("no owner can train")
+
+    bundle, owners, _, root = federation
+    config = FederateConfig(bundle=str(bundle), output=str(root / "nothing"), client_data=owners[:2], rounds=1,
+                            local_steps=1, train=TRAIN, runtime=CPU)
+    with pytest.raises(OffsiteError, match="no round of the federation produced an update"):
+        federate(config, client_mods=(fail,))
+    assert not (root / "nothing").exists()

@@ -440,6 +440,8 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="offsite: %(message)s", stream=sys.stderr)
     logging.getLogger("offsite").setLevel(level)
+    if quiet:  # `federate` runs Flower, whose own logger reports every round
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     if not debug:
         # Our own messages and progress bars are enough; the libraries' repeat them.
         from huggingface_hub.utils import logging as hub_logging  # noqa: PLC0415 - lazy: loads transformers

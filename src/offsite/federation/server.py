@@ -93,12 +93,12 @@ class Checked(Strategy):
                 dropped.append({"node": node, "reason": reason})
         for failure in failed:
             log.warning("round %d: node %d failed: %s", server_round, failure["node"], failure["reason"])
-        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept) if kept else (None, None)
         weights = [int(r.content["metrics"][WEIGHT]) for r in kept]
         losses = [float(r.content["metrics"].get("train-loss", float("nan"))) for r in kept]
         self.pending = {"clients": len(kept), "dropped": dropped, "failed": failed, "examples": sum(weights),
                         "train_loss": sum(w * l for w, l in zip(weights, losses)) / sum(weights) if kept else None}
-        return (arrays if kept else None), metrics
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -195,14 +195,22 @@ class Server:
         self.reference.adapter(final, {"federation": settings, "summary": summary}).save(self.output)
 
 
-def server_app(config: FederateConfig, output: Path, finished: list[Server]) -> ServerApp:
-    """The Flower ServerApp of a federation whose settings are `config`; the Server is appended to `finished`."""
+def server_app(config: FederateConfig, output: Path, outcome: dict[str, Any]) -> ServerApp:
+    """The Flower ServerApp of a federation whose settings are `config`.
+
+    `outcome` gets "server" when it finished, or "error" (the exception), which the simulation runtime
+    would otherwise only log.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server = Server(config, output)
-        server.run(grid, context)
-        finished.append(server)
+        try:
+            server = Server(config, output)
+            server.run(grid, context)
+            outcome["server"] = server
+        except Exception as error:
+            outcome["error"] = error
+            raise
 
     return app

@@ -21,7 +21,7 @@ from offsite.data.read import read_data
 from offsite.errors import OffsiteError
 from offsite.exchange.bundle import read_manifest
 from offsite.federation.client import Node, client_app
-from offsite.federation.server import ROUNDS, Server, server_app
+from offsite.federation.server import ROUNDS, server_app
 from offsite.files import atomic_dir, check_output_dir
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,16 @@ def federate(config: FederateConfig, client_mods: tuple[Callable, ...] = ()) -> 
     def node_of(context: Context) -> Node:
         return nodes[int(context.node_config["partition-id"])]
 
-    finished: list[Server] = []
+    outcome: dict = {}
     with atomic_dir(config.output, config.overwrite) as tmp:
-        run_simulation(server_app(config, tmp, finished), client_app(node_of, client_mods), num_supernodes=len(nodes),
+        run_simulation(server_app(config, tmp, outcome), client_app(node_of, client_mods), num_supernodes=len(nodes),
                        backend_config=_backend(config))
-        if not finished or not (tmp / ADAPTER_METADATA).exists():
+        if isinstance(outcome.get("error"), OffsiteError):
+            raise outcome["error"]
+        if "error" in outcome:
+            error = outcome["error"]
+            raise OffsiteError(f"the federation's server failed: {type(error).__name__}: {error}") from error
+        if "server" not in outcome or not (tmp / ADAPTER_METADATA).exists():
             log_path = tmp / ROUNDS
             rounds = log_path.read_text() if log_path.exists() else ""
             raise OffsiteError("the federation did not finish (see Flower's log above)"
