@@ -24,8 +24,13 @@ FLAGS = {
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
-            "--device --dtype --save-dtype --num-processes",  # the last 4: new (scale)
+            "--device --dtype --save-dtype --num-processes "  # the last 4: new (scale)
+            "--proximal-mu",  # new (federation)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype --num-processes",  # new in the fidelity work
+    "federate": "--output --client-data --rounds --local-steps --strategy --server-lr --secagg --dp-noise --dp-clip "
+                "--eval-data --model --eval-limit --lora-rank --lora-alpha --lr --weight-decay --warmup-ratio "
+                "--batch-size --grad-accum --seq-len --seed --checkpoint-emulator --proximal-mu --min-clients "
+                "--client-cpus --round-timeout --overwrite --device --dtype --write-app",  # new (federation)
     "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype "
             "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)
