@@ -26,10 +26,10 @@ import numpy as np
 
 from offsite import EmulateConfig, SplitConfig, TrainConfig, TuneConfig, emulate, tune
 from offsite.config import DeviceConfig, FederateConfig
-from offsite.api import federate
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.types import ChoiceData
 from offsite.federation.server import ROUNDS
+from offsite.federation.simulation import federate
 from offsite.studies.settings import BUDGETS
 from offsite.studies.stages import evaluate_stage, full_finetune_stage
 
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--dp", type=float, nargs=2, metavar=("NOISE", "CLIP"), default=None,
                         help="also run the federation with central DP (noise multiplier, clipping norm)")
     parser.add_argument("--secagg", action="store_true", help="also run the federation with SecAgg+")
+    parser.add_argument("--no-alone", action="store_true", help="skip the owners-alone rows (e.g. a second split)")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def main() -> None:
     rows["zero-shot"] = timed(out / "zero-shot.json", lambda: {"plug_in": evaluate_stage(
         MODEL, None, str(files["test"]), BUDGET, runtime=cpu)})
     rows["pooled"] = timed(out / "pooled.json", lambda: adapter_row("pooled", str(files["pooled"])))
-    for i, path in enumerate(owner_files):
+    for i, path in enumerate([] if args.no_alone else owner_files):
         rows[f"owner {i} alone"] = timed(out / f"owner{i}.json", lambda p=path, i=i: adapter_row(f"owner{i}", p))
     rows["full fine-tuning, pooled"] = timed(out / "full-ft.json", lambda: {"plug_in": full_finetune_stage(
         MODEL, str(files["pooled"]), str(files["test"]), {"max_steps": BUDGET.steps, **settings,
@@ -119,7 +120,7 @@ def main() -> None:
                                                                           "dp_clip": args.dp[1]}
     curves = {}
     for label, extra in variants.items():
-        name = "federated-" + "-".join(extra) if extra else "federated"
+        name = "-".join(["federated", f"r{args.rounds}", f"e{args.local_steps}", *extra])
 
         def run_federation(name=name, extra=extra) -> dict:
             adapter = out / name
@@ -156,11 +157,12 @@ def _chart(curves: dict[str, list[float]], rows: dict[str, dict], path: Path) ->
     for label, accuracies in curves.items():
         axes.plot(range(len(accuracies)), accuracies, marker="o", label=label)
     alone = [row["plug_in"]["accuracy"] for label, row in rows.items() if label.endswith("alone")]
-    for label, value, style in (("pooled offsite-tuning", rows["pooled"]["plug_in"]["accuracy"], "--"),
-                                ("full fine-tuning, pooled", rows["full fine-tuning, pooled"]["plug_in"]["accuracy"],
-                                 ":"),
-                                ("owners alone (mean)", sum(alone) / len(alone), "-."),
-                                ("zero-shot", rows["zero-shot"]["plug_in"]["accuracy"], (0, (1, 4)))):
+    lines = [("pooled offsite-tuning", rows["pooled"]["plug_in"]["accuracy"], "--"),
+             ("full fine-tuning, pooled", rows["full fine-tuning, pooled"]["plug_in"]["accuracy"], ":"),
+             ("zero-shot", rows["zero-shot"]["plug_in"]["accuracy"], (0, (1, 4)))]
+    if alone:
+        lines.append(("owners alone (mean)", sum(alone) / len(alone), "-."))
+    for label, value, style in lines:
         axes.axhline(value, linestyle=style, color="grey", label=f"{label} {value:.3f}")
     axes.set_xlabel("round")
     axes.set_ylabel("plug-in accuracy, bbc-news test")
