@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--dp", type=float, nargs=2, metavar=("NOISE", "CLIP"), default=None,
                         help="also run the federation with central DP (noise multiplier, clipping norm)")
     parser.add_argument("--secagg", action="store_true", help="also run the federation with SecAgg+")
+    parser.add_argument("--lr", type=float, default=None, help="the federation's local lr (default: the budget's)")
     parser.add_argument("--no-alone", action="store_true", help="skip the owners-alone rows (e.g. a second split)")
     args = parser.parse_args()
     out: Path = args.out
@@ -120,13 +121,15 @@ def main() -> None:
                                                                           "dp_clip": args.dp[1]}
     curves = {}
     for label, extra in variants.items():
-        name = "-".join(["federated", f"r{args.rounds}", f"e{args.local_steps}", *extra])
+        name = "-".join(["federated", f"r{args.rounds}", f"e{args.local_steps}", *extra,
+                         *([f"lr{args.lr:g}"] if args.lr else [])])
 
         def run_federation(name=name, extra=extra) -> dict:
             adapter = out / name
             federate(FederateConfig(bundle=str(bundle), output=str(adapter), client_data=owner_files,
                                     rounds=args.rounds, local_steps=args.local_steps, eval_data=str(files["test"]),
-                                    model=MODEL, overwrite=True, runtime=cpu, train=TrainConfig(**settings),
+                                    model=MODEL, overwrite=True, runtime=cpu,
+                                    train=TrainConfig(**{**settings, "lr": args.lr or settings["lr"]}),
                                     **extra))
             rounds = [json.loads(line) for line in (adapter / ROUNDS).read_text().splitlines()]
             return {"plug_in": rounds[-1]["eval"], "rounds": rounds}
