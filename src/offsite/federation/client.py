@@ -9,7 +9,6 @@ their paths, only the trained tensors and how many examples they were trained on
 from __future__ import annotations
 
 import dataclasses
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from offsite.api import tune
-from offsite.config import DeviceConfig, TuneConfig
+from offsite.config import DeviceConfig, TrainConfig, TuneConfig
 from offsite.errors import OffsiteError
 from offsite.exchange.adapter import Adapter, load_adapter
 from offsite.exchange.bundle import read_manifest
 from offsite.federation import secure
 from offsite.federation.updates import (ARRAYS, CONFIG, METRICS, WEIGHT, flat, from_record, nested, round_settings,
                                        to_record)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

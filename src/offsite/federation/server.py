@@ -127,14 +127,14 @@ class Scorer:
         place_model(self.model, self.placement)
         self.seq_len, self.batch_size = config.train.seq_len, config.train.batch_size
         self.checked = False
-        self.config = config
 
     def __call__(self, reference: Reference, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         adapter = reference.adapter(tensors, {})
-        if self.plug_in and not self.checked:  # once: the fingerprint and layers do not change between rounds
+        if self.plug_in and not self.checked:  # checked once: the fingerprint and layers do not change
             plug_into(self.model, adapter, "the global adapter", tuple(self.positions))
             self.checked = True
-        apply(self.model, adapter, self.positions, "the global adapter")
+        else:
+            apply(self.model, adapter, self.positions, "the global adapter")
         with self.placement.autocast():
             result = score(self.model, self.tokenizer, self.data, self.seq_len, self.batch_size)
         return {**result, "scored": "plug-in" if self.plug_in else "bundle"}

@@ -6,7 +6,6 @@ here Flower's simulation runtime runs them, each client in its own process.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -23,8 +22,6 @@ from offsite.exchange.bundle import read_manifest
 from offsite.federation.client import Node, client_app
 from offsite.federation.server import ROUNDS, server_app
 from offsite.files import atomic_dir, check_output_dir
-
-log = logging.getLogger(__name__)
 
 
 def federate(config: FederateConfig, client_mods: tuple[Callable, ...] = ()) -> Path:
