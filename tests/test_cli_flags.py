@@ -30,7 +30,7 @@ FLAGS = {
     "federate": "--output --client-data --rounds --local-steps --strategy --server-lr --secagg --dp-noise --dp-clip "
                 "--eval-data --model --eval-limit --lora-rank --lora-alpha --lr --weight-decay --warmup-ratio "
                 "--batch-size --grad-accum --seq-len --seed --checkpoint-emulator --proximal-mu --min-clients "
-                "--client-cpus --round-timeout --overwrite --device --dtype --write-app",  # new (federation)
+                f"--client-cpus --round-timeout --overwrite --device --dtype --write-app {DISTILL}",  # new (federation)
     "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype "
             "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)

@@ -20,13 +20,15 @@ from tiny_models import SAMPLE_TEXT
 from offsite import TrainConfig, TuneConfig, tune
 from offsite.api import plug
 from offsite.cli import main
-from offsite.config import DeviceConfig, FederateConfig, PlugConfig
+from offsite.config import DeviceConfig, DistillConfig, FederateConfig, PlugConfig
 from offsite.errors import ConfigError, OffsiteError
-from offsite.exchange.adapter import load_adapter
+from offsite.exchange.adapter import extract, load_adapter
+from offsite.exchange.bundle import emulator_positions, open_bundle
 from offsite.federation.app import config_from_run, run_config, write_app
 from offsite.federation.server import ROUNDS, Checked, build_strategy
 from offsite.federation.simulation import federate
-from offsite.federation.updates import ARRAYS, METRICS, WEIGHT, Reference, bundle_adapter, from_record, to_record
+from offsite.federation.updates import (ARRAYS, EMULATOR, METRICS, WEIGHT, Reference, bundle_adapter, flat, from_record,
+                                       to_record)
 
 TRAIN = TrainConfig(lr=1e-2, batch_size=2, seq_len=32)
 CPU = DeviceConfig(device="cpu")
@@ -186,12 +188,62 @@ def test_a_bad_owner_is_dropped_in_a_real_run_and_the_others_train_on(federation
     assert all(torch.isfinite(t).all() for named in load_adapter(out).tensors.values() for t in named.values())
 
 
+def test_per_round_alignment_sends_the_realigned_emulator_and_the_owners_train_through_it(federation, plain):
+    bundle, owners, model, root = federation
+    seen = root / "seen"
+    seen.mkdir()
+
+    def watch(message, context, call_next):  # what the owners receive, by round (they run in other processes)
+        if message.metadata.message_type == MessageType.TRAIN:
+            records = message.content.array_records
+            emulator = from_record(records[EMULATOR]) if EMULATOR in records else None
+            torch.save(emulator, seen / f"round{message.content['config']['server-round']}.pt")
+        return call_next(message, context)
+
+    config = FederateConfig(bundle=str(bundle), output=str(root / "aligned"), client_data=owners, rounds=2,
+                            local_steps=2, eval_data=owners[0], model=str(model), train=TRAIN, runtime=CPU,
+                            alignment=DistillConfig(corpus=owners[1], steps=2, batch_size=2, seq_len=32, lr=1e-2))
+    out = federate(config, client_mods=(watch,))
+    student, _, manifest = open_bundle(str(bundle))
+    shipped = flat(extract(student, emulator_positions(manifest)))
+    received = {n: torch.load(seen / f"round{n}.pt") for n in (1, 2)}
+    assert received[1] is None  # round 1 trains through the bundle as issued
+    assert set(received[2]) == set(shipped) and any(not torch.equal(received[2][k], shipped[k]) for k in shipped)
+    rounds = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines()]
+    assert rounds[1]["alignment"]["steps"] == 2 and "alignment" not in rounds[2]  # none after the last round
+    assert load_adapter(out).training["summary"]["alignments"] == 1
+    aligned_tensors, plain_tensors = load_adapter(out).tensors, load_adapter(plain).tensors
+    assert any(not torch.equal(aligned_tensors[i][n], t) for i, named in plain_tensors.items()
+               for n, t in named.items())  # round 2 trained through the re-aligned emulator
+
+
+def test_tune_through_given_emulator_weights_checks_them(federation, tmp_path):
+    bundle, owners, _, _ = federation
+    student, _, manifest = open_bundle(str(bundle))
+    emulator = extract(student, emulator_positions(manifest))
+    settings = {"bundle": str(bundle), "data": owners[0], "train": TrainConfig(max_steps=2, batch_size=2, seq_len=32)}
+    same = load_adapter(tune(TuneConfig(output=str(tmp_path / "same"), **settings), emulator=emulator)).tensors
+    own = load_adapter(tune(TuneConfig(output=str(tmp_path / "own"), **settings))).tensors
+    for index, named in own.items():
+        for name, tensor in named.items():
+            torch.testing.assert_close(same[index][name], tensor)  # the bundle's own weights change nothing
+    first = min(emulator)
+    wrong = {**emulator, first: {name: t[..., :1] for name, t in emulator[first].items()}}
+    with pytest.raises(OffsiteError, match="re-aligned emulator"):
+        tune(TuneConfig(output=str(tmp_path / "wrong"), **settings), emulator=wrong)
+
+
 def test_settings_the_federation_refuses(federation, tmp_path):
     bundle, owners, _, _ = federation
     with pytest.raises(ConfigError, match="--dp-noise and --dp-clip go together"):
         FederateConfig(bundle=str(bundle), output="x", client_data=owners, dp_noise=1.0)
     with pytest.raises(ConfigError, match="secure aggregation hides"):
         FederateConfig(bundle=str(bundle), output="x", client_data=owners, dp_noise=1.0, dp_clip=1.0, secagg=True)
+    with pytest.raises(ConfigError, match="give --model too"):
+        FederateConfig(bundle=str(bundle), output="x", client_data=owners, alignment=DistillConfig(corpus="austen"))
+    with pytest.raises(ConfigError, match="--distill with --secagg"):
+        FederateConfig(bundle=str(bundle), output="x", client_data=owners, model="m", secagg=True,
+                       alignment=DistillConfig(corpus="austen"))
     with pytest.raises(ConfigError, match="--strategy fedprox"):
         FederateConfig(bundle=str(bundle), output="x", client_data=owners, train=TrainConfig(proximal_mu=0.1))
     with pytest.raises(OffsiteError, match="two or more data owners"):
@@ -206,7 +258,8 @@ def test_the_cli_documents_every_flag_and_fails_in_one_line(federation, capsys, 
         main(["federate", "--help"])
     text = capsys.readouterr().out
     for flag in ("--client-data", "--rounds", "--local-steps", "--strategy", "--secagg", "--dp-noise", "--dp-clip",
-                 "--eval-data", "--model", "--proximal-mu", "--server-lr", "--write-app", "--min-clients"):
+                 "--eval-data", "--model", "--proximal-mu", "--server-lr", "--write-app", "--min-clients", "--distill",
+                 "--distill-steps"):
         assert flag in text
     bundle, owners, _, _ = federation
     assert main(["federate", str(bundle), "-o", str(tmp_path / "o"), "--client-data", owners[0]]) == 1
@@ -218,13 +271,15 @@ def test_the_app_project_carries_the_settings_but_no_owner_paths(federation, tmp
     bundle, _, model, _ = federation
     config = FederateConfig(bundle=str(bundle), output=str(tmp_path / "adapter"), min_clients=2, rounds=4,
                             strategy="fedprox", train=TrainConfig(lr=3e-4, lora_rank=4, proximal_mu=0.1),
-                            eval_data=str(bundle / "offsite.json"), model=str(model))
+                            eval_data=str(bundle / "offsite.json"), model=str(model),
+                            alignment=DistillConfig(corpus="austen", steps=5))
     project = write_app(config, tmp_path / "app")
     settings = tomli.loads(project.read_text())["tool"]["flwr"]["app"]["config"]
     flattened = {**{k: v for k, v in settings.items() if not isinstance(v, dict)},
                  **{f"{k}.{n}": v for k, sub in settings.items() if isinstance(sub, dict) for n, v in sub.items()}}
     again = config_from_run(flattened)  # as the ServerApp reads it back from Flower's run config
     assert again.train == config.train and again.rounds == 4 and again.strategy == "fedprox"
+    assert again.alignment == config.alignment
     assert os.path.isabs(again.bundle) and "client_data" not in settings
     assert run_config(config)["train"]["lora_rank"] == 4
     with pytest.raises(OffsiteError, match="--min-clients"):

@@ -38,7 +38,8 @@ from offsite.errors import OffsiteError
 from offsite.exchange import issued, signing
 from offsite.exchange.adapter import (Adapter, apply, check_fits, check_plug, extract, load_adapter, opened_adapter,
                                       plug_into)
-from offsite.exchange.bundle import Manifest, bundle_index, check_bundle, is_bundle, open_bundle, write_bundle
+from offsite.exchange.bundle import (Manifest, bundle_index, check_bundle, emulator_positions, is_bundle, open_bundle,
+                                     write_bundle)
 from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.loading import check_window, load_config, load_model, load_tokenizer
@@ -134,8 +135,13 @@ def _base_model(name_or_path: str, model: PreTrainedModel, plan: SplitPlan) -> d
             "model_type": model.config.model_type, "num_layers": plan.num_layers}
 
 
-def tune(config: TuneConfig) -> Path:
-    """Data owner: train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`."""
+def tune(config: TuneConfig, emulator: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Data owner: train the adapter of `config.bundle` on `config.data`; write the adapter file to `config.output`.
+
+    `emulator`: weights for the bundle's emulator layers (by bundle position, see
+    `emulator_positions`) that replace the bundle's own for this run: a federation's re-aligned
+    emulator, sent by the model owner with the round's adapter.
+    """
     check_output_dir(config.output, config.overwrite,
                      inputs=tuple(s for s in (config.bundle, config.data, config.eval_data) if s))
     if config.sign:
@@ -146,7 +152,12 @@ def tune(config: TuneConfig) -> Path:
     eval_data = read_data(config.eval_data, "--eval-data", default_split="validation") if config.eval_data else None
     torch.manual_seed(config.train.seed)
     # parking the cached blocks (training.emulator_cache) only frees memory if the weights are not file pages
-    model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator, trust=config.trust)
+    model, tokenizer, manifest = open_bundle(config.bundle, in_memory=config.train.cache_emulator or bool(emulator),
+                                             trust=config.trust)
+    if emulator:
+        check_alignable(manifest, config.bundle)
+        apply(model, Adapter(emulator, manifest.fingerprint, manifest.base_model, {}), emulator_positions(manifest),
+              "the federation's re-aligned emulator")
     check_window(model.config, config.train.seq_len)
     positions = bundle_index(manifest)
     if config.init_adapter:
@@ -162,7 +173,7 @@ def tune(config: TuneConfig) -> Path:
     place_model(model, placement, keep_float32=[get_layers(model)[p] for p in trained])
     resumable = Resumable(Path(config.output).with_name(f".{Path(config.output).name}.tune"),
                           {**_run_identity(manifest, sequences, eval_data, config), "dtype": str(placement.dtype),
-                           "processes": processes.count},
+                           "processes": processes.count, "emulator": _digest(emulator)},
                           config.checkpoint_every)
     if not processes.main:  # it trains its share; the main process validates and writes the adapter
         with tempfile.TemporaryDirectory(prefix="offsite-worker-") as scratch:
@@ -220,11 +231,7 @@ def align(config: AlignConfig) -> Path:
     placement = distill_placement(config.runtime, processes)
     student, tokenizer, manifest = open_bundle(config.bundle, in_memory=True)
     check_window(student.config, config.distill.seq_len, "--distill-seq-len")
-    compression = manifest.emulator.get("compression")
-    frozen = compression is not None and not COMPRESSIONS[compression["method"]].before_distillation  # e.g. int8
-    if manifest.emulator.get("share") or frozen:
-        raise OffsiteError(f"{config.bundle}: offsite align re-trains plain or lowrank emulators; this one is "
-                           f"'{manifest.emulator.get('method')}' (shared layers and int8 weights do not train)")
+    check_alignable(manifest, config.bundle)
     adapter = load_adapter(config.adapter, trust=config.trust)
     if adapter.fingerprint != manifest.fingerprint:
         raise OffsiteError(f"--adapter {config.adapter} was not trained for bundle {config.bundle}: fingerprints "
@@ -251,6 +258,27 @@ def align(config: AlignConfig) -> Path:
     issued.record(new_manifest, config.output)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
+
+
+def check_alignable(manifest: Manifest, source: str | Path) -> None:
+    """Refuse to re-align an emulator whose weights do not train (shared layers, int8)."""
+    compression = manifest.emulator.get("compression")
+    frozen = compression is not None and not COMPRESSIONS[compression["method"]].before_distillation  # e.g. int8
+    if manifest.emulator.get("share") or frozen:
+        raise OffsiteError(f"{source}: only plain or lowrank emulators are re-aligned; this one is "
+                           f"'{manifest.emulator.get('method')}' (shared layers and int8 weights do not train)")
+
+
+def _digest(tensors: dict[int, dict[str, torch.Tensor]] | None) -> str | None:
+    """A digest of layer weights, so a checkpoint trained through other emulator weights is not resumed."""
+    if not tensors:
+        return None
+    digest = hashlib.sha256()
+    for index, named in sorted(tensors.items()):
+        for name, tensor in sorted(named.items()):
+            digest.update(f"{index}.{name}".encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _run_identity(manifest: Manifest, sequences: list[Sequence], eval_data: Data | None,

@@ -151,9 +151,10 @@ def _split_flags(parser: argparse.ArgumentParser, defaults: SplitConfig | None =
 
 
 def _distill_flags(parser: argparse.ArgumentParser, defaults: DistillConfig | None = None,
-                   unset: str | None = None) -> None:
+                   unset: str | None = None,
+                   title: str = "distillation (optional): train the emulator to match the full middle block") -> None:
     """The distillation flags; by default without a corpus, which means no distillation."""
-    group = parser.add_argument_group("distillation (optional): train the emulator to match the full middle block")
+    group = parser.add_argument_group(title)
     add_options(group, DistillConfig, defaults or DistillConfig(corpus=None), unset=unset)  # type: ignore[arg-type]
 
 
@@ -168,6 +169,9 @@ def _distill(args: argparse.Namespace) -> DistillConfig | None:
 # TrainConfig fields each data owner's round of `federate` takes (its steps are --local-steps)
 FEDERATE_TRAIN_FLAGS = ("lr", "weight_decay", "warmup_ratio", "batch_size", "grad_accum", "seq_len", "lora_rank",
                         "lora_alpha", "seed", "proximal_mu", "checkpoint_emulator")
+
+# A round's alignment is short: it runs between every two rounds, while the owners wait.
+FEDERATE_ALIGNMENT = DistillConfig(corpus=None, steps=20, eval_every=20)  # type: ignore[arg-type]
 
 # TrainConfig fields the demo lets a flag replace for every task's adapter (its own --seed is the demo's)
 DEMO_ADAPTER_FLAGS = ("lr", "lora_rank", "weight_decay")
@@ -227,6 +231,9 @@ def _build_parser() -> argparse.ArgumentParser:
                 only=("eval_data", "model", "eval_limit"))
     add_options(federate.add_argument_group("each data owner's training in a round"), TrainConfig,
                 only=FEDERATE_TRAIN_FLAGS)
+    _distill_flags(federate, FEDERATE_ALIGNMENT, title="per-round emulator alignment (optional, FedBiOT's server "
+                   "step): after each round the model owner re-distils the emulator on --distill CORPUS with the "
+                   "global adapter in the loop (needs --model) and sends it with the next round's adapter")
     add_options(federate, FederateConfig, only=("min_clients", "client_cpus", "round_timeout", "overwrite"))
     _device_flags(federate, "of the owners' training and the server's scoring")
     federate.add_argument("--write-app", metavar="DIR", help="instead of simulating: write the Flower App project "
@@ -329,7 +336,8 @@ def _run_align(args: argparse.Namespace) -> None:
 
 
 def _run_federate(args: argparse.Namespace) -> None:
-    config = from_args(FederateConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args))
+    config = from_args(FederateConfig, args, train=from_args(TrainConfig, args), runtime=from_args(DeviceConfig, args),
+                       alignment=_distill(args))
     if args.write_app:
         from offsite.federation.app import write_app  # noqa: PLC0415 - lazy torch (see above)
         project = write_app(config, args.write_app)

@@ -484,10 +484,15 @@ class FederateConfig(JsonConfig):
     overwrite: bool = option(False, "replace an existing output directory")
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
+    # FedBiOT's server step: after every round but the last, the emulator is re-distilled on this
+    # corpus with the global adapter in both models, and sent with the next round's adapter.
+    alignment: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
+        if isinstance(self.alignment, dict):
+            self.alignment = DistillConfig.from_dict(self.alignment)
         if isinstance(self.runtime, dict):
             self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
@@ -504,8 +509,13 @@ class FederateConfig(JsonConfig):
                             "with it")
         if self.train.proximal_mu and self.strategy != "fedprox":
             problems.append("--proximal-mu is FedProx's term: pass --strategy fedprox with it")
-        if self.model is not None and self.eval_data is None:
+        if self.model is not None and self.eval_data is None and self.alignment is None:
             problems.append("--model is what --eval-data scores the plug-in on: give --eval-data too")
+        if self.alignment is not None and self.model is None:
+            problems.append("--distill (the per-round alignment) distils from the full model: give --model too")
+        if self.alignment is not None and self.secagg:
+            problems.append("--distill with --secagg: the re-aligned emulator travels in the round's message, which "
+                            "Flower's SecAgg+ workflow does not carry; choose one")
         if self.train.patience is not None or self.train.epochs is not None or self.train.max_steps is not None:
             problems.append("each round trains --local-steps steps: --epochs, --max-steps and --patience do not apply")
         check(problems)

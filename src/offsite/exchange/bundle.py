@@ -203,6 +203,16 @@ def load_bundle(bundle: str | Path, in_memory: bool = False) -> tuple[PreTrained
     return model, manifest
 
 
+def emulator_positions(manifest: Manifest) -> dict[int, int]:
+    """The emulator layers' positions in the model `load_bundle` returns (each to itself).
+
+    The keys a re-aligned emulator's weights go by (`api.tune`'s `emulator`); for an emulator
+    without shared layers, whose positions each hold their own weights.
+    """
+    start = len(manifest.plan.bottom)
+    return {position: position for position in range(start, start + len(manifest.plan.emulator))}
+
+
 def bundle_index(manifest: Manifest) -> dict[int, int]:
     """Original index of each adapter layer -> its position in the model `load_bundle` returns."""
     executed = executed_layers(manifest.plan, manifest.emulator)

@@ -25,7 +25,7 @@ from offsite.federation.server import Server
 from offsite.files import atomic_dir, check_output_dir
 
 PROJECT = "pyproject.toml"
-NESTED = ("train", "runtime")
+NESTED = ("train", "runtime", "alignment")
 
 
 PATHS = ("bundle", "output", "eval_data", "model")
@@ -39,6 +39,9 @@ def run_config(config: FederateConfig) -> dict[str, Any]:
     settings = {k: v for k, v in config.to_dict().items() if k != "client_data"}  # the owners' paths stay home
     settings.update({k: str(Path(settings[k]).absolute()) for k in PATHS if settings[k] and Path(settings[k]).exists()
                      or k == "output"})
+    corpus = (settings.get("alignment") or {}).get("corpus")
+    if corpus and Path(corpus).exists():  # a file; a built-in corpus is a name
+        settings["alignment"] = {**settings["alignment"], "corpus": str(Path(corpus).absolute())}
     return {key: ({k: v for k, v in value.items() if v is not None} if key in NESTED else value)
             for key, value in settings.items() if value is not None}
 

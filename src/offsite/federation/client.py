@@ -24,8 +24,8 @@ from offsite.errors import OffsiteError
 from offsite.exchange.adapter import Adapter, load_adapter
 from offsite.exchange.bundle import read_manifest
 from offsite.federation import secure
-from offsite.federation.updates import (ARRAYS, CONFIG, METRICS, WEIGHT, flat, from_record, nested, round_settings,
-                                       to_record)
+from offsite.federation.updates import (ARRAYS, CONFIG, EMULATOR, METRICS, WEIGHT, flat, from_record, nested,
+                                       round_settings, to_record)
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,13 @@ class LocalResult:
     loss: float
 
 
-def train_locally(node: Node, start: dict[str, torch.Tensor], train: TrainConfig, fingerprint: str) -> LocalResult:
-    """One round on one data owner: `offsite tune` from `start` on the owner's data; the trained tensors."""
+def train_locally(node: Node, start: dict[str, torch.Tensor], train: TrainConfig, fingerprint: str,
+                  emulator: dict[str, torch.Tensor] | None = None) -> LocalResult:
+    """One round on one data owner: `offsite tune` from `start` on the owner's data; the trained tensors.
+
+    `emulator`: the model owner's re-aligned emulator layers for this round, if it sent them; the
+    owner's bundle on disk is left as it is.
+    """
     manifest = read_manifest(node.bundle, node.trust)
     if manifest.fingerprint != fingerprint:
         raise OffsiteError(f"bundle {node.bundle} is not the one this federation trains (fingerprints "
@@ -56,7 +61,8 @@ def train_locally(node: Node, start: dict[str, torch.Tensor], train: TrainConfig
         initial.mkdir()
         Adapter(nested(start), manifest.fingerprint, manifest.base_model).save(initial)
         tune(TuneConfig(bundle=node.bundle, data=node.data, output=str(trained), init_adapter=str(initial),
-                        train=train, runtime=node.runtime, trust=node.trust))
+                        train=train, runtime=node.runtime, trust=node.trust),
+             emulator=nested(emulator) if emulator else None)
         adapter = load_adapter(trained)
     summary = adapter.training["summary"]
     return LocalResult(flat(adapter.tensors), int(summary["train_sequences"]), float(summary["final_loss"]))
@@ -75,8 +81,10 @@ def client_app(node_of: Callable[[Context], Node], mods: tuple[Callable, ...] = 
         if secure.is_secure(message):  # SecAgg+ rounds carry the legacy layout; the mod masks the reply
             return secure.train_masked(message, node, train_locally)
         config = message.content[CONFIG]
-        result = train_locally(node, from_record(message.content[ARRAYS]), round_settings(config),
-                               str(config["fingerprint"]))
+        records = message.content.array_records
+        emulator = from_record(records[EMULATOR]) if EMULATOR in records else None
+        result = train_locally(node, from_record(records[ARRAYS]), round_settings(config), str(config["fingerprint"]),
+                               emulator)
         metrics = MetricRecord({WEIGHT: result.examples, "train-loss": result.loss})
         return Message(RecordDict({ARRAYS: to_record(result.tensors), METRICS: metrics}), reply_to=message)
 

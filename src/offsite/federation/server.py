@@ -30,7 +30,9 @@ from offsite.errors import OffsiteError
 from offsite.exchange.adapter import apply, plug_into
 from offsite.exchange.bundle import bundle_index, read_manifest
 from offsite.federation import secure
-from offsite.federation.updates import WEIGHT, Reference, bundle_adapter, check_update, from_record, to_record
+from offsite.federation.alignment import Aligner
+from offsite.federation.updates import (EMULATOR, WEIGHT, Reference, bundle_adapter, check_update, from_record,
+                                       to_record)
 from offsite.scoring import score
 
 log = logging.getLogger(__name__)
@@ -65,17 +67,24 @@ class Checked(Strategy):
     """A strategy whose owners' replies are checked before it aggregates them (see updates.check_update).
 
     A reply that fails is left out of its round, with the owner's node id and the reason in the log
-    and in `self.pending`; the round goes on with the others.
+    and in `self.pending`; the round goes on with the others. With `self.emulator` set (a
+    re-aligned emulator), every round's message carries it next to the adapter.
     """
 
     def __init__(self, strategy: Strategy, reference: Reference) -> None:
         self.strategy = strategy
         self.reference = reference
         self.pending: dict[str, Any] = {}
+        self.emulator: dict[str, torch.Tensor] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if self.emulator is not None:
+            record = to_record(self.emulator)
+            for message in messages:  # Flower's strategies give every message one shared RecordDict
+                message.content[EMULATOR] = record
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -148,8 +157,11 @@ class Server:
         self.output = output
         self.start, self.reference = bundle_adapter(config.bundle)
         self.scorer = Scorer(config) if config.eval_data else None
+        self.aligner = Aligner(config) if config.alignment else None
+        self.emulator: dict[str, torch.Tensor] | None = None  # the latest re-aligned emulator, if any
         self.began = time.perf_counter()
         self.applied = 0
+        self.alignments = 0
 
     def round_config(self, server_round: int | None = None) -> dict[str, Any]:
         settings = {"train": json.dumps(round_training(self.config).to_dict()),
@@ -158,11 +170,16 @@ class Server:
 
     def on_round(self, server_round: int, tensors: dict[str, torch.Tensor], pending: dict[str, Any]
                  ) -> dict[str, Any]:
-        """Score the round's global adapter and append its line to rounds.jsonl; the score for Flower."""
+        """Score the round's global adapter, re-align the emulator for the next round (with --distill) and
+        append the round's line to rounds.jsonl; the score for Flower."""
         if server_round > 0 and pending.get("clients"):
             self.applied += 1
         scored = self.scorer(self.reference, tensors) if self.scorer else None
-        line = {"round": server_round, **pending, "eval": scored,
+        aligned = None
+        if self.aligner and 0 < server_round < self.config.rounds and pending.get("clients"):
+            self.emulator, aligned = self.aligner(server_round, self.reference.adapter(tensors, {}))
+            self.alignments += 1
+        line = {"round": server_round, **pending, "eval": scored, **({"alignment": aligned} if aligned else {}),
                 "seconds": round(time.perf_counter() - self.began, 2)}
         with open(self.output / ROUNDS, "a") as rounds:
             rounds.write(json.dumps(line) + "\n")
@@ -181,7 +198,9 @@ class Server:
 
             def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
                 pending, checked.pending = checked.pending, {}
-                return MetricRecord(self.on_round(server_round, from_record(arrays), pending))
+                metrics = MetricRecord(self.on_round(server_round, from_record(arrays), pending))
+                checked.emulator = self.emulator  # the next round trains through it
+                return metrics
 
             result = checked.start(grid, to_record(self.start), config.rounds, config.round_timeout,
                                    train_config=ConfigRecord(self.round_config()), evaluate_fn=evaluate)
@@ -190,7 +209,7 @@ class Server:
             raise OffsiteError(f"no round of the federation produced an update (see {self.output / ROUNDS}); "
                                "no adapter was written")
         summary = {"rounds": config.rounds, "rounds_applied": self.applied, "clients": config.num_clients,
-                   "seconds": round(time.perf_counter() - self.began, 2)}
+                   "alignments": self.alignments, "seconds": round(time.perf_counter() - self.began, 2)}
         settings = {k: v for k, v in config.to_dict().items() if k not in ("client_data",)}  # owners' paths stay out
         self.reference.adapter(final, {"federation": settings, "summary": summary}).save(self.output)
 

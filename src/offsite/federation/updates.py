@@ -25,6 +25,7 @@ ARRAYS = "arrays"  # Flower's default record keys (its strategies read these)
 METRICS = "metrics"
 CONFIG = "config"
 WEIGHT = "num-examples"
+EMULATOR = "emulator"  # the server's re-aligned emulator layers (keys by bundle position), with a round's adapter
 # An .npy header is about 128 bytes; a payload larger than the tensor and this is not an adapter tensor.
 NPY_HEADER_SLACK = 4096
 
