@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from offsite import EmulateConfig, SplitConfig, TrainConfig, TuneConfig, emulate, tune
-from offsite.config import DeviceConfig, FederateConfig
+from offsite.config import DeviceConfig, DistillConfig, FederateConfig
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.types import ChoiceData
 from offsite.federation.server import ROUNDS
@@ -78,6 +78,10 @@ def main() -> None:
     parser.add_argument("--secagg", action="store_true", help="also run the federation with SecAgg+")
     parser.add_argument("--lr", type=float, default=None, help="the federation's local lr (default: the budget's)")
     parser.add_argument("--no-alone", action="store_true", help="skip the owners-alone rows (e.g. a second split)")
+    parser.add_argument("--align", nargs=2, metavar=("CORPUS", "STEPS"), default=None,
+                        help="also run the federation with FedBiOT's per-round alignment (federate --distill CORPUS "
+                             "--distill-steps STEPS)")
+    parser.add_argument("--pooled-lr", type=float, default=None, help="also tune the pooled adapter at this lr")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -96,16 +100,19 @@ def main() -> None:
         emulate(EmulateConfig(model=MODEL, output=str(bundle), split=SplitConfig(emulator_layers=8)))
     settings = {"batch_size": BUDGET.batch_size, "seq_len": BUDGET.seq_len, "lr": BUDGET.lr, "seed": args.seed}
 
-    def adapter_row(name: str, data: str) -> dict:
+    def adapter_row(name: str, data: str, lr: float | None = None) -> dict:
         adapter = out / f"adapter-{name}"
         tune(TuneConfig(bundle=str(bundle), data=data, output=str(adapter), overwrite=True, runtime=cpu,
-                        train=TrainConfig(max_steps=BUDGET.steps, **settings)))
+                        train=TrainConfig(max_steps=BUDGET.steps, **{**settings, "lr": lr or settings["lr"]})))
         return {"plug_in": evaluate_stage(MODEL, str(adapter), str(files["test"]), BUDGET, str(bundle), cpu)}
 
     rows: dict[str, dict] = {}
     rows["zero-shot"] = timed(out / "zero-shot.json", lambda: {"plug_in": evaluate_stage(
         MODEL, None, str(files["test"]), BUDGET, runtime=cpu)})
     rows["pooled"] = timed(out / "pooled.json", lambda: adapter_row("pooled", str(files["pooled"])))
+    if args.pooled_lr:
+        rows[f"pooled, lr {args.pooled_lr:g}"] = timed(out / f"pooled-lr{args.pooled_lr:g}.json", lambda: adapter_row(
+            f"pooled-lr{args.pooled_lr:g}", str(files["pooled"]), args.pooled_lr))
     for i, path in enumerate([] if args.no_alone else owner_files):
         rows[f"owner {i} alone"] = timed(out / f"owner{i}.json", lambda p=path, i=i: adapter_row(f"owner{i}", p))
     rows["full fine-tuning, pooled"] = timed(out / "full-ft.json", lambda: {"plug_in": full_finetune_stage(
@@ -117,11 +124,14 @@ def main() -> None:
     if args.secagg:
         variants["federated, SecAgg+"] = {"secagg": True}
     if args.dp:
-        variants[f"federated, DP (noise {args.dp[0]}, clip {args.dp[1]})"] = {"dp_noise": args.dp[0],
-                                                                          "dp_clip": args.dp[1]}
+        variants[f"federated, DP (noise {args.dp[0]:g}, clip {args.dp[1]:g})"] = {"dp_noise": args.dp[0],
+                                                                              "dp_clip": args.dp[1]}
+    if args.align:
+        variants[f"federated, aligned each round ({args.align[1]} steps on {args.align[0]})"] = {
+            "alignment": DistillConfig(corpus=args.align[0], steps=int(args.align[1]), eval_every=int(args.align[1]))}
     curves = {}
     for label, extra in variants.items():
-        name = "-".join(["federated", f"r{args.rounds}", f"e{args.local_steps}", *extra,
+        name = "-".join(["federated", f"r{args.rounds}", f"e{args.local_steps}", *map(_part, extra.items()),
                          *([f"lr{args.lr:g}"] if args.lr else [])])
 
         def run_federation(name=name, extra=extra) -> dict:
@@ -150,6 +160,16 @@ def main() -> None:
     (out / "federated.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _chart(curves, rows, out / "federated.png")
+
+
+def _part(setting: tuple) -> str:
+    """A variant's setting in its cache file's name."""
+    key, value = setting
+    if value is True:
+        return key
+    if isinstance(value, DistillConfig):
+        return f"{key}-{Path(value.corpus).stem}{value.steps}"
+    return f"{key}{value:g}"
 
 
 def _chart(curves: dict[str, list[float]], rows: dict[str, dict], path: Path) -> None:

@@ -28,6 +28,7 @@ FLAGS = {
             "--proximal-mu",  # new (federation)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype --num-processes",  # new in the fidelity work
     "federate": "--output --client-data --rounds --local-steps --strategy --server-lr --secagg --dp-noise --dp-clip "
+                "--dp-delta "
                 "--eval-data --model --eval-limit --lora-rank --lora-alpha --lr --weight-decay --warmup-ratio "
                 "--batch-size --grad-accum --seq-len --seed --checkpoint-emulator --proximal-mu --min-clients "
                 f"--client-cpus --round-timeout --overwrite --device --dtype --write-app {DISTILL}",  # new (federation)

@@ -92,6 +92,19 @@ def test_each_strategy_flag_builds_flowers_strategy():
     private = strategy(dp_noise=0.5, dp_clip=2.0)
     assert isinstance(private, DifferentialPrivacyServerSideFixedClipping) and private.clipping_norm == 2.0
     assert private.noise_multiplier == 0.5 and type(private.strategy) is FedAvg
+    assert private.accountant.config.population_size == 3 and private.accountant.config.target_delta == 1e-5
+    assert strategy(strategy="fedadam", dp_noise=0.5, dp_clip=2.0).accountant is None  # Flower cannot account it
+
+
+def test_differential_privacy_reports_the_epsilon_spent_every_round(federation):
+    out = run(federation, "private", local_steps=1, eval_data=None, model=None, dp_noise=2.0, dp_clip=1.0,
+              dp_delta=1e-4)
+    rounds = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines()]
+    spent = [r["dp_epsilon"] for r in rounds[1:]]
+    assert rounds[1]["dp_delta"] == 1e-4 and 0 < spent[0] < spent[1]  # it composes round after round
+    assert load_adapter(out).training["summary"]["dp_epsilon"] == spent[1]
+    # Gaussian mechanism, sensitivity 1 per noise unit: one round of noise 2 at delta 1e-4 is well under 10
+    assert spent[0] < 10
 
 
 def test_a_round_where_every_update_is_bad_changes_nothing():
@@ -257,7 +270,7 @@ def test_the_cli_documents_every_flag_and_fails_in_one_line(federation, capsys, 
     with pytest.raises(SystemExit):
         main(["federate", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--client-data", "--rounds", "--local-steps", "--strategy", "--secagg", "--dp-noise", "--dp-clip",
+    for flag in ("--client-data", "--rounds", "--local-steps", "--strategy", "--secagg", "--dp-noise", "--dp-clip", "--dp-delta",
                  "--eval-data", "--model", "--proximal-mu", "--server-lr", "--write-app", "--min-clients", "--distill",
                  "--distill-steps"):
         assert flag in text

@@ -226,7 +226,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                             "through Flower (simulated on this machine)")
     add_options(federate, FederateConfig, only=("bundle", "client_data", "output", "rounds", "local_steps",
                                                 "strategy", "server_lr"))
-    add_options(federate.add_argument_group("privacy"), FederateConfig, only=("secagg", "dp_noise", "dp_clip"))
+    add_options(federate.add_argument_group("privacy"), FederateConfig, only=("secagg", "dp_noise", "dp_clip", "dp_delta"))
     add_options(federate.add_argument_group("the model owner's evaluation after every round"), FederateConfig,
                 only=("eval_data", "model", "eval_limit"))
     add_options(federate.add_argument_group("each data owner's training in a round"), TrainConfig,

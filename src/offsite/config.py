@@ -471,6 +471,8 @@ class FederateConfig(JsonConfig):
                                     "noise multiplier; needs --dp-clip", metavar="S")
     dp_clip: float | None = option(None, "differential privacy: the L2 norm each owner's update is clipped to",
                                    metavar="C")
+    dp_delta: float = option(1e-5, "differential privacy: the delta at which Flower's RDP accountant reports the "
+                             "owner-level epsilon spent, after every round (fedavg and fedprox)", metavar="DELTA")
     eval_data: str | None = option(None, "the model owner's held-out data, scored after every round (rounds.jsonl)")
     model: str | None = option(None, "the full model: with --eval-data, score the plug-in of each round's adapter "
                                "(default: score it through the bundle)", metavar="MODEL")
@@ -499,6 +501,8 @@ class FederateConfig(JsonConfig):
         positive(problems, rounds=self.rounds, local_steps=self.local_steps, server_lr=self.server_lr,
                  dp_noise=self.dp_noise, dp_clip=self.dp_clip, eval_limit=self.eval_limit,
                  min_clients=self.min_clients, client_cpus=self.client_cpus, round_timeout=self.round_timeout)
+        if not 0 < self.dp_delta < 1:
+            problems.append(f"--dp-delta {self.dp_delta}: a probability between 0 and 1 (e.g. 1e-5)")
         if (self.dp_noise is None) != (self.dp_clip is None):
             problems.append("--dp-noise and --dp-clip go together: give both, or neither")
         if self.dp_noise is not None and self.secagg:
