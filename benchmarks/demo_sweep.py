@@ -9,7 +9,7 @@ sweep/sweep.md gathers the emulator-dependent rows of all of them.
 
 A variants file is a JSON object: label -> DemoConfig fields (split, distill, adapter_training,
 compare_uniform, quick, tasks, fair_budget); `"distill": "austen"` is the default distillation of that
-corpus. A variant whose corpus is a file (e.g. `offsite-corpora/sampled-800.jsonl` of distill-study.json) needs
+corpus. A variant whose corpus is a file (e.g. `offsite-corpora/sampled-400.jsonl` of distill-study.json) needs
 that file first; its page in docs/results/ gives the command that makes it.
 The studies behind docs/results/ are in benchmarks/variants/.
 """

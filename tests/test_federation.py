@@ -96,9 +96,24 @@ def test_each_strategy_flag_builds_flowers_strategy():
     assert strategy(strategy="fedadam", dp_noise=0.5, dp_clip=2.0).accountant is None  # Flower cannot account it
 
 
+def test_uniform_averaging_gives_every_owner_the_same_weight():
+    updates = [update(s) for s in range(3)]
+    replies = [reply(node, u, n) for node, (u, n) in enumerate(zip(updates, [5, 1, 14]), start=11)]
+    checked = Checked(FedAvg(), REFERENCE, uniform=True)
+    averaged, _ = checked.aggregate_train(1, replies)
+    for key in REFERENCE.shapes:
+        np.testing.assert_allclose(averaged[key].numpy(), sum(u[key] for u in updates) / 3, rtol=1e-5)
+    assert checked.pending["examples"] == 20  # the log keeps the owners' real counts
+
+
 def test_differential_privacy_reports_the_epsilon_spent_every_round(federation):
-    out = run(federation, "private", local_steps=1, eval_data=None, model=None, dp_noise=2.0, dp_clip=1.0,
-              dp_delta=1e-4)
+    bundle, owners, _, root = federation
+    words = SAMPLE_TEXT.split()
+    small = root / "small-owner.txt"  # owners of different sizes: DP averages them with equal weights
+    small.write_text(" ".join(words[: len(words) // 3]))
+    out = federate(FederateConfig(bundle=str(bundle), output=str(root / "private"), client_data=[*owners[:2], str(small)],
+                                  rounds=2, local_steps=1, train=TRAIN, runtime=CPU, dp_noise=2.0, dp_clip=1.0,
+                                  dp_delta=1e-4))
     rounds = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines()]
     spent = [r["dp_epsilon"] for r in rounds[1:]]
     assert rounds[1]["dp_delta"] == 1e-4 and 0 < spent[0] < spent[1]  # it composes round after round

@@ -48,7 +48,12 @@ def round_training(config: FederateConfig) -> TrainConfig:
 
 
 def build_strategy(config: FederateConfig) -> Strategy:
-    """Flower's strategy for `--strategy`, wrapped in its DP wrapper with `--dp-noise`."""
+    """Flower's strategy for `--strategy`, wrapped in its DP wrapper with `--dp-noise`.
+
+    With DP, the owners' clipped updates are averaged with equal weights (the server's `Checked`):
+    the noise is calibrated to one owner's share of the average, 1/owners, which weighting by
+    example counts would change (Flower's accountant refuses unequal weights).
+    """
     every = {"fraction_evaluate": 0.0, "min_train_nodes": config.num_clients,
              "min_available_nodes": config.num_clients}  # the owners score nothing: the server does
     strategy: Strategy
@@ -81,12 +86,14 @@ class Checked(Strategy):
 
     A reply that fails is left out of its round, with the owner's node id and the reason in the log
     and in `self.pending`; the round goes on with the others. With `self.emulator` set (a
-    re-aligned emulator), every round's message carries it next to the adapter.
+    re-aligned emulator), every round's message carries it next to the adapter. `uniform`: average
+    the updates with equal weights, not by example counts (DP: see `build_strategy`).
     """
 
-    def __init__(self, strategy: Strategy, reference: Reference) -> None:
+    def __init__(self, strategy: Strategy, reference: Reference, uniform: bool = False) -> None:
         self.strategy = strategy
         self.reference = reference
+        self.uniform = uniform
         self.pending: dict[str, Any] = {}
         self.emulator: dict[str, torch.Tensor] | None = None
 
@@ -115,8 +122,11 @@ class Checked(Strategy):
                 dropped.append({"node": node, "reason": reason})
         for failure in failed:
             log.warning("round %d: node %d failed: %s", server_round, failure["node"], failure["reason"])
-        arrays, metrics = self.strategy.aggregate_train(server_round, kept) if kept else (None, None)
         weights = [int(r.content["metrics"][WEIGHT]) for r in kept]
+        if self.uniform:
+            for r in kept:
+                r.content["metrics"][WEIGHT] = 1
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept) if kept else (None, None)
         losses = [float(r.content["metrics"].get("train-loss", float("nan"))) for r in kept]
         self.pending = {"clients": len(kept), "dropped": dropped, "failed": failed, "examples": sum(weights),
                         "train_loss": sum(w * l for w, l in zip(weights, losses)) / sum(weights) if kept else None,
@@ -214,7 +224,7 @@ class Server:
             final = secure.run_masked(grid, context, strategy, config.rounds, config.round_timeout,
                                       config.num_clients)
         else:
-            checked = Checked(build_strategy(config), self.reference)
+            checked = Checked(build_strategy(config), self.reference, uniform=config.dp_noise is not None)
 
             def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
                 pending, checked.pending = checked.pending, {}
