@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--align", nargs=2, metavar=("CORPUS", "STEPS"), default=None,
                         help="also run the federation with FedBiOT's per-round alignment (federate --distill CORPUS "
                              "--distill-steps STEPS)")
+    parser.add_argument("--predistill", nargs=2, metavar=("CORPUS", "STEPS"), default=None,
+                        help="control for --align: also federate through a bundle distilled STEPS steps on CORPUS "
+                             "beforehand (no adapter in the loop)")
     parser.add_argument("--pooled-lr", type=float, default=None, help="also tune the pooled adapter at this lr")
     args = parser.parse_args()
     out: Path = args.out
@@ -129,6 +132,13 @@ def main() -> None:
     if args.align:
         variants[f"federated, aligned each round ({args.align[1]} steps on {args.align[0]})"] = {
             "alignment": DistillConfig(corpus=args.align[0], steps=int(args.align[1]), eval_every=int(args.align[1]))}
+    if args.predistill:
+        corpus, steps = args.predistill[0], int(args.predistill[1])
+        distilled = out / f"bundle-2-8-2-{Path(corpus).stem}{steps}"
+        if not distilled.exists():
+            emulate(EmulateConfig(model=MODEL, output=str(distilled), split=SplitConfig(emulator_layers=8),
+                                  distill=DistillConfig(corpus=corpus, steps=steps, eval_every=steps)))
+        variants[f"federated, bundle distilled {steps} steps on {corpus} first"] = {"bundle": str(distilled)}
     curves = {}
     for label, extra in variants.items():
         name = "-".join(["federated", f"r{args.rounds}", f"e{args.local_steps}", *map(_part, extra.items()),
@@ -136,7 +146,9 @@ def main() -> None:
 
         def run_federation(name=name, extra=extra) -> dict:
             adapter = out / name
-            federate(FederateConfig(bundle=str(bundle), output=str(adapter), client_data=owner_files,
+            through = extra.get("bundle", str(bundle))
+            extra = {k: v for k, v in extra.items() if k != "bundle"}
+            federate(FederateConfig(bundle=through, output=str(adapter), client_data=owner_files,
                                     rounds=args.rounds, local_steps=args.local_steps, eval_data=str(files["test"]),
                                     model=MODEL, overwrite=True, runtime=cpu,
                                     train=TrainConfig(**{**settings, "lr": args.lr or settings["lr"]}),
@@ -169,6 +181,8 @@ def _part(setting: tuple) -> str:
         return key
     if isinstance(value, DistillConfig):
         return f"{key}-{Path(value.corpus).stem}{value.steps}"
+    if isinstance(value, str):
+        return f"{key}-{Path(value).name}"
     return f"{key}{value:g}"
 
 
