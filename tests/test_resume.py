@@ -64,3 +64,22 @@ def test_an_interrupted_tune_resumes_to_the_same_adapter(model_dirs, tmp_path, h
     records = [json.loads(line) for line in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" not in r] == list(range(1, STEPS + 1))  # each step once
     assert [r["step"] for r in records if "eval" in r] == [100, 200, 300]
+
+
+def test_a_float16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path):
+    import torch
+    from offsite.training.resume import Resumable
+    from offsite.training.trainer import Best
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("")
+    checkpoint = Resumable(tmp_path / "state", {"run": 1})
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+    scaler.update(new_scale=512.0)  # as after overflows lowered it from 2**16
+    checkpoint.save(7, model, optimizer, scheduler, Best(), metrics, scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    assert checkpoint.resume(model, optimizer, scheduler, Best(), metrics, fresh) == 7
+    assert fresh.get_scale() == 512.0

@@ -48,8 +48,11 @@ class Resumable:
     every: int | None = None  # steps between checkpoints (default: see trainer._train)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, best: Any,
-               metrics_path: Path) -> int:
-        """Restore the last checkpoint into the run; return its step (0: none, start from the beginning)."""
+               metrics_path: Path, scaler: torch.amp.GradScaler | None = None) -> int:
+        """Restore the last checkpoint into the run; return its step (0: none, start from the beginning).
+
+        `scaler`: float16's loss scaler, which resumes at the scale it had reached (not the initial 2^16,
+        which would cost the resumed run its first steps to overflows)."""
         state = read_state(self.directory, self.identity)
         if state is None:
             return 0
@@ -59,6 +62,8 @@ class Resumable:
                 params[name].copy_(value)
         load_optimizer(optimizer, load_tensors(self.directory, "optimizer"), state["optimizer_groups"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(load_tensors(self.directory, "rng")["torch"])
         best.metric, best.step, best.result = state["best"]["metric"], state["best"]["step"], state["best"]["result"]
         best.weights = load_tensors(self.directory, "best") if state["best"]["step"] is not None else None
@@ -67,7 +72,7 @@ class Resumable:
         return int(state["step"])
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, best: Any,
-             metrics_path: Path) -> None:
+             metrics_path: Path, scaler: torch.amp.GradScaler | None = None) -> None:
         tensors = {"weights": {n: p for n, p in model.named_parameters() if p.requires_grad},
                    "optimizer": optimizer_tensors(optimizer), "rng": {"torch": torch.get_rng_state()}}
         if best.weights is not None:
@@ -76,6 +81,7 @@ class Resumable:
         shutil.copyfile(metrics_path, self.directory / METRICS_COPY)
         save_checkpoint(self.directory, tensors, {
             "identity": self.identity, "step": step, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "optimizer_groups": optimizer_groups(optimizer),
             "best": {"metric": best.metric, "step": best.step, "result": best.result}})
 

@@ -153,7 +153,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     scaler = torch.amp.GradScaler(placement.device.type) if placement.dtype == torch.float16 else None
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
     stopped_at = None
-    done = checkpoint.resume(model, optimizer, scheduler, best, metrics_path) if checkpoint else 0
+    done = checkpoint.resume(model, optimizer, scheduler, best, metrics_path, scaler) if checkpoint else 0
     for _ in range(done * settings.grad_accum):  # the data position: the same batches in the same order
         next(batches)
     save_every = (checkpoint.every if checkpoint else None) or min(eval_every, 100)
@@ -187,7 +187,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
                     stopped_at = step
                     break
             if checkpoint and processes.main and step < steps and (step % save_every == 0 or stop.requested):
-                checkpoint.save(step, model, optimizer, scheduler, best, metrics_path)
+                checkpoint.save(step, model, optimizer, scheduler, best, metrics_path, scaler)
                 if stop.requested:
                     raise KeyboardInterrupt  # the CLI says how to resume
     seconds = time.perf_counter() - start
