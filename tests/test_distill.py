@@ -160,13 +160,13 @@ def test_the_checkpoint_kept_is_the_best_held_out_standin(model_dirs, sample_tex
     from offsite.data.types import TextData
     from offsite.emulator import distill as distillation
     heldout = TextData([sample_text_file.read_text()[::-1]], "held-out")  # other text than the training corpus
-    monkeypatch.setattr(distillation, "_heldout", lambda corpus: heldout)
+    (tmp_path / "heldout.txt").write_text(heldout.texts[0])  # a file corpus has no held-out split: --distill-heldout
     sample_text_file.rename(tmp_path / "corpus.txt")
     scores = []
     monkeypatch.setattr(distillation, "_offer", lambda state, value, *args, original=distillation._offer:
                         (scores.append(value), original(state, value, *args))[1])
     full, student, plan, summary = run(model_dirs, tmp_path, tmp_path / "ckpt", steps=6, lm_weight=0.0, lr=3e-3,
-                                       eval_windows=4)
+                                       eval_windows=4, heldout=str(tmp_path / "heldout.txt"))
     assert summary["selected_by"] == "standin_error" and len(scores) == 3
     assert [h["standin_error"] for h in summary["heldout"][1:]] == scores  # perplexity beside it, for the other choice
     assert all(h["perplexity"] > 1 for h in summary["heldout"])
@@ -174,8 +174,12 @@ def test_the_checkpoint_kept_is_the_best_held_out_standin(model_dirs, sample_tex
     judge = distillation._Judge(full, student, load_tokenizer(str(model_dirs["llama"])), heldout,
                                 alignment_targets(plan, "final"), DistillConfig(corpus="x", seq_len=32, eval_windows=4))
     assert abs(judge.scores()["standin_error"] - min(scores)) < 1e-5  # the student now holds the best checkpoint's weights
-    _, _, _, by_perplexity = run(model_dirs, tmp_path, tmp_path / "ckpt-ppl", steps=2, select="perplexity")
+    _, _, _, by_perplexity = run(model_dirs, tmp_path, tmp_path / "ckpt-ppl", steps=2, select="perplexity",
+                                  heldout=str(tmp_path / "heldout.txt"))
     assert by_perplexity["selected_by"] == "perplexity" and by_perplexity["heldout_perplexity_best"] > 1
+    assert summary["heldout_sha256"] == heldout.sha256()
+    _, _, _, no_heldout = run(model_dirs, tmp_path, tmp_path / "ckpt-none", steps=2)
+    assert no_heldout["heldout"] == [] and no_heldout["heldout_sha256"] is None  # a file corpus alone: the last checkpoint
 
 
 def test_output_kl_is_zero_for_equal_logits_and_trains_the_emulator_towards_the_full_model(

@@ -32,7 +32,7 @@ from offsite.data.types import Data, TextData, limit
 from offsite.device import DTYPES, Placement, place_model
 from offsite.emulator.build import build_emulator, calibration_corpus, compress_reduced, reduce_skeleton, streams
 from offsite.emulator.compress import COMPRESSIONS
-from offsite.emulator.distill import distill, read_corpus
+from offsite.emulator.distill import distill, read_corpus, read_heldout
 from offsite.emulator.split import SplitPlan, plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange import issued, signing
@@ -55,12 +55,14 @@ log = logging.getLogger(__name__)
 
 def emulate(config: EmulateConfig) -> Path:
     """Model owner: write a bundle of `config.model` split as `config.split` to `config.output`."""
-    sources = [config.model, config.split.calibration, config.distill.corpus if config.distill else None]
+    sources = [config.model, config.split.calibration, config.distill.corpus if config.distill else None,
+               config.distill.heldout if config.distill else None]
     check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
     corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
     if config.distill:
+        read_heldout(config.distill)
         distill_placement(config.runtime)  # a dtype it cannot train in fails now too
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
@@ -222,11 +224,13 @@ def align(config: AlignConfig) -> Path:
     Only emulator weights change: the new bundle has the same layers, split, fingerprint and
     format, and ships the bundle's original adapter layers (never the data owner's).
     """
-    sources = (config.bundle, config.model, config.adapter, config.distill.corpus)
+    sources = tuple(s for s in (config.bundle, config.model, config.adapter, config.distill.corpus,
+                                config.distill.heldout) if s)
     check_output_dir(config.output, config.overwrite, inputs=sources)
     if config.sign:
         signing.check_private_key(config.sign)
     corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading
+    read_heldout(config.distill)
     processes = _distill_processes(config, "align")
     placement = distill_placement(config.runtime, processes)
     student, tokenizer, manifest = open_bundle(config.bundle, in_memory=True)

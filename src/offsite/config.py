@@ -229,6 +229,12 @@ class DistillConfig(JsonConfig):
                          "or the compressed model's best held-out perplexity", flags=("--distill-select",),
                          choices=("standin", "perplexity"))
     eval_every: int = option(50, "steps between held-out checks and checkpoints", flags=("--distill-eval-every",))
+    # A file corpus (e.g. text sampled from the model) has no held-out split of its own; the model owner's
+    # public text then still picks the checkpoint.
+    heldout: str | None = option(None, "held-out text that scores the checkpoints: a built-in corpus (its "
+                                 "validation split) or a .txt/.jsonl file (default: the validation split of a "
+                                 "built-in --distill corpus; none for a file, which keeps the last checkpoint)",
+                                 flags=("--distill-heldout",), metavar="CORPUS")
     eval_windows: int = 32
     seed: int = 0
 
@@ -257,6 +263,8 @@ class DistillConfig(JsonConfig):
         fields = self.to_dict()
         if self.kl_weight == 0:
             del fields["kl_weight"]
+        if self.heldout is None:
+            del fields["heldout"]
         return fields
 
 # Kept here as names (offsite.device maps them to torch): building the flags must not import torch.

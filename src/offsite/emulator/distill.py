@@ -123,10 +123,13 @@ def keeps_teacher(settings: DistillConfig, windows: int, targets: int, hidden: i
     return seen_again and windows * targets * settings.seq_len * hidden * 2 <= TEACHER_CACHE_BYTES
 
 
-def _heldout(corpus: str) -> TextData | None:
-    """The validation split of a built-in corpus, used to pick the best checkpoint."""
-    if is_builtin(corpus) and ":" not in corpus:
-        return read_text_corpus(corpus, "--distill", "distillation", default_split="validation")
+def read_heldout(settings: DistillConfig) -> TextData | None:
+    """The text that picks the best checkpoint: `--distill-heldout`, else a built-in corpus's validation split."""
+    if settings.heldout is not None:
+        return read_text_corpus(settings.heldout, "--distill-heldout", "the held-out check",
+                                default_split="validation")
+    if is_builtin(settings.corpus) and ":" not in settings.corpus:
+        return read_text_corpus(settings.corpus, "--distill", "distillation", default_split="validation")
     return None
 
 
@@ -153,7 +156,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     `batch_size` windows per process, each process's gradients are averaged with the others', and the
     held-out checks, the best checkpoint and the checkpoints to resume from are the main process's.
     """
-    heldout = _heldout(settings.corpus)
+    heldout = read_heldout(settings)
     sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
     if not sequences:
         raise OffsiteError(f"--distill {settings.corpus} gives no training window; it needs more text")
@@ -206,6 +209,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     tokens = steps_run * width * settings.seq_len
     return {
         "corpus": settings.corpus, "corpus_sha256": corpus.sha256(),
+        "heldout_sha256": heldout.sha256() if heldout else None,
         "settings": settings.to_dict(), "steps": state["step"], "seconds": time.perf_counter() - start,
         "tokens_per_second": tokens / step_seconds if step_seconds else None,
         "teacher_outputs_kept": teacher.keep,

@@ -19,7 +19,7 @@ import torch
 
 from offsite.api import check_alignable, distill_placement
 from offsite.config import FederateConfig
-from offsite.emulator.distill import distill, read_corpus
+from offsite.emulator.distill import distill, read_corpus, read_heldout
 from offsite.exchange.adapter import Adapter, apply, extract, plug_into
 from offsite.exchange.bundle import bundle_index, emulator_positions, open_bundle
 from offsite.federation.updates import flat
@@ -39,6 +39,7 @@ class Aligner:
         assert config.alignment is not None and config.model is not None  # FederateConfig checks both
         self.settings = config.alignment
         self.corpus = read_corpus(self.settings)  # a bad corpus fails before the first round
+        read_heldout(self.settings)
         self.placement = distill_placement(config.runtime)
         self.student, self.tokenizer, self.manifest = open_bundle(config.bundle, in_memory=True)
         check_alignable(self.manifest, config.bundle)
