@@ -10,7 +10,9 @@ sweep/sweep.md gathers the emulator-dependent rows of all of them.
 A variants file is a JSON object: label -> DemoConfig fields (split, distill, adapter_training,
 compare_uniform, quick, tasks, fair_budget); `"distill": "austen"` is the default distillation of that
 corpus. A variant whose corpus is a file (e.g. `offsite-corpora/sampled-400.jsonl` of distill-study.json) needs
-that file first; its page in docs/results/ gives the command that makes it.
+that file first; its page in docs/results/ gives the command that makes it. `--reference REPORT`
+takes the full-model rows from an earlier run's report.json (checked to be the same model, budget,
+seed, data and offsite version), so a new variant costs only its emulator's stages.
 The studies behind docs/results/ are in benchmarks/variants/.
 """
 
@@ -110,6 +112,9 @@ def main() -> None:
     parser.add_argument("variants", type=Path, help="JSON file: label -> DemoConfig fields")
     parser.add_argument("--out", required=True, help="output directory shared by every variant")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these variants of the file")
+    parser.add_argument("--reference", metavar="REPORT", help="reuse the full-model rows (zero-shot, full "
+                        "fine-tuning, the ceiling) of this earlier report.json of the same model, budget, data and "
+                        "offsite version instead of recomputing them (e.g. docs/runs/fidelity-kd-kl.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -117,6 +122,8 @@ def main() -> None:
     for label, fields in read_variants(args.variants).items():
         if args.only and label not in args.only:
             continue
+        if args.reference:
+            fields = {**fields, "reference": str(Path(args.reference).resolve())}
         reports[label] = run_variant(out, label, fields)
         (out / "sweep" / "sweep.md").write_text(table(reports))
         print(table(reports), flush=True)

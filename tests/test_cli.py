@@ -64,6 +64,8 @@ def test_emulate_tune_plug_eval(workdir, capsys):
       "--kl-weight", "0"],
      "--kd-weight, --lm-weight and --kl-weight are all 0"),
     (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs plain text"),
+    (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--shard-full-model"],
+     "--shard-full-model shares the full model among several processes: add --num-processes N"),
     (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--distill-heldout", "choice.jsonl"],
      "--distill-heldout choice.jsonl is a choice dataset"),
     (["eval", "{model}", "--data", "latin1.jsonl"], "--data latin1.jsonl is not UTF-8 text"),

@@ -21,13 +21,13 @@ DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distil
 # The long flags of every command as of 0.1.1, before the flags came from the config fields.
 FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign --device --dtype "  # --sign, --trust, --bundle: new in the hardening
-               "--no-stream --max-shard-size --num-processes",  # new (scale)
+               "--no-stream --max-shard-size --num-processes --shard-full-model",  # new (scale)
     "tune": "--data --output --eval-data --lora-rank --lora-alpha --epochs --max-steps --lr --weight-decay "
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
             "--device --dtype --save-dtype --num-processes "  # the last 4: new (scale)
             "--proximal-mu",  # new (federation)
-    "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype --num-processes",  # new in the fidelity work
+    "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype --num-processes --shard-full-model",  # new in the fidelity work
     "federate": "--output --client-data --rounds --local-steps --strategy --server-lr --secagg --dp-noise --dp-clip "
                 "--dp-delta "
                 "--eval-data --model --eval-limit --lora-rank --lora-alpha --lr --weight-decay --warmup-ratio "

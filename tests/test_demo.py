@@ -268,3 +268,30 @@ def test_demo_runs_every_stage_in_the_chosen_precision_and_keys_it(tiny_tasks, m
     for setting in ("zero_shot", "full_finetune", "plug_in"):  # computed in bfloat16: close, not equal
         low, full = bf16["settings"][setting]["text"]["perplexity"], float32["settings"][setting]["text"]["perplexity"]
         assert low != full and low == pytest.approx(full, rel=0.05), setting
+
+
+def test_a_reference_report_s_full_model_rows_are_reused_and_a_different_run_refused(tiny_tasks, model_dirs,
+                                                                                   tmp_path, caplog):
+    from offsite.errors import OffsiteError
+    first = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "first"), tasks=["quiz", "text"],
+                       quick=True, isolate=False, distill=None, ceiling=True)
+    first.split.emulator_layers = 1
+    reference = tmp_path / "first" / "report.json"
+    before = json.loads((demo(first) / "report.json").read_text())
+    second = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "second"), tasks=["quiz", "text"],
+                        quick=True, isolate=False, distill=None, ceiling=True, reference=str(reference))
+    second.split.emulator_layers = 2  # another emulator, the same full model, data and budget
+    with caplog.at_level("INFO", logger="offsite"):
+        after = json.loads((demo(second) / "report.json").read_text())
+    for name in ("zero_shot", "full_finetune", "ceiling"):
+        assert after["settings"][name] == before["settings"][name]
+    ran = {line.split()[-2].rstrip(":") for line in caplog.text.splitlines() if line.endswith(": running")}
+    assert ran == {"bundle", "emulator_zero_shot", "offsite_tune", "emulator_finetune", "plug_in"}
+    assert after["full_model_rows_from"] == str(reference)
+    for task in ("quiz", "text"):  # the figures that depend only on the reused rows come out the same
+        assert after["figures"][task]["ceiling_gain_kept"] == before["figures"][task]["ceiling_gain_kept"]
+    assert after["figures"]["text"]["ceiling_gain_kept"] is not None
+    assert after["settings"]["plug_in"] != before["settings"]["plug_in"] or after["split"] != before["split"]
+    other_seed = DemoConfig(**{**second.to_dict(), "output": str(tmp_path / "third"), "seed": 1})
+    with pytest.raises(OffsiteError, match="measured another run: seed 0 \\(now 1\\)"):
+        demo(other_seed)

@@ -67,7 +67,7 @@ def test_two_processes_train_the_adapter_one_process_trains(bundle, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no checkpoint left behind
 
 
-def distilled_in_one_and_two_processes(argv: list[str], tmp_path: Path, written: str
+def distilled_in_one_and_two_processes(argv: list[str], tmp_path: Path, written: str, two_only: tuple[str, ...] = ()
                                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The bundle weights of `offsite ARGV` with distillation batch 4 in one process and 2 in each of two.
 
@@ -77,7 +77,8 @@ def distilled_in_one_and_two_processes(argv: list[str], tmp_path: Path, written:
     common = [*argv, "--distill-seq-len", "32", "--kd-normalise", "token", "--device", "cpu"]
     one = offsite(*common, "-o", str(tmp_path / "one"), "--distill-batch-size", "4")
     assert one.returncode == 0, one.stderr
-    two = offsite(*common, "-o", str(tmp_path / "two"), "--distill-batch-size", "2", "--num-processes", "2")
+    two = offsite(*common, "-o", str(tmp_path / "two"), "--distill-batch-size", "2", "--num-processes", "2",
+                 *two_only)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count(written) == 1  # one line per run, not per process
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
@@ -95,6 +96,23 @@ def test_two_processes_distil_the_emulator_one_process_distils(model_dirs, bundl
     manifest = json.loads((tmp_path / "two" / "offsite.json").read_text())
     assert manifest["emulator"]["distill"]["steps"] == 4
     assert not list(tmp_path.glob(".*"))  # the checkpoint folder is gone
+
+
+def test_two_processes_holding_half_the_full_model_each_distil_as_one_process(model_dirs, bundle, tmp_path):
+    from offsite.arch import get_layers
+    from offsite.loading import load_model
+    a, b = distilled_in_one_and_two_processes(
+        ["emulate", str(model_dirs["llama"]), "--bottom", "1", "--top", "1", "--emulator-layers", "2",
+         "--distill", str(bundle.parent / "train.txt"), "--distill-steps", "4"], tmp_path, "bundle written to",
+        ("--shard-full-model",))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    one, two = (json.loads((tmp_path / run / "offsite.json").read_text())["emulator"]["distill"] for run in ("one", "two"))
+    assert two["full_model_sharded"] and not one["full_model_sharded"] and not two["teacher_outputs_kept"]
+    # The main process (rank 0) holds the first half of every block weight's rows (rounded up), the rest whole.
+    blocks = [p for layer in get_layers(load_model(str(model_dirs["llama"]))) for p in layer.parameters()]
+    whole = sum(p.numel() * p.element_size() for p in blocks)
+    halves = sum(-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) * p.element_size() for p in blocks)
+    assert one["full_model_bytes_per_process"] - two["full_model_bytes_per_process"] == whole - halves > 0
 
 
 def test_two_processes_align_as_one_process_aligns(model_dirs, bundle, tmp_path):

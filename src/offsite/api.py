@@ -95,6 +95,9 @@ def _distill_processes(config: EmulateConfig | AlignConfig, command: str) -> Pro
     processes = parallel.current(config.runtime, config.num_processes, command)
     if processes.parallel and not config.distill:
         raise OffsiteError("several processes distil an emulator: --num-processes needs --distill")
+    if config.shard_full_model and not processes.parallel:
+        raise OffsiteError("--shard-full-model shares the full model among several processes: add --num-processes N "
+                           "(N > 1), or drop it")
     return processes
 
 
@@ -249,7 +252,7 @@ def align(config: AlignConfig) -> Path:
     identity = {"fingerprint": manifest.fingerprint, "bundle": manifest.files, "adapter": adapter.weights_sha256
                 or adapter.fingerprint, "dtype": str(placement.dtype)}
     summary = distill(full, student, tokenizer, manifest.plan, config.distill, corpus, checkpoint, identity,
-                      placement, processes)
+                      placement, processes, config.shard_full_model)
     del full
     if not processes.main:  # it distilled its share; the main process writes the bundle
         return Path(config.output)

@@ -202,7 +202,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _distill_flags(emulate)
     add_options(emulate, EmulateConfig, only=("overwrite", "sign"))
     add_options(emulate.add_argument_group("large models"), EmulateConfig,
-                only=("stream", "max_shard_size", "num_processes"))
+                only=("stream", "max_shard_size", "num_processes", "shard_full_model"))
     _device_flags(emulate, "of distillation")
 
     tune = add_command("tune", help="data owner: train the adapter of a bundle")
@@ -217,7 +217,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "loop, so the next round of tuning transfers better")
     add_options(align, AlignConfig, only=("bundle", "model", "adapter", "output"))
     _distill_flags(align)  # --distill is required: _run_align says so
-    add_options(align, AlignConfig, only=("trust", "sign", "overwrite", "num_processes"))
+    add_options(align, AlignConfig, only=("trust", "sign", "overwrite", "num_processes", "shard_full_model"))
     _device_flags(align)
 
     add_options(add_command("plug", help="model owner: put a returned adapter into the full model"), PlugConfig)

@@ -303,6 +303,9 @@ class EmulateConfig(JsonConfig):
     runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where distillation runs
     num_processes: int = option(1, "distil data-parallel in N processes, started by accelerate's launcher "
                                 "(--distill-batch-size is per process)", metavar="N")
+    shard_full_model: bool = option(False, "with --num-processes N: each process holds 1/N of the full model's "
+                                    "blocks (FSDP), gathered one block at a time, for a full model larger than "
+                                    "one device (see docs/scale.md)")
     stream: bool = option(True, "load the whole full model first, instead of reading its files tensor by tensor "
                           "(which keeps memory to about one shard; see docs/scale.md)", flags=("--no-stream",))
     max_shard_size: str = option(DEFAULT_SHARD_SIZE, "cut the written weights into files of at most this size "
@@ -438,6 +441,9 @@ class AlignConfig(JsonConfig):
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
     num_processes: int = option(1, "re-distil data-parallel in N processes, started by accelerate's launcher "
                                 "(--distill-batch-size is per process)", metavar="N")
+    shard_full_model: bool = option(False, "with --num-processes N: each process holds 1/N of the full model's "
+                                    "blocks (FSDP), gathered one block at a time, for a full model larger than "
+                                    "one device (see docs/scale.md)")
 
     def __post_init__(self) -> None:
         if isinstance(self.distill, dict):

@@ -23,6 +23,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 
+from offsite.arch import get_layers
 from offsite.config import DeviceConfig
 from offsite.device import Placement
 from offsite.errors import OffsiteError
@@ -96,6 +97,37 @@ class Processes:
 
 
 ONE = Processes()
+
+
+def shard_frozen(model: torch.nn.Module, placement: Placement, processes: Processes) -> None:
+    """Hold 1/N of every block of a frozen `model` in each of the N processes (FSDP2, full sharding).
+
+    A block's weights are gathered from all processes just before its forward and freed after it, so
+    a process holds its shards and one block instead of the whole model: the full model of a
+    distillation that does not fit one device. The rest (embeddings, final norm, head) is small next
+    to the blocks and stays whole in every process. Every process must then run the model's forward
+    at the same steps (each gather is a collective).
+    """
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415 - only for sharded runs
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    model.requires_grad_(False)
+    if placement.mixed:
+        model.to(placement.dtype)
+    mesh = init_device_mesh(placement.device.type, (processes.count,))
+    for block in get_layers(model):
+        # Each block its own root: a forward stopped after a block (hidden_states_at) leaves nothing gathered.
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    model.to(placement.device)
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """The bytes of `model`'s weights this process holds (its own shards only, for a sharded model)."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
+    return total
 
 
 LAUNCHED = "OFFSITE_LAUNCHED"  # set by `launch` for its processes: they must not launch again

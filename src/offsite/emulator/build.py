@@ -123,7 +123,7 @@ def build_emulator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         identity = {"fingerprint": base_fingerprint, "split": split.identity(), "kept": list(plan.kept),
                     "dtype": str(placement.dtype)}
         info["distill"] = distill(model, emulator_model, tokenizer, executed_plan(plan, info), config.distill,
-                                  corpus, checkpoint, identity, placement, processes)
+                                  corpus, checkpoint, identity, placement, processes, config.shard_full_model)
         info["method"] = f"{split.method}+distill"
     if stored is not None:
         collapse(emulator_model, stored)

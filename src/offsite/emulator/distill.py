@@ -38,7 +38,7 @@ from offsite.emulator.hidden import hidden_states_at
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.numerics import check_step
-from offsite.parallel import ONE, Processes
+from offsite.parallel import ONE, Processes, held_bytes, shard_frozen
 from offsite.scoring import perplexity
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def read_corpus(settings: DistillConfig) -> TextData:
 def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
             settings: DistillConfig, corpus: TextData, checkpoint_dir: Path,
             identity: dict[str, Any] | None = None, placement: Placement = CPU,
-            processes: Processes = ONE) -> dict[str, Any]:
+            processes: Processes = ONE, shard_full: bool = False) -> dict[str, Any]:
     """Train `student`'s emulator layers in place; return a summary for the manifest.
 
     `placement`: where both models run and the forward's dtype. The full model, frozen and used
@@ -155,6 +155,8 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     `processes`: data-parallel processes (see offsite.parallel): each step's global batch is
     `batch_size` windows per process, each process's gradients are averaged with the others', and the
     held-out checks, the best checkpoint and the checkpoints to resume from are the main process's.
+    `shard_full`: each process holds 1/N of the full model's blocks (`parallel.shard_frozen`); its
+    outputs are then never kept, since every process must run it at every step.
     """
     heldout = read_heldout(settings)
     sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
@@ -162,7 +164,10 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         raise OffsiteError(f"--distill {settings.corpus} gives no training window; it needs more text")
     heldout_data = truncate_text(heldout, settings.eval_windows, settings.seq_len) if heldout else None
     emulator = _distinct([get_layers(student)[len(plan.bottom) + i] for i in range(len(plan.emulator))])
-    place_model(full, placement)
+    if shard_full:
+        shard_frozen(full, placement, processes)
+    else:
+        place_model(full, placement)
     student.to(placement.device)
     student.requires_grad_(False)
     for layer in emulator:
@@ -171,7 +176,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     state = _resume(checkpoint_dir, emulator, optimizer, settings, identity or {})
     pairs = alignment_targets(plan, settings.align)
-    teacher = TeacherOutputs(full, {f for _, f in pairs}, keeps_teacher(
+    teacher = TeacherOutputs(full, {f for _, f in pairs}, not shard_full and keeps_teacher(
         settings, len(sequences), len(pairs), full.config.hidden_size), logits=settings.kl_weight > 0)
     judge = _Judge(full, student, tokenizer, heldout_data, pairs[-1:], settings, placement)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -213,6 +218,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         "settings": settings.to_dict(), "steps": state["step"], "seconds": time.perf_counter() - start,
         "tokens_per_second": tokens / step_seconds if step_seconds else None,
         "teacher_outputs_kept": teacher.keep,
+        "full_model_sharded": shard_full, "full_model_bytes_per_process": held_bytes(full),
         "final_kd": history[-1]["kd"] if history else None, "final_lm": history[-1]["lm"] if history else None,
         "final_kl": history[-1].get("kl") if history else None,
         "selected_by": judge.what, f"heldout_{judge.what}_before": state.get("before"),

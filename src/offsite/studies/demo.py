@@ -25,7 +25,9 @@ from offsite.config import AlignConfig, DistillConfig, EmulateConfig
 from offsite.constants import ADAPTER_WEIGHTS, MANIFEST
 from offsite.device import Placement
 from offsite.exchange.bundle import check_bundle, read_manifest
-from offsite.files import atomic_dir
+from offsite.data.builtin import split_definition
+from offsite.errors import OffsiteError
+from offsite.files import atomic_dir, read_json
 from offsite.loading import load_config
 from offsite.processes import in_fresh_process
 from offsite.studies.demo_report import write_report
@@ -188,22 +190,66 @@ def zero_shot(config: DemoConfig, cache: StageCache, run: TaskRun) -> dict[str, 
                                                          runtime=config.runtime), **full_model_inputs(run))
 
 
+def read_reference(config: DemoConfig) -> dict[str, Any] | None:
+    """The earlier report whose full-model rows this run reuses (`config.reference`), checked to have
+    measured the same thing: model, budget, seed, adapter settings, data splits and offsite version."""
+    if config.reference is None:
+        return None
+    report = read_json(Path(config.reference), "reference report")
+    now = {"model": config.model, "budget": config.budget_name, "seed": config.seed,
+           "adapter_training": config.adapter_training, "split_definition": split_definition(),
+           "offsite": __version__}
+    now = json.loads(json.dumps(now))  # as the report holds it (tuples become lists)
+    then = {**{key: report.get(key) for key in now}, "offsite": report.get("versions", {}).get("offsite")}
+    differ = [key for key in now if then[key] != now[key]]
+    missing = [t for t in config.tasks if t not in report.get("settings", {}).get("full_finetune", {})]
+    if differ or missing:
+        raise OffsiteError(f"reference {config.reference} measured another run: "
+                           + ", ".join([f"{key} {then[key]!r} (now {now[key]!r})" for key in differ]
+                                       + [f"no task {t}" for t in missing]) + "; recompute its rows instead")
+    return report
+
+
+def reused(reference: dict[str, Any], task: str, run: TaskRun, name: str) -> tuple[Any, Any] | None:
+    """(result, timing) of setting `name` for `task` from the reference, None when it has none;
+    refused when that task's data or budget differ from this run's."""
+    data = reference["data"][task]
+    if data["sizes"] != run.sizes or data["budget"] != asdict(run.budget):
+        raise OffsiteError(f"reference report: task {task} had other data or budget ({data}); recompute its rows")
+    if task not in reference["settings"].get(name, {}):
+        return None
+    return reference["settings"][name][task], reference["timing"][task].get(name)
+
+
 def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Emulator],
-             ceiling: Emulator | None = None) -> dict[str, Any]:
-    """All five settings of one task, for every emulator, and the ceiling when asked for."""
+             ceiling: Emulator | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All five settings of one task, for every emulator, and the ceiling when asked for.
+
+    With a `reference` report, its full-model rows (zero-shot, full fine-tuning, the ceiling) are
+    taken from it instead of being computed.
+    """
     run = prepare_task(config, task)
     budget, inputs, (train_file, test_file), out = run.budget, run.inputs, run.files, Path(config.output)
-    zero = zero_shot(config, cache, run)
-    full = cache.run("full_finetune", lambda: in_fresh_process(
-        config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
-        asdict(train_settings(budget, budget.full_lr, config.seed)),
-        str(out / "data" / f"{task}.full_finetune.metrics.jsonl"), None, config.runtime), **full_model_inputs(run))
+    if reference is not None:
+        zero, _ = reused(reference, task, run, "zero_shot")
+        full_result, full_timing = reused(reference, task, run, "full_finetune")
+    else:
+        zero = zero_shot(config, cache, run)
+        full = cache.run("full_finetune", lambda: in_fresh_process(
+            config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
+            asdict(train_settings(budget, budget.full_lr, config.seed)),
+            str(out / "data" / f"{task}.full_finetune.metrics.jsonl"), None, config.runtime), **full_model_inputs(run))
+        full_result, full_timing = full["result"], _timing(full)
     per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs,
                                          rounds=e is measured[0]) for e in measured}
     primary = per_emulator[measured[0].name]
-    results = {"zero_shot": zero, "full_finetune": full["result"], **primary["results"]}
-    timing = {"full_finetune": _timing(full), "emulator_finetune": primary["timing"]}
-    if ceiling is not None:
+    results = {"zero_shot": zero, "full_finetune": full_result, **primary["results"]}
+    timing = {"full_finetune": full_timing, "emulator_finetune": primary["timing"]}
+    if reference is not None and config.ceiling:
+        found = reused(reference, task, run, "ceiling")
+        if found is not None:
+            results["ceiling"], timing["ceiling"] = found
+    elif ceiling is not None:
         found = run_ceiling(config, cache, task, ceiling, (train_file, test_file), budget, inputs)
         results["ceiling"], timing["ceiling"] = found["result"], found["timing"]
     return {
@@ -231,16 +277,19 @@ def demo(config: DemoConfig) -> Path:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     cache = stage_cache(config)
+    reference = read_reference(config)
+    if reference is not None and config.fair_budget:
+        raise OffsiteError("a reference report gives no fair-budget runs: drop the reference or the fair budget")
     measured = emulators(config)
-    ceiling = ceiling_emulator(config) if config.ceiling else None
+    ceiling = ceiling_emulator(config) if config.ceiling and reference is None else None
     build_bundles(config, cache, measured + ([ceiling] if ceiling else []))
-    per_task = {task: run_task(config, cache, task, measured, ceiling) for task in config.tasks}
+    per_task = {task: run_task(config, cache, task, measured, ceiling, reference) for task in config.tasks}
     if config.fair_budget:
         for task in config.tasks:
             per_task[task]["fair"] = fair_comparison(config, cache, task, measured[0], ceiling)
     manifests = {e.name: read_manifest(e.bundle) for e in measured}
     run = {"wall_seconds": time.perf_counter() - start, "stages_computed": cache.computed,
-           "stages_reused": cache.reused,
+           "stages_reused": cache.reused, "full_model_rows_from": config.reference,
            "placement": Placement.of(config.runtime.device, config.runtime.dtype).describe()}
     return write_report(config, per_task, manifests, run)
 

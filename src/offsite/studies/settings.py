@@ -116,6 +116,10 @@ class DemoConfig(JsonConfig):
                                "from a small grid) and early stopping within a step cap (each trained setting runs once "
                                "per learning rate)")
     fair: FairBudget = field(default_factory=FairBudget)  # what --fair-budget gives (studies may change it)
+    # Studies only: an earlier report.json of the same model, budget, seed, data and offsite version, whose
+    # full-model rows (zero-shot, full fine-tuning, the ceiling) are reused instead of recomputed
+    # (benchmarks/demo_sweep.py --reference); the report names it.
+    reference: str | None = None
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
     runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where every stage runs
 
