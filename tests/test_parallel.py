@@ -197,3 +197,40 @@ def test_shards_partition_the_batch_and_their_shares_sum_to_one():
     short = {"labels": labels[:1], "input_ids": labels[:1]}
     assert Processes(1, 2).shard(short)[1] == 0  # nothing for the second process: it skips the micro-batch
     assert Processes().shard(batch) == (batch, 1.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_a_two_process_run_killed_mid_way_resumes_to_the_adapter_of_an_uninterrupted_one(bundle, tmp_path):
+    data = bundle.parent / "train.txt"
+    argv = ["tune", str(bundle), "--data", str(data), "--max-steps", "40", "--seq-len", "32", "--batch-size", "2",
+            "--lr", "1e-3", "--device", "cpu", "--num-processes", "2", "--checkpoint-every", "5"]
+    straight = offsite(*argv, "-o", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    marker = time.monotonic_ns()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OFFSITE_TEST_RUN": str(marker)}
+    state = tmp_path / ".out.tune" / "state.json"
+    run = subprocess.Popen([sys.executable, "-m", "offsite.cli", *argv, "-o", str(tmp_path / "out")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            if state.is_file() and json.loads(state.read_text() or "{}").get("step", 0) >= 10:
+                break
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before it could be interrupted"
+        os.kill(_workers(marker)[1], signal.SIGKILL)
+        run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    stopped_at = json.loads(state.read_text())["step"]
+    assert run.returncode == 1 and 10 <= stopped_at < 40 and not (tmp_path / "out").exists()
+    resumed = offsite(*argv, "-o", str(tmp_path / "out"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming training from step" in resumed.stderr
+    a, b = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "out")
+    for index in a.tensors:
+        for name in a.tensors[index]:
+            assert torch.allclose(a.tensors[index][name], b.tensors[index][name], atol=1e-6), name
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))  # each step once, written once
