@@ -428,7 +428,9 @@ def test_every_from_pretrained_pins_trust_remote_code_and_safetensors(model_dirs
         seen.update(kwargs)
         raise OSError("no model.safetensors in this repository")
 
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", record)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    monkeypatch.setattr(loading, "load_config", lambda name: AutoConfig.for_model("llama"))  # no hub here
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
     with pytest.raises(OffsiteError, match="never unpickles"):
         loading.load_model("some-org/some-model")
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False

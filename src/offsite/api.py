@@ -36,13 +36,13 @@ from offsite.emulator.distill import distill, read_corpus, read_heldout
 from offsite.emulator.split import SplitPlan, plan_split
 from offsite.errors import OffsiteError
 from offsite.exchange import issued, signing
-from offsite.exchange.adapter import (Adapter, apply, check_fits, check_plug, extract, load_adapter, opened_adapter,
-                                      plug_into)
+from offsite.exchange.adapter import (HEAD, Adapter, apply, check_fits, check_head, check_plug, extract, extract_head,
+                                      head_state, load_adapter, opened_adapter, plug_into)
 from offsite.exchange.bundle import (Manifest, bundle_index, check_bundle, emulator_positions, is_bundle, open_bundle,
                                      write_bundle)
 from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
-from offsite.loading import check_window, load_config, load_model, load_tokenizer
+from offsite.loading import check_window, load_config, load_model, load_preprocessor, load_tokenizer
 from offsite.scoring import score
 from offsite import parallel
 from offsite.parallel import Processes
@@ -72,7 +72,7 @@ def emulate(config: EmulateConfig) -> Path:
         return Path(config.output)
     log.info("loading full model %s", config.model)
     model = load_model(config.model)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_preprocessor(config.model)
     plan = plan_split(model.config.num_hidden_layers, config.split)
     base_fingerprint = model_fingerprint(model, plan.adapter)
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
@@ -128,7 +128,7 @@ def _emulate_streamed(config: EmulateConfig) -> bool:
     else:
         write = lambda tmp: write_streamed(streamed, tmp, mapping, max_shard_size=config.max_shard_size)  # noqa: E731
     manifest = Manifest(_base_model(config.model, skeleton, plan), config.split, plan, base_fingerprint, {}, emulator)
-    write_bundle(config.output, config.overwrite, write, load_tokenizer(config.model), manifest, sign=config.sign,
+    write_bundle(config.output, config.overwrite, write, load_preprocessor(config.model), manifest, sign=config.sign,
                  max_shard_size=config.max_shard_size)
     issued.record(manifest, config.output)
     return True
@@ -195,6 +195,7 @@ def tune(config: TuneConfig, emulator: dict[int, dict[str, torch.Tensor]] | None
             fingerprint=manifest.fingerprint,
             base_model=manifest.base_model,
             training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
+            head={k: v.to("cpu", DTYPES[config.save_dtype]) for k, v in extract_head(model).items()},
         )
         adapter.save(tmp, sign=config.sign)
     resumable.remove()
@@ -313,7 +314,7 @@ def plug(config: PlugConfig) -> Path:
     log.info("plugged adapter layers %s into %s", adapter.layers, config.model)
     with atomic_dir(config.output, config.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=config.max_shard_size)
-        load_tokenizer(config.model).save_pretrained(tmp)
+        load_preprocessor(config.model).save_pretrained(tmp)
     return Path(config.output)
 
 
@@ -334,15 +335,17 @@ def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...]
     if mapping is None or not stores_layers(streamed, [i for i in adapter.layers if i < num_layers]):
         return False
     check_plug(adapter, config.adapter, layers, num_layers, lambda: file_fingerprint(streamed, adapter.layers) or "")
+    check_head(head_state(skeleton), adapter.head, config.adapter)
     check_fits(skeleton, adapter, {index: index for index in adapter.layers}, config.adapter)
     replacements = {f"{streamed.layers_prefix}.{index}.{name}": (index, name)
                     for index, named in adapter.tensors.items() for name in named}
+    replacements.update({name: (HEAD, name) for name in adapter.head})  # a classifier's task head
     if not set(replacements) <= set(mapping):
         return False
     with atomic_dir(config.output, config.overwrite) as tmp:
         write_streamed(streamed, tmp, mapping, replace=lambda key: read(*replacements[key]) if key in replacements
                        else None, max_shard_size=config.max_shard_size)
-        load_tokenizer(config.model).save_pretrained(tmp)
+        load_preprocessor(config.model).save_pretrained(tmp)
     log.info("plugged adapter layers %s into %s (streamed)", adapter.layers, config.model)
     return True
 

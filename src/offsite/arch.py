@@ -19,11 +19,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerPaths:
-    """Dotted attribute paths inside a `*ForCausalLM` model."""
+    """Dotted attribute paths inside a `*ForCausalLM` model, or a classifier (`*ForImageClassification`,
+    `*ForSequenceClassification`)."""
 
     layers: str
     final_norm: str | None
     head: str
+    # A classifier's task head (its pooler, if any, and its classifier): trained by the data owner and
+    # shipped in the adapter. Empty for language models, whose head stays the model owner's.
+    task_head: tuple[str, ...] = ()
 
 
 _LLAMA_LIKE = LayerPaths("model.layers", "model.norm", "lm_head")
@@ -49,6 +53,23 @@ ARCHITECTURES: dict[str, LayerPaths] = {
     "falcon": LayerPaths("transformer.h", "transformer.ln_f", "lm_head"),
     "opt": LayerPaths("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head"),
     "gpt_neox": LayerPaths("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head"),
+    # Encoders that classify (offsite.kinds): images
+    "vit": LayerPaths("vit.layers", "vit.layernorm", "classifier", ("classifier",)),
+    "deit": LayerPaths("deit.layers", "deit.layernorm", "classifier", ("classifier",)),
+    "dinov2": LayerPaths("dinov2.encoder.layer", "dinov2.layernorm", "classifier", ("classifier",)),
+    "beit": LayerPaths("beit.layers", "beit.pooler.layernorm", "classifier", ("classifier",)),
+    # and text (MiniLM checkpoints are BERT's type)
+    "bert": LayerPaths("bert.encoder.layer", None, "classifier", ("bert.pooler", "classifier")),
+    "roberta": LayerPaths("roberta.encoder.layer", None, "classifier", ("classifier",)),
+}
+
+# Architectures whose blocks are not one uniform stack, so there is no middle to emulate.
+NOT_A_BLOCK_STACK = {
+    "swin": "Swin's stages merge patches between them, so its blocks change resolution and width along the stack",
+    "swinv2": "Swin V2's stages merge patches between them, so its blocks change resolution and width",
+    "convnext": "ConvNeXt is convolutional: its stages change resolution and width along the network",
+    "convnextv2": "ConvNeXt V2 is convolutional: its stages change resolution and width along the network",
+    "resnet": "ResNet is convolutional: its stages change resolution and width along the network",
 }
 
 
@@ -58,11 +79,19 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def check_block_stack(model_type: str | None) -> None:
+    """Refuse, with the reason, an architecture whose blocks are not one uniform stack."""
+    if model_type in NOT_A_BLOCK_STACK:
+        raise OffsiteError(f"model type {model_type!r} cannot be offsite-tuned: {NOT_A_BLOCK_STACK[model_type]}; "
+                           "offsite needs a stack of identical transformer blocks (e.g. ViT, DeiT, DINOv2, BEiT)")
+
+
 def layer_paths(model: nn.Module) -> LayerPaths:
     """The paths for `model`, from the table or, for unknown types, by probing."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    check_block_stack(model_type)
     paths = probe(model)
     log.warning("model type %r is not in offsite's table; probed its blocks at '%s'", model_type, paths.layers)
     return paths

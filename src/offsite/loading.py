@@ -14,18 +14,20 @@ import torch
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
+    AutoImageProcessor,
     AutoTokenizer,
+    BaseImageProcessor,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from offsite.arch import check_block_stack
 from offsite.assets import resolve_model
 from offsite.constants import ADAPTER_METADATA, MODEL_CONFIG, TOKENIZER_CONFIG
 from offsite.errors import OffsiteError
 from offsite.files import one_line, read_json
+from offsite.kinds import IMAGE_CLASSIFICATION, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,14 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     source = resolve(name_or_path)
     _check_local(source)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except OffsiteError:
         raise
     except Exception as error:  # noqa: BLE001 - transformers parses what the other party wrote; any failure is theirs
         raise OffsiteError(f"could not read the config of MODEL '{name_or_path}': {one_line(_first_line(error))}"
                            ) from None
+    check_block_stack(getattr(config, "model_type", None))
+    return config
 
 
 def check_window(config: PretrainedConfig, seq_len: int, flag: str = "--seq-len") -> None:
@@ -58,7 +62,7 @@ def check_window(config: PretrainedConfig, seq_len: int, flag: str = "--seq-len"
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: bool = False,
                device_map: str | None = None, max_memory: dict[int | str, str] | None = None) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained`, refusing pickled weights and remote code.
+    """`from_pretrained` of the model's kind (offsite.kinds), refusing pickled weights and remote code.
 
     transformers maps safetensors files into memory, so the weights stay file pages for as
     long as any tensor of the file is alive. `in_memory` (local directories) reads them into
@@ -67,13 +71,14 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "auto", in_memory: 
     """
     source = resolve(name_or_path)
     _check_local(source)
+    kind = kind_of(load_config(name_or_path), name_or_path)
     try:
         if in_memory and _has_safetensors(source):
             model = _load_in_memory(Path(source), dtype)
         else:
             placed = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source),
-                                                         trust_remote_code=False, **placed)
+            model = kind.auto_class.from_pretrained(source, dtype=dtype, use_safetensors=_has_safetensors(source),
+                                                    trust_remote_code=False, **placed)
     except OffsiteError:
         raise
     except Exception as error:  # noqa: BLE001 - as in load_config; truncated weights, odd configs
@@ -93,8 +98,8 @@ def _load_in_memory(source: Path, dtype: torch.dtype | str) -> PreTrainedModel:
     for path in sorted(source.glob("*.safetensors")):
         with safe_open(str(path), framework="pt", backend="pread") as file:  # read, not mapped
             weights.update({name: file.get_tensor(name) for name in file.keys()})
-    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=weights,
-                                                                     dtype=dtype)
+    return kind_of(config, str(source)).model_class(config).from_pretrained(None, config=config, state_dict=weights,
+                                                                            dtype=dtype)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -111,6 +116,18 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         # Padding positions are masked out of every loss and score, so any id works.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def load_preprocessor(name_or_path: str) -> PreTrainedTokenizerBase | BaseImageProcessor:
+    """What turns raw input into the model's: its tokenizer, or an image model's image processor."""
+    if kind_of(load_config(name_or_path), name_or_path) is not IMAGE_CLASSIFICATION:
+        return load_tokenizer(name_or_path)
+    source = resolve(name_or_path)
+    try:
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - as in load_config
+        raise OffsiteError(f"could not load the image processor of '{name_or_path}': {one_line(_first_line(error))} "
+                           "(an image model's directory needs its preprocessor_config.json)") from error
 
 
 def _has_safetensors(source: str) -> bool:

@@ -19,13 +19,14 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-from offsite.arch import get_layers, layer_paths
+from offsite.arch import check_block_stack, get_layers, layer_paths
 from offsite.constants import DEFAULT_SHARD_SIZE, MODEL_CONFIG
 from offsite.errors import OffsiteError
 from offsite.files import one_line
+from offsite.kinds import kind_of
 from offsite.loading import refuse_remote_code, resolve
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,10 @@ def open_streamed(name_or_path: str) -> StreamedModel | None:
     files = WeightFiles(source)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        check_block_stack(getattr(config, "model_type", None))
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, dtype=_checkpoint_dtype(config, files))
+            skeleton = kind_of(config, name_or_path).auto_class.from_config(config,
+                                                                            dtype=_checkpoint_dtype(config, files))
     except OffsiteError:
         raise
     except Exception as error:  # noqa: BLE001 - transformers parses what the other party wrote

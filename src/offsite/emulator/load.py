@@ -8,13 +8,14 @@ from typing import Any
 from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from offsite.emulator.compress import rebuild
 from offsite.emulator.share import executed_positions, expand
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.files import one_line
+from offsite.kinds import kind_of
 from offsite.loading import load_model
 
 
@@ -38,7 +39,7 @@ def _load_compressed(bundle: Path, compression: dict[str, Any]) -> PreTrainedMod
     try:
         config = AutoConfig.from_pretrained(bundle, trust_remote_code=False)
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = kind_of(config, f"bundle {bundle}").auto_class.from_config(config, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - transformers parses what the other party wrote
         raise OffsiteError(f"bundle {bundle}: config.json does not describe a model ({one_line(str(error))[:300]})"
                            ) from None

@@ -44,4 +44,15 @@ def slice_config(config, kept: tuple[int, ...]) -> None:
         threshold = getattr(config, key, None)
         if isinstance(threshold, int):
             setattr(config, key, sum(1 for i in kept if i < threshold))
+    if isinstance(getattr(config, "stage_names", None), list):
+        _slice_backbone_stages(config, kept)
     config.num_hidden_layers = len(kept)
+
+
+def _slice_backbone_stages(config, kept: tuple[int, ...]) -> None:
+    """Encoders that can serve as backbones (BEiT, DINOv2) name one stage per block ("stage<k>" is block
+    k-1's output) and check their output stages against that list; renumber both to the kept blocks."""
+    new_position = {block + 1: position + 1 for position, block in enumerate(kept)}  # stage k -> new stage
+    outputs = [new_position[i] for i in (config.out_indices or []) if i in new_position]
+    config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(kept) + 1)]
+    config.out_indices = outputs or [len(kept)]

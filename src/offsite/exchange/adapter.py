@@ -2,8 +2,9 @@
 
 `adapter.safetensors` holds only adapter-layer tensors, keyed by *original*
 layer index (`layers.<original>.<name>`), so it means the same thing inside the
-bundle and inside the full model. `adapter.json` ties it to its base through the
-fingerprint and records how it was trained.
+bundle and inside the full model; a classifier's adapter also holds the task head
+the data owner trained (`head.<name in the model>`, see offsite.kinds). `adapter.json`
+ties it to its base through the fingerprint and records how it was trained.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from offsite import __version__
-from offsite.arch import get_layers
+from offsite.arch import get_layers, layer_paths
 from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_METADATA, ADAPTER_WEIGHTS
 from offsite.errors import OffsiteError
 from offsite.exchange import signing
@@ -41,6 +42,7 @@ class Adapter:
     base_model: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None  # as adapter.json recorded it (older adapter files have none)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # a classifier's task head, by name in the model
 
     @property
     def layers(self) -> list[int]:
@@ -50,6 +52,7 @@ class Adapter:
         """Write the adapter file into `directory`; `sign`: a private key to sign adapter.json with."""
         flat = {f"layers.{index}.{name}": tensor.detach().contiguous().cpu()
                 for index, named in self.tensors.items() for name, tensor in named.items()}
+        flat.update({f"{HEAD_PREFIX}{name}": tensor.detach().contiguous().cpu() for name, tensor in self.head.items()})
         refuse_non_finite(flat, "the adapter to export")
         weights = save(flat, metadata={"format": ADAPTER_FORMAT})
         with atomic_file(directory / ADAPTER_WEIGHTS) as tmp:
@@ -61,6 +64,7 @@ class Adapter:
             "fingerprint": self.fingerprint,
             "base_model": self.base_model,
             "layers": self.layers,
+            **({"head": sorted(self.head)} if self.head else {}),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "training": self.training,
         })
@@ -70,6 +74,8 @@ class Adapter:
 
 # layers.<original index>.<name>: ASCII digits without leading zeros, so no two keys name one tensor
 _KEY = re.compile(r"layers\.(0|[1-9][0-9]*)\.([A-Za-z0-9_.]+)", re.ASCII)
+HEAD_PREFIX = "head."
+_HEAD_KEY = re.compile(r"head\.([A-Za-z0-9_.]+)", re.ASCII)
 
 
 def load_adapter(directory: str | Path, trust: str | Path | None = None) -> Adapter:
@@ -79,7 +85,11 @@ def load_adapter(directory: str | Path, trust: str | Path | None = None) -> Adap
     """
     with opened_adapter(directory, trust) as (adapter, read):
         adapter.tensors = {index: {name: read(index, name) for name in named} for index, named in adapter.tensors.items()}
+        adapter.head = {name: read(HEAD, name) for name in adapter.head}
         return adapter
+
+
+HEAD = -1  # what `opened_adapter`'s reader takes in place of a layer index for the task head's tensors
 
 
 @contextlib.contextmanager
@@ -109,13 +119,17 @@ def opened_adapter(directory: str | Path, trust: str | Path | None = None
                     tensor = weights.get_tensor(key)
                     refuse_non_finite([(key, tensor)], str(path))
                     shapes.setdefault(index, {})[name] = tensor.to("meta")
+            head = shapes.pop(HEAD, {})
         except (SafetensorError, OSError, ValueError) as error:
             raise OffsiteError(f"cannot read {path}: {one_line(str(error))}") from None
-        if sorted(keys) != sorted(meta.get("layers", [])):
-            raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(keys)} but {ADAPTER_METADATA} lists "
+        if sorted(shapes) != sorted(meta.get("layers", [])):
+            raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds layers {sorted(shapes)} but {ADAPTER_METADATA} lists "
                                f"{meta.get('layers')}")
+        if sorted(head) != meta.get("head", []):
+            raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds head tensors {sorted(head)} but {ADAPTER_METADATA} "
+                               f"lists {meta.get('head', [])}")
         adapter = Adapter(shapes, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}),
-                          meta.get("weights_sha256"))
+                          meta.get("weights_sha256"), head)
         yield adapter, lambda index, name: weights.get_tensor(keys[index][name])
 
 
@@ -138,14 +152,18 @@ def _read_metadata(root: Path, trust: str | Path | None) -> dict[str, Any]:
 
 
 def _layer_keys(keys: list[str], path: Path) -> dict[int, dict[str, str]]:
-    """Original layer index -> name in the layer -> the file's key, refusing any key not in canonical form."""
+    """Original layer index (`HEAD` for the task head) -> name -> the file's key, refusing any key not in
+    canonical form."""
     found: dict[int, dict[str, str]] = {}
     for key in keys:
-        match = _KEY.fullmatch(key)
-        if match is None:
+        match, head = _KEY.fullmatch(key), _HEAD_KEY.fullmatch(key)
+        if match is None and head is None:
             raise OffsiteError(f"{path}: unexpected tensor key {one_line(key)} (expected layers.<index>.<name>, "
-                               "the index in ASCII digits without leading zeros)")
-        found.setdefault(int(match.group(1)), {})[match.group(2)] = key
+                               "the index in ASCII digits without leading zeros, or head.<name>)")
+        if match is not None:
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = key
+        else:
+            found.setdefault(HEAD, {})[head.group(1)] = key
     return found
 
 
@@ -159,6 +177,9 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
             raise OffsiteError(f"{path}: field '{name}' must be a JSON object")
     if not isinstance(meta.get("fingerprint"), str) or not re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"]):
         raise OffsiteError(f"{path}: field 'fingerprint' must be a SHA-256 in hex")
+    head = meta.get("head", [])
+    if not isinstance(head, list) or not all(isinstance(name, str) for name in head):
+        raise OffsiteError(f"{path}: field 'head' must be a list of tensor names, got {head!r}")
     if "weights_sha256" in meta and not (isinstance(meta["weights_sha256"], str)
                                          and re.fullmatch(r"[0-9a-f]{64}", meta["weights_sha256"])):
         raise OffsiteError(f"{path}: field 'weights_sha256' must be a SHA-256 in hex")
@@ -171,12 +192,27 @@ def extract(model: nn.Module, positions: dict[int, int]) -> dict[int, dict[str, 
             for original, position in positions.items()}
 
 
+def extract_head(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copy a classifier's task head out of `model` (empty for a language model: its head is not trained)."""
+    return {name: tensor.detach().clone() for name, tensor in head_state(model).items()}
+
+
+def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The task head's tensors by their names in `model` (offsite.arch: `task_head`)."""
+    return {f"{path}.{name}": tensor for path in layer_paths(model).task_head
+            for name, tensor in model.get_submodule(path).state_dict().items()}
+
+
 def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
     """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces."""
     check_fits(model, adapter, positions, source)
     layers = get_layers(model)
     for original, named in adapter.tensors.items():
         layers[positions[original]].load_state_dict(named, strict=True)  # casts a float adapter to the model's dtype
+    for path in layer_paths(model).task_head if adapter.head else ():
+        prefix = f"{path}."
+        model.get_submodule(path).load_state_dict(
+            {name[len(prefix):]: tensor for name, tensor in adapter.head.items() if name.startswith(prefix)}, strict=True)
 
 
 def check_fits(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
@@ -185,9 +221,11 @@ def check_fits(model: nn.Module, adapter: Adapter, positions: dict[int, int], so
     `model` may be a weightless skeleton (a streamed plug): only names, shapes and dtypes are read.
     """
     layers = get_layers(model)
-    dtypes = sorted({str(t.dtype) for named in adapter.tensors.values() for t in named.values()})
+    dtypes = sorted({str(t.dtype) for named in [*adapter.tensors.values(), adapter.head] for t in named.values()})
     if len(dtypes) > 1:
         raise OffsiteError(f"adapter {source} mixes dtypes {dtypes}; an adapter file holds one dtype")
+    if adapter.head:  # layers alone may be applied anywhere (e.g. an emulator's); a head only where it fits
+        check_head(head_state(model), adapter.head, source)
     for original, named in adapter.tensors.items():
         if original not in positions:
             raise OffsiteError(f"adapter {source} has layer {original}, which this model has no place for "
@@ -207,6 +245,22 @@ def check_fits(model: nn.Module, adapter: Adapter, positions: dict[int, int], so
                 )
 
 
+def check_head(expected: dict[str, torch.Tensor], head: dict[str, torch.Tensor], source: str | Path) -> None:
+    """A classifier's adapter carries exactly its task head; a language model's carries none."""
+    if not expected and head:
+        raise OffsiteError(f"adapter {source} carries a classification head ({sorted(head)[0]}, ...), but this model "
+                           "has none to replace: it was trained for a classifier")
+    missing, unexpected = sorted(set(expected) - set(head)), sorted(set(head) - set(expected))
+    if missing or unexpected:
+        raise OffsiteError(f"adapter {source}: the classification head's tensors differ from this model's: missing "
+                           f"{missing}, unexpected {unexpected}")
+    for name, tensor in head.items():
+        want = expected[name]
+        if tensor.shape != want.shape or not _castable(tensor.dtype, want.dtype):
+            raise OffsiteError(f"adapter {source}, head.{name}: shape {tuple(tensor.shape)} {tensor.dtype} but the "
+                               f"model expects {tuple(want.shape)} {want.dtype} (another number of labels?)")
+
+
 def _castable(stored: torch.dtype, wanted: torch.dtype) -> bool:
     """Same dtype, or both floating (an adapter saved with --save-dtype, a model loaded in another)."""
     return stored == wanted or (stored.is_floating_point and wanted.is_floating_point)
@@ -220,6 +274,7 @@ def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path, issu
     """
     check_plug(adapter, source, issued, model.config.num_hidden_layers,
                lambda: model_fingerprint(model, adapter.layers))
+    check_head(head_state(model), adapter.head, source)  # a classifier's adapter must bring its head
     apply(model, adapter, {index: index for index in adapter.layers}, source)
 
 

@@ -25,7 +25,7 @@ from offsite.emulator.split import ROLES, SplitPlan
 from offsite.errors import OffsiteError
 from offsite.exchange import signing
 from offsite.files import atomic_dir, copy_hashing, is_version, one_line, read_json_bytes, sha256_file, write_json
-from offsite.loading import load_tokenizer, refuse_remote_code
+from offsite.loading import load_preprocessor, refuse_remote_code
 from offsite.numerics import refuse_non_finite
 
 
@@ -177,7 +177,7 @@ def open_bundle(bundle: str | Path, in_memory: bool = False, trust: str | Path |
     manifest = read_manifest(bundle, trust)
     with verified_copy(bundle, manifest) as private:
         model = load_emulator(private, manifest.emulator, manifest.plan, in_memory)
-        tokenizer = load_tokenizer(str(private))
+        tokenizer = load_preprocessor(str(private))
     refuse_non_finite(model.state_dict().items(), f"bundle {bundle}")
     return model, tokenizer, manifest
 

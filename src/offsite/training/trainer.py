@@ -40,11 +40,13 @@ log = logging.getLogger(__name__)
 
 
 def freeze_all_but(model: nn.Module, positions: list[int]) -> list[nn.Parameter]:
-    """Make only the blocks at `positions` trainable; return their parameters."""
+    """Make only the blocks at `positions` (and a classifier's task head) trainable; return their parameters."""
     model.requires_grad_(False)
     layers = get_layers(model)
     for position in positions:
         layers[position].requires_grad_(True)
+    for path in layer_paths(model).task_head:
+        model.get_submodule(path).requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 

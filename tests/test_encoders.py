@@ -1,0 +1,166 @@
+"""Encoders that classify (ViT, DeiT, BEiT, DINOv2, BERT, RoBERTa): emulate and plug, with the task head in the adapter.
+
+Tiny random models built from configs (tests/tiny_encoders.py), one per family.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_encoders import ENCODER_FAMILIES, IMAGE_FAMILIES, NUM_LAYERS, encoder_inputs, save_tiny_encoder
+
+from offsite import EmulateConfig, PlugConfig, SplitConfig, emulate, plug
+from offsite.arch import get_layers, layer_paths
+from offsite.errors import OffsiteError
+from offsite.exchange.adapter import Adapter, extract, extract_head, load_adapter
+from offsite.exchange.bundle import bundle_index, load_bundle
+from offsite.kinds import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, kind_of
+from offsite.loading import load_model
+from offsite.training.trainer import freeze_all_but
+
+
+BLOCK_KEY = re.compile(r"\.layers?\.(\d+)\.")
+
+
+@pytest.fixture(scope="module")
+def encoder_dirs(tmp_path_factory):
+    class Dirs(dict):
+        def __missing__(self, family):
+            self[family] = save_tiny_encoder(family, tmp_path_factory.mktemp(family))
+            return self[family]
+    return Dirs()
+
+
+@pytest.fixture(params=ENCODER_FAMILIES)
+def encoder(request):
+    return request.param
+
+
+def logits(model, family):
+    with torch.no_grad():
+        return model(**encoder_inputs(family)).logits
+
+
+def bundle_of(model_dir, out, emulator_layers=1):
+    return emulate(EmulateConfig(model=str(model_dir), output=str(out),
+                                 split=SplitConfig(bottom=2, top=2, emulator_layers=emulator_layers)))
+
+
+def shipped_adapter(bundle, directory, shift: float = 0.0):
+    """The bundle's adapter layers and task head (plus `shift` on every weight), saved as an adapter file."""
+    model, manifest = load_bundle(bundle)
+    positions = bundle_index(manifest)
+    layers = extract(model, {i: positions[i] for i in manifest.plan.adapter})
+    head = extract_head(model)
+    for tensor in [t for named in layers.values() for t in named.values()] + list(head.values()):
+        if tensor.is_floating_point():
+            tensor += shift
+    directory.mkdir()
+    Adapter(layers, manifest.fingerprint, manifest.base_model, head=head).save(directory)
+    return directory
+
+
+def test_each_family_is_a_classifier_of_its_kind(encoder, encoder_dirs):
+    model = load_model(str(encoder_dirs[encoder]))
+    expected = IMAGE_CLASSIFICATION if encoder in IMAGE_FAMILIES else TEXT_CLASSIFICATION
+    assert kind_of(model.config) is expected
+    assert len(get_layers(model)) == NUM_LAYERS and layer_paths(model).task_head
+
+
+def test_an_emulator_of_every_middle_block_equals_the_full_model(encoder, encoder_dirs, tmp_path):
+    full = load_model(str(encoder_dirs[encoder]))
+    bundle = bundle_of(encoder_dirs[encoder], tmp_path / "b", emulator_layers=NUM_LAYERS - 4)
+    emulator, _ = load_bundle(bundle)
+    assert torch.allclose(logits(full, encoder), logits(emulator, encoder), atol=1e-6)
+
+
+def test_the_bundle_holds_no_dropped_block_and_loads_with_the_auto_class(encoder, encoder_dirs, tmp_path):
+    bundle = bundle_of(encoder_dirs[encoder], tmp_path / "b")
+    manifest = json.loads((bundle / "offsite.json").read_text())
+    assert [layer["original_index"] for layer in manifest["layers"]] == [0, 1, 2, 4, 5]
+    with safe_open(str(bundle / "model.safetensors"), "pt") as weights:  # keys as the checkpoint format names them
+        stored = {int(match.group(1)) for key in weights.keys() if (match := BLOCK_KEY.search(key))}
+    assert stored == set(range(5))  # five blocks, renumbered; the sixth was never written
+    assert len(get_layers(load_model(str(bundle)))) == 5  # plain from_pretrained of its kind
+
+
+def test_plugging_the_untrained_adapter_and_head_gives_the_full_model_s_logits(encoder, encoder_dirs, tmp_path):
+    full = load_model(str(encoder_dirs[encoder]))
+    bundle = bundle_of(encoder_dirs[encoder], tmp_path / "b")
+    adapter = shipped_adapter(bundle, tmp_path / "a")
+    assert load_adapter(adapter).head  # the task head travels with the adapter layers
+    for stream in (True, False):
+        plugged = plug(PlugConfig(model=str(encoder_dirs[encoder]), adapter=str(adapter),
+                                  output=str(tmp_path / f"p{stream}"), bundle=str(bundle), stream=stream))
+        assert torch.equal(logits(full, encoder), logits(load_model(str(plugged)), encoder))
+
+
+def test_a_plugged_head_is_the_adapter_s_head(encoder_dirs, tmp_path):
+    family = "bert"
+    bundle = bundle_of(encoder_dirs[family], tmp_path / "b")
+    adapter = shipped_adapter(bundle, tmp_path / "a", shift=0.01)
+    plugged = load_model(str(plug(PlugConfig(model=str(encoder_dirs[family]), adapter=str(adapter),
+                                             output=str(tmp_path / "p"), bundle=str(bundle)))))
+    shipped = load_adapter(adapter)
+    assert set(shipped.head) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                 "classifier.bias"}
+    state = plugged.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in shipped.head.items())
+
+
+def test_only_the_adapter_blocks_and_the_task_head_get_gradients(encoder, encoder_dirs, tmp_path):
+    bundle = bundle_of(encoder_dirs[encoder], tmp_path / "b")
+    model, manifest = load_bundle(bundle)
+    positions = bundle_index(manifest)
+    trained = freeze_all_but(model, [positions[i] for i in manifest.plan.adapter])
+    labels = torch.tensor([0, 2])
+    model(**encoder_inputs(encoder), labels=labels).loss.backward()
+    prefix, head = layer_paths(model).layers, layer_paths(model).task_head
+    adapter_prefixes = tuple(f"{prefix}.{positions[i]}." for i in manifest.plan.adapter)
+    for name, param in model.named_parameters():
+        expected = name.startswith(adapter_prefixes) or name.startswith(tuple(f"{h}." for h in head))
+        assert param.requires_grad == expected, name
+        if not expected:
+            assert param.grad is None, name
+    assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_an_adapter_for_another_base_is_refused(encoder_dirs, tmp_path):
+    bundle = bundle_of(encoder_dirs["vit"], tmp_path / "b")
+    adapter = shipped_adapter(bundle, tmp_path / "a")
+    other = save_tiny_encoder("vit", tmp_path / "other", seed=5)
+    with pytest.raises(OffsiteError, match="was made for another base model"):
+        plug(PlugConfig(model=str(other), adapter=str(adapter), output=str(tmp_path / "p"), bundle=str(bundle)))
+
+
+def test_a_classifier_s_adapter_without_its_head_is_refused(encoder_dirs, tmp_path):
+    bundle = bundle_of(encoder_dirs["vit"], tmp_path / "b")
+    model, manifest = load_bundle(bundle)
+    positions = bundle_index(manifest)
+    (tmp_path / "a").mkdir()
+    Adapter(extract(model, {i: positions[i] for i in manifest.plan.adapter}), manifest.fingerprint,
+            manifest.base_model).save(tmp_path / "a")
+    with pytest.raises(OffsiteError, match="classification head's tensors differ from this model's: missing"):
+        plug(PlugConfig(model=str(encoder_dirs["vit"]), adapter=str(tmp_path / "a"), output=str(tmp_path / "p"),
+                        bundle=str(bundle)))
+
+
+@pytest.mark.parametrize("model_type, why", [("swin", "merge patches"), ("convnext", "convolutional")])
+def test_architectures_that_are_not_one_block_stack_are_refused_with_the_reason(model_type, why, tmp_path):
+    from transformers import AutoConfig, AutoModelForImageClassification
+    config = AutoConfig.for_model(model_type, num_labels=2, image_size=32, depths=[1, 1], hidden_sizes=[8, 16],
+                                  embed_dim=8, num_heads=[1, 2]) if model_type == "swin" else \
+        AutoConfig.for_model(model_type, num_labels=2, depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8])
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path / "m")
+    with pytest.raises(OffsiteError, match=f"cannot be offsite-tuned: .*{why}"):
+        emulate(EmulateConfig(model=str(tmp_path / "m"), output=str(tmp_path / "b")))
+
+
+def test_a_headless_encoder_is_refused_with_the_fix(tmp_path):
+    from transformers import ViTConfig, ViTModel
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+                       image_size=16, patch_size=4)).save_pretrained(tmp_path / "m")
+    with pytest.raises(OffsiteError, match="ViTModel without a task head.*AutoModelForImageClassification"):
+        load_model(str(tmp_path / "m"))
