@@ -26,7 +26,8 @@ FLAGS = {
             "--warmup-ratio --batch-size --grad-accum --seq-len --eval-every --seed --cache-emulator "
             "--checkpoint-emulator --overwrite --checkpoint-every --trust --sign --init-adapter --patience "
             "--device --dtype --save-dtype --num-processes "  # the last 4: new (scale)
-            "--proximal-mu",  # new (federation)
+            "--proximal-mu "  # new (federation)
+            "--head-lr-scale",  # new (encoders)
     "align": f"--model --adapter --output {DISTILL} --trust --sign --overwrite --device --dtype --num-processes --shard-full-model",  # new in the fidelity work
     "federate": "--output --client-data --rounds --local-steps --strategy --server-lr --secagg --dp-noise --dp-clip "
                 "--dp-delta "

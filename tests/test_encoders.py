@@ -164,3 +164,91 @@ def test_a_headless_encoder_is_refused_with_the_fix(tmp_path):
                        image_size=16, patch_size=4)).save_pretrained(tmp_path / "m")
     with pytest.raises(OffsiteError, match="ViTModel without a task head.*AutoModelForImageClassification"):
         load_model(str(tmp_path / "m"))
+
+
+def write_reviews(path, count=24):
+    """A toy sentiment task whose labels ("good", "bad") are not the tiny model's ("cat", "dog", "fish")."""
+    # The first token differs: a BERT classifies from its first position, and this tokenizer adds no [CLS].
+    words = {"good": "bright warm sunny morning in the harbour", "bad": "cold storm broke the old boats"}
+    with open(path, "w") as handle:
+        for i in range(count):
+            label = "good" if i % 2 else "bad"
+            handle.write(json.dumps({"text": f"{words[label]} {i}", "label": label}) + "\n")
+    return path
+
+
+def write_image_folder(root, per_label=6):
+    """PNG files under root/<label>/: bright images are "light", dark ones "dark"."""
+    from PIL import Image
+    generator = torch.Generator().manual_seed(0)
+    for label, base in (("dark", 30), ("light", 220)):
+        (root / label).mkdir(parents=True)
+        for i in range(per_label):
+            noise = torch.randint(-25, 25, (16, 16, 3), generator=generator)
+            pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def test_tuning_a_text_classifier_gives_it_a_head_for_the_data_s_labels_that_plugs(encoder_dirs, tmp_path):
+    from offsite import EvalConfig, TrainConfig, TuneConfig, evaluate, tune
+    data = write_reviews(tmp_path / "reviews.jsonl")
+    bundle = bundle_of(encoder_dirs["bert"], tmp_path / "b")
+    adapter = tune(TuneConfig(bundle=str(bundle), data=str(data), output=str(tmp_path / "a"),
+                              train=TrainConfig(max_steps=12, batch_size=8, lr=1e-3, seq_len=32)))
+    trained = load_adapter(adapter)
+    assert trained.labels == ("bad", "good") and trained.head["classifier.weight"].shape[0] == 2
+    losses = [json.loads(line)["loss"] for line in (adapter / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0]
+    plugged = load_model(str(plug(PlugConfig(model=str(encoder_dirs["bert"]), adapter=str(adapter),
+                                             output=str(tmp_path / "p"), bundle=str(bundle)))))
+    assert plugged.config.id2label == {0: "bad", 1: "good"}
+    assert all(torch.equal(plugged.state_dict()[name], tensor) for name, tensor in trained.head.items())
+    result = evaluate(EvalConfig(model=str(tmp_path / "p"), data=str(data), seq_len=32))
+    assert result["task"] == "classify" and result["n"] == 24 and result["accuracy"] >= 0.75
+    through = evaluate(EvalConfig(model=str(bundle), adapter=str(adapter), data=str(data), seq_len=32))
+    assert through["n"] == 24  # the bundle takes the adapter's head too
+    settings = json.loads((adapter / "adapter.json").read_text())["training"]["settings"]
+    assert settings["train"]["head_lr_scale"] == 10.0
+
+
+def test_the_cli_tunes_plugs_and_scores_a_vision_classifier_on_an_image_folder(encoder_dirs, tmp_path, capsys):
+    from offsite.cli import main
+    images = write_image_folder(tmp_path / "photos")
+    model = str(encoder_dirs["vit"])
+    steps = [["emulate", model, "-o", str(tmp_path / "b"), "--bottom", "2", "--top", "2", "--emulator-layers", "1"],
+             ["tune", str(tmp_path / "b"), "--data", str(images), "-o", str(tmp_path / "a"), "--max-steps", "4",
+              "--batch-size", "4", "--lr", "1e-3"],
+             ["plug", model, str(tmp_path / "a"), "-o", str(tmp_path / "p"), "--bundle", str(tmp_path / "b")],
+             ["eval", str(tmp_path / "p"), "--data", str(images), "--json"]]
+    for argv in steps:
+        assert main(argv) in (0, None), argv
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "classify" and result["n"] == 12
+    assert load_adapter(tmp_path / "a").labels == ("dark", "light")
+
+
+def test_a_file_that_is_not_an_image_gets_one_line_naming_it(encoder_dirs, tmp_path):
+    from offsite import TrainConfig, TuneConfig, tune
+    images = write_image_folder(tmp_path / "photos")
+    (images / "dark" / "broken.png").write_bytes(b"not a png")
+    bundle = bundle_of(encoder_dirs["vit"], tmp_path / "b")
+    with pytest.raises(OffsiteError, match="broken.png: not a readable image"):
+        tune(TuneConfig(bundle=str(bundle), data=str(images), output=str(tmp_path / "a"),
+                        train=TrainConfig(max_steps=1)))
+    assert not (tmp_path / "a").exists()
+
+
+def test_idx_files_read_as_labelled_images(tmp_path):
+    import gzip
+    import struct
+    from offsite.data.read import read_data
+    pixels = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(3, 4, 4).numpy()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">HBB3I", 0, 8, 3, 3, 4, 4) + pixels.tobytes())
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">HBBI", 0, 8, 1, 3) + bytes([7, 2, 7]))
+    data = read_data(str(tmp_path / "t10k-images-idx3-ubyte.gz"))
+    assert data.modality == "image" and data.labels == ("2", "7") and [e.label for e in data.examples] == [1, 0, 1]
+    assert (data.examples[2].input == pixels[2]).all()

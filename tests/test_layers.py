@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("infrastructure", ("offsite", "offsite.errors", "offsite.constants", "offsite.config", "offsite.files",
                         "offsite.arch", "offsite.assets", "offsite.allocator", "offsite.loading",
                         "offsite.processes", "offsite.numerics", "offsite.checkpoints", "offsite.device",
-                        "offsite.weights", "offsite.parallel")),
+                        "offsite.weights", "offsite.parallel", "offsite.kinds", "offsite.heads")),
     ("data", ("offsite.data",)),
     ("scoring", ("offsite.scoring",)),
     ("emulator", ("offsite.emulator",)),

@@ -20,15 +20,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from offsite.arch import get_layers
+from offsite.arch import get_layers, layer_paths
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
 from offsite.config import (AlignConfig, DeviceConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig,
                             PlugConfig, SampleConfig, TuneConfig)
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
+from offsite.data.classified import Classified, items_digest
 from offsite.data.read import read_data, write_jsonl
 from offsite.data.tokens import Sequence
-from offsite.data.types import Data, TextData, limit
+from offsite.data.types import Data, LabelledData, TextData, limit
 from offsite.device import DTYPES, Placement, place_model
 from offsite.emulator.build import build_emulator, calibration_corpus, compress_reduced, reduce_skeleton, streams
 from offsite.emulator.compress import COMPRESSIONS
@@ -42,6 +43,7 @@ from offsite.exchange.bundle import (Manifest, bundle_index, check_bundle, emula
                                      write_bundle)
 from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
+from offsite.heads import model_labels, rehead
 from offsite.loading import check_window, load_config, load_model, load_preprocessor, load_tokenizer
 from offsite.scoring import score
 from offsite import parallel
@@ -171,11 +173,17 @@ def tune(config: TuneConfig, emulator: dict[int, dict[str, torch.Tensor]] | None
             raise OffsiteError(f"--init-adapter {config.init_adapter} was not trained for bundle {config.bundle}: "
                                f"fingerprints {start.fingerprint[:16]}… and {manifest.fingerprint[:16]}… differ")
         apply(model, start, positions, config.init_adapter)
-    sequences = training_sequences(data, tokenizer, config.train.seq_len)
+    if isinstance(data, LabelledData):
+        check_classifier(model, config)
+        if rehead(model, data.labels, config.train.seed):
+            log.info("a new classification head for the %d labels of --data: %s", len(data.labels),
+                     ", ".join(data.labels[:10]))
+    sequences = training_sequences(data, tokenizer, config.train.seq_len, model)
     if not sequences:
         raise OffsiteError(f"--data {config.data} gives no training sequence; it needs at least 2 tokens")
     trained = [positions[i] for i in manifest.plan.adapter]
-    place_model(model, placement, keep_float32=[get_layers(model)[p] for p in trained])
+    head = [model.get_submodule(path) for path in layer_paths(model).task_head]
+    place_model(model, placement, keep_float32=[get_layers(model)[p] for p in trained] + head)
     resumable = Resumable(Path(config.output).with_name(f".{Path(config.output).name}.tune"),
                           {**_run_identity(manifest, sequences, eval_data, config), "dtype": str(placement.dtype),
                            "processes": processes.count, "emulator": _digest(emulator)},
@@ -196,6 +204,7 @@ def tune(config: TuneConfig, emulator: dict[int, dict[str, torch.Tensor]] | None
             base_model=manifest.base_model,
             training={"settings": config.to_dict(), "summary": model.offsite_training_summary},
             head={k: v.to("cpu", DTYPES[config.save_dtype]) for k, v in extract_head(model).items()},
+            labels=model_labels(model) if head_state(model) else None,
         )
         adapter.save(tmp, sign=config.sign)
     resumable.remove()
@@ -289,11 +298,22 @@ def _digest(tensors: dict[int, dict[str, torch.Tensor]] | None) -> str | None:
     return digest.hexdigest()
 
 
+def check_classifier(model: PreTrainedModel, config: TuneConfig) -> None:
+    """Labelled data trains a classifier only, and without the language-model-only speed-ups."""
+    if not head_state(model):
+        raise OffsiteError(f"--data {config.data} is labelled data for a classifier, but bundle {config.bundle} is "
+                           "a language model: give it text or choice data")
+    if config.train.cache_emulator or config.train.lora_rank:
+        raise OffsiteError("--cache-emulator and --lora-rank work with language models only; drop them to train "
+                           "a classifier")
+
+
 def _run_identity(manifest: Manifest, sequences: list[Sequence], eval_data: Data | None,
                   config: TuneConfig) -> dict[str, Any]:
     """What a checkpoint must share with a rerun to be resumed: the bundle, the data and the settings."""
-    digest = hashlib.sha256(json.dumps([[s.input_ids, s.labels] for s in sequences]).encode())
-    return {"bundle": manifest.files, "fingerprint": manifest.fingerprint, "sequences": digest.hexdigest(),
+    digest = (items_digest(sequences) if sequences and isinstance(sequences[0], Classified) else
+              hashlib.sha256(json.dumps([[s.input_ids, s.labels] for s in sequences]).encode()).hexdigest())
+    return {"bundle": manifest.files, "fingerprint": manifest.fingerprint, "sequences": digest,
             "eval_data": hashlib.sha256(repr(eval_data).encode()).hexdigest(),  # dataclass repr: every example
             "train": config.train.to_dict()}
 
@@ -335,6 +355,8 @@ def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...]
     if mapping is None or not stores_layers(streamed, [i for i in adapter.layers if i < num_layers]):
         return False
     check_plug(adapter, config.adapter, layers, num_layers, lambda: file_fingerprint(streamed, adapter.layers) or "")
+    if adapter.labels is not None and model_labels(skeleton) != adapter.labels:
+        return False  # a head for other labels: its shape changes, which the loaded path handles
     check_head(head_state(skeleton), adapter.head, config.adapter)
     check_fits(skeleton, adapter, {index: index for index in adapter.layers}, config.adapter)
     replacements = {f"{streamed.layers_prefix}.{index}.{name}": (index, name)
@@ -362,7 +384,7 @@ def load_for_eval(model_path: str, adapter_path: str | None, bundle: str | None 
         if adapter_path:
             adapter = load_adapter(adapter_path)
             plug_into(model, adapter, adapter_path, issued.issued_layers(adapter, adapter_path, bundle))
-        return model, load_tokenizer(model_path)
+        return model, load_preprocessor(model_path)
     model, tokenizer, manifest = open_bundle(model_path)
     if adapter_path:
         adapter = load_adapter(adapter_path)
@@ -410,7 +432,7 @@ def load_spread(config: EvalConfig, placement: Placement) -> tuple[PreTrainedMod
                                "room for the whole model, or plug the adapter first (offsite plug) and score that")
         adapter = load_adapter(config.adapter)
         plug_into(model, adapter, config.adapter, issued.issued_layers(adapter, config.adapter, config.bundle))
-    return model, load_tokenizer(config.model)
+    return model, load_preprocessor(config.model)
 
 
 def _size(path: Path) -> int:

@@ -333,6 +333,9 @@ class TrainConfig(JsonConfig):
     max_steps: int | None = option(None, "optimizer steps", exclusive="steps")
     lr: float = option(1e-4, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    # The paper's vision recipe trains the new linear classifier at 10x the adapter's lr.
+    head_lr_scale: float = option(10.0, "a classifier's head trains at this multiple of --lr (language models "
+                                  "have no trained head)")
     warmup_ratio: float = option(0.06, "share of steps spent warming up")
     batch_size: int = option(8, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -364,7 +367,7 @@ class TrainConfig(JsonConfig):
         positive(problems, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                   seq_len=self.seq_len, epochs=self.epochs, max_steps=self.max_steps,
                   lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, eval_every=self.eval_every,
-                  patience=self.patience)
+                  patience=self.patience, head_lr_scale=self.head_lr_scale)
         if self.lora_alpha is not None and self.lora_rank is None:
             problems.append("--lora-alpha needs --lora-rank")
         if not 0 <= self.warmup_ratio < 1:

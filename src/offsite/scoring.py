@@ -10,9 +10,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from offsite.data.classified import classifier_items, collate_classified
 from offsite.data.tokens import IGNORE, Sequence, collate, encode_pair, lm_sequences, token_log_probs
-from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
+from offsite.data.types import ChoiceData, ChoiceExample, Data, LabelledData, TextData
 from offsite.errors import OffsiteError
+from offsite.heads import model_labels
 
 
 def batches(lengths: list[int], batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
@@ -118,6 +120,27 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Data
     try:
         if isinstance(data, ChoiceData):
             return choice_accuracy(model, tokenizer, data.examples, seq_len)
+        if isinstance(data, LabelledData):
+            return classify_accuracy(model, tokenizer, data, seq_len, batch_size)
         return perplexity(model, tokenizer, data, seq_len, batch_size, batch_tokens)
     finally:
         model.train(was_training)
+
+
+def classify_accuracy(model: PreTrainedModel, preprocessor, data: LabelledData, seq_len: int,
+                      batch_size: int) -> dict[str, float | int | str]:
+    """Accuracy of the head's most likely label."""
+    items = classifier_items(data, preprocessor, seq_len, model_labels(model))
+    device = next(model.parameters()).device
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = collate_classified(items[start: start + batch_size], _pad_id(preprocessor))
+            labels = batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            correct += int((logits.argmax(-1).cpu() == labels).sum())
+    return {"task": "classify", "n": len(items), "accuracy": correct / len(items)}
+
+
+def _pad_id(preprocessor) -> int:
+    return getattr(preprocessor, "pad_token_id", None) or 0

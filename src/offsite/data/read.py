@@ -5,7 +5,9 @@ Formats:
 - `.jsonl`, one object per line, all lines of one kind:
   - `{"text": "..."}`: language modelling;
   - `{"context": "...", "choices": ["...", ...], "label": 0}`: a choice task. A choice is
-    appended to the context verbatim, so it usually starts with a space (" sport").
+    appended to the context verbatim, so it usually starts with a space (" sport");
+  - `{"text": "...", "label": L}` or `{"image": "path", "label": L}`: labelled data for a
+    classifier (see offsite.data.labelled, which also reads image folders and IDX files).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 
 from offsite.data import builtin
+from offsite.data.labelled import IDX_IMAGES, labelled_records, read_idx, read_image_folder
 from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
 from offsite.errors import OffsiteError
 from offsite.files import atomic_file, read_text
@@ -24,6 +27,10 @@ def read_data(source: str | Path, flag: str = "--data", default_split: str = "tr
     path = Path(source)
     if not path.exists() and builtin.is_builtin(str(source)):
         return builtin.load_builtin(str(source), default_split)
+    if path.is_dir():
+        return read_image_folder(path, flag)
+    if IDX_IMAGES in path.name and path.is_file():
+        return read_idx(path, flag)
     if not path.is_file():
         raise OffsiteError(f"{flag} {source}: no such file; pass a .txt or .jsonl file or a built-in dataset "
                            f"({', '.join(builtin.BUILTIN)})")
@@ -41,17 +48,23 @@ def read_data(source: str | Path, flag: str = "--data", default_split: str = "tr
 def _read_jsonl(path: Path, flag: str) -> Data:
     texts: list[str] = []
     examples: list[ChoiceExample] = []
+    labelled: list[tuple[dict, str]] = []
     for number, line in enumerate(read_text(path, flag).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         record = _parse_line(line, where)
-        if "text" in record:
+        if "label" in record and ("text" in record or "image" in record):
+            labelled.append((record, where))
+        elif "text" in record:
             texts.append(_text_record(record, where))
         else:
             examples.append(_choice_record(record, where))
-        if texts and examples:
-            raise OffsiteError(f"{where}: mixes text lines with choice lines; use one kind per file")
+        present = [name for name, found in (("text", texts), ("choice", examples), ("labelled", labelled)) if found]
+        if len(present) > 1:
+            raise OffsiteError(f"{where}: mixes {present[0]} lines with {present[1]} lines; use one kind per file")
+    if labelled:
+        return labelled_records(labelled, path)
     if texts:
         return TextData(texts, str(path))
     if examples:

@@ -1,4 +1,5 @@
-"""What offsite trains and scores on: documents for language modelling, or multiple-choice examples."""
+"""What offsite trains and scores on: documents for language modelling, multiple-choice examples, or labelled
+texts and images for a classifier."""
 
 from __future__ import annotations
 
@@ -39,13 +40,32 @@ class ChoiceData:
     task = "choice"
 
 
-Data = Union[TextData, ChoiceData]
+@dataclass(frozen=True)
+class LabelledExample:
+    input: str  # the text, or the path of the image
+    label: int  # index into the data's label names
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """Texts or images with one class label each, for a classifier (offsite.kinds)."""
+
+    examples: list[LabelledExample]
+    labels: tuple[str, ...]  # the label names, by index
+    modality: str  # "text" or "image"
+    source: str
+    task = "classify"
+
+
+Data = Union[TextData, ChoiceData, LabelledData]
 
 
 def limit(data: Data, count: int) -> Data:
     """The first `count` examples (or documents)."""
     if isinstance(data, ChoiceData):
         return ChoiceData(data.examples[:count], data.source)
+    if isinstance(data, LabelledData):
+        return LabelledData(data.examples[:count], data.labels, data.modality, data.source)
     return TextData(data.texts[:count], data.source)
 
 

@@ -30,6 +30,7 @@ from offsite.errors import OffsiteError
 from offsite.exchange import signing
 from offsite.exchange.fingerprint import model_fingerprint
 from offsite.files import atomic_file, copy_hashing, is_version, one_line, read_json_bytes, write_json
+from offsite.heads import rehead
 from offsite.numerics import refuse_non_finite
 
 
@@ -43,6 +44,7 @@ class Adapter:
     training: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None  # as adapter.json recorded it (older adapter files have none)
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # a classifier's task head, by name in the model
+    labels: tuple[str, ...] | None = None  # a classifier's label names, by index: the head's outputs
 
     @property
     def layers(self) -> list[int]:
@@ -65,6 +67,7 @@ class Adapter:
             "base_model": self.base_model,
             "layers": self.layers,
             **({"head": sorted(self.head)} if self.head else {}),
+            **({"labels": list(self.labels)} if self.labels is not None else {}),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "training": self.training,
         })
@@ -129,7 +132,8 @@ def opened_adapter(directory: str | Path, trust: str | Path | None = None
             raise OffsiteError(f"{root}: {ADAPTER_WEIGHTS} holds head tensors {sorted(head)} but {ADAPTER_METADATA} "
                                f"lists {meta.get('head', [])}")
         adapter = Adapter(shapes, str(meta.get("fingerprint")), meta.get("base_model", {}), meta.get("training", {}),
-                          meta.get("weights_sha256"), head)
+                          meta.get("weights_sha256"), head,
+                          tuple(meta["labels"]) if "labels" in meta else None)
         yield adapter, lambda index, name: weights.get_tensor(keys[index][name])
 
 
@@ -177,9 +181,10 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
             raise OffsiteError(f"{path}: field '{name}' must be a JSON object")
     if not isinstance(meta.get("fingerprint"), str) or not re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"]):
         raise OffsiteError(f"{path}: field 'fingerprint' must be a SHA-256 in hex")
-    head = meta.get("head", [])
-    if not isinstance(head, list) or not all(isinstance(name, str) for name in head):
-        raise OffsiteError(f"{path}: field 'head' must be a list of tensor names, got {head!r}")
+    for name in ("head", "labels"):
+        names = meta.get(name, [])
+        if not isinstance(names, list) or not all(isinstance(item, str) for item in names):
+            raise OffsiteError(f"{path}: field '{name}' must be a list of names, got {names!r}")
     if "weights_sha256" in meta and not (isinstance(meta["weights_sha256"], str)
                                          and re.fullmatch(r"[0-9a-f]{64}", meta["weights_sha256"])):
         raise OffsiteError(f"{path}: field 'weights_sha256' must be a SHA-256 in hex")
@@ -204,7 +209,12 @@ def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def apply(model: nn.Module, adapter: Adapter, positions: dict[int, int], source: str | Path) -> None:
-    """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces."""
+    """Load the adapter into `model` strictly: same keys, shapes and dtypes as the layers it replaces.
+
+    A classifier's adapter trained for other labels than `model`'s head gives it a head for them first.
+    """
+    if adapter.head and adapter.labels is not None:
+        rehead(model, adapter.labels, seed=0)  # its weights are the adapter's, loaded below
     check_fits(model, adapter, positions, source)
     layers = get_layers(model)
     for original, named in adapter.tensors.items():
@@ -274,7 +284,8 @@ def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path, issu
     """
     check_plug(adapter, source, issued, model.config.num_hidden_layers,
                lambda: model_fingerprint(model, adapter.layers))
-    check_head(head_state(model), adapter.head, source)  # a classifier's adapter must bring its head
+    if head_state(model) and not adapter.head:  # a classifier's adapter must bring its head
+        check_head(head_state(model), adapter.head, source)
     apply(model, adapter, {index: index for index in adapter.layers}, source)
 
 

@@ -21,6 +21,8 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     The head is the most expensive layer of a small model with a large
     vocabulary; a choice task scores one or two positions of each sequence.
     """
+    if batch["labels"].dim() == 1:  # a classifier: one label per example (offsite.training.classify)
+        return classification_loss(model, batch)
     scored = batch["labels"] != IGNORE  # (B, T)
     if int(scored.sum()) * model.config.vocab_size > CHUNK_LOGITS and plain_head(model):
         return chunked_loss(model, batch, scored)  # e.g. language modelling: a loss on every token
@@ -28,3 +30,8 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    logits_to_keep=scored, use_cache=False).logits  # (number scored, V)
     return mean_loss(logits, batch["labels"][scored])
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    return F.cross_entropy(model(**inputs).logits.float(), batch["labels"])

@@ -25,9 +25,11 @@ from transformers.pytorch_utils import Conv1D
 
 from offsite.arch import get_layers, layer_paths
 from offsite.config import TrainConfig
+from offsite.data.classified import Classified, classifier_items, collate_classified
 from offsite.data.tokens import IGNORE, Sequence, collate, lm_sequences, train_choice_sequence
-from offsite.data.types import ChoiceData, Data
+from offsite.data.types import ChoiceData, Data, LabelledData
 from offsite.device import CPU, Placement
+from offsite.heads import model_labels
 from offsite.numerics import check_step
 from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
@@ -66,7 +68,12 @@ def add_lora(model: PreTrainedModel, positions: list[int], rank: int, alpha: flo
         return get_peft_model(model, lora)
 
 
-def training_sequences(data: Data, tokenizer, seq_len: int) -> list[Sequence]:
+def training_sequences(data: Data, tokenizer, seq_len: int, model: PreTrainedModel | None = None
+                       ) -> list[Sequence] | list[Classified]:
+    """What a step trains on; labelled data needs the classifier (`model`), whose head gives the label order."""
+    if isinstance(data, LabelledData):
+        assert model is not None, "labelled data trains a classifier"
+        return classifier_items(data, tokenizer, seq_len, model_labels(model))
     if isinstance(data, ChoiceData):
         return [train_choice_sequence(tokenizer, ex, seq_len) for ex in data.examples]
     return lm_sequences(tokenizer, data.texts, seq_len)
@@ -141,16 +148,18 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
            settings: TrainConfig, metrics_path: Path, cache: EmulatorCache | None = None,
            checkpoint: Resumable | None = None, placement: Placement = CPU,
            processes: Processes = ONE) -> dict[str, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, settings)
+    params = [p for group in groups for p in group["params"]]
     # Where the weights start, taken before a checkpoint is resumed: the proximal term's anchor.
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu else None
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     # Steps, shuffling and batches are those of one process with the global batch.
     global_settings = dataclasses.replace(settings, batch_size=settings.batch_size * processes.count)
     steps = global_settings.total_steps(len(sequences))
     eval_every = settings.eval_every or max(1, steps // 5)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    batches = _batch_stream(sequences, global_settings, tokenizer.pad_token_id, cache)
+    # An image processor pads nothing: images come in one size.
+    batches = _batch_stream(sequences, global_settings, getattr(tokenizer, "pad_token_id", None) or 0, cache)
     # float16 underflows small gradients: scale the loss up, and skip a step whose gradients overflowed.
     scaler = torch.amp.GradScaler(placement.device.type) if placement.dtype == torch.float16 else None
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
@@ -202,14 +211,31 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
             "global_batch": settings.batch_size * processes.count * settings.grad_accum}
 
 
-def _batch_stream(sequences: list[Sequence], settings: TrainConfig, pad_id: int, cache: EmulatorCache | None = None):
+def parameter_groups(model: nn.Module, settings: TrainConfig) -> list[dict[str, Any]]:
+    """The trained parameters; a classifier's new task head in a group of its own at `head_lr_scale` x the lr."""
+    head = {id(p) for path in layer_paths(_unwrapped(model)).task_head
+            for p in _unwrapped(model).get_submodule(path).parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if id(p) not in head], "lr": settings.lr}]
+    if head:
+        groups.append({"params": [p for p in trained if id(p) in head], "lr": settings.lr * settings.head_lr_scale})
+    return [group for group in groups if group["params"]]
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _batch_stream(sequences: list[Sequence] | list[Classified], settings: TrainConfig, pad_id: int,
+                  cache: EmulatorCache | None = None):
     """Endless shuffled micro-batches, reshuffled every epoch with the run's seed."""
     generator = torch.Generator().manual_seed(settings.seed)
+    gather = collate_classified if sequences and isinstance(sequences[0], Classified) else collate
     while True:
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
             indices = order[start: start + settings.batch_size]
-            batch = collate([sequences[i] for i in indices], pad_id)
+            batch = gather([sequences[i] for i in indices], pad_id)
             if cache is not None:
                 batch["frozen_output"] = cache.batch(indices)
             yield batch
