@@ -252,3 +252,11 @@ def test_idx_files_read_as_labelled_images(tmp_path):
     data = read_data(str(tmp_path / "t10k-images-idx3-ubyte.gz"))
     assert data.modality == "image" and data.labels == ("2", "7") and [e.label for e in data.examples] == [1, 0, 1]
     assert (data.examples[2].input == pixels[2]).all()
+
+
+def test_distilling_a_classifier_s_emulator_is_refused_in_one_line(encoder_dirs, tmp_path, sample_text_file):
+    from offsite.config import DistillConfig
+    with pytest.raises(OffsiteError, match="--distill is for language models: distilling a classifier's emulator"):
+        emulate(EmulateConfig(model=str(encoder_dirs["vit"]), output=str(tmp_path / "b"),
+                              split=SplitConfig(emulator_layers=1), distill=DistillConfig(corpus=str(sample_text_file))))
+    assert not (tmp_path / "b").exists()

@@ -44,6 +44,7 @@ from offsite.exchange.bundle import (Manifest, bundle_index, check_bundle, emula
 from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.heads import model_labels, rehead
+from offsite.kinds import kind_of
 from offsite.loading import check_window, load_config, load_model, load_preprocessor, load_tokenizer
 from offsite.scoring import score
 from offsite import parallel
@@ -62,6 +63,8 @@ def emulate(config: EmulateConfig) -> Path:
     check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
+    if config.distill or config.split.selection == "similarity":
+        check_text_model(config.model, "--distill" if config.distill else "--method similarity")
     corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
     if config.distill:
         read_heldout(config.distill)
@@ -90,6 +93,13 @@ def emulate(config: EmulateConfig) -> Path:
     issued.record(manifest, config.output)  # plug later replaces only these layers
     shutil.rmtree(checkpoint, ignore_errors=True)
     return Path(config.output)
+
+
+def check_text_model(model: str, what: str) -> None:
+    """Distillation and similarity selection read a text corpus through a language model's head."""
+    if kind_of(load_config(model), model).classifies:
+        raise OffsiteError(f"{what} is for language models: distilling a classifier's emulator (hidden-state "
+                           "distillation on unlabelled images or text) is not built yet; make its bundle without it")
 
 
 def _distill_processes(config: EmulateConfig | AlignConfig, command: str) -> Processes:
@@ -242,6 +252,7 @@ def align(config: AlignConfig) -> Path:
     check_output_dir(config.output, config.overwrite, inputs=sources)
     if config.sign:
         signing.check_private_key(config.sign)
+    check_text_model(config.model, "offsite align")
     corpus = read_corpus(config.distill)  # a bad corpus fails now, not after loading
     read_heldout(config.distill)
     processes = _distill_processes(config, "align")
