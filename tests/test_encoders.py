@@ -254,9 +254,41 @@ def test_idx_files_read_as_labelled_images(tmp_path):
     assert (data.examples[2].input == pixels[2]).all()
 
 
-def test_distilling_a_classifier_s_emulator_is_refused_in_one_line(encoder_dirs, tmp_path, sample_text_file):
+def test_a_classifier_s_emulator_distils_on_hidden_states_of_unlabelled_images(encoder_dirs, tmp_path):
     from offsite.config import DistillConfig
-    with pytest.raises(OffsiteError, match="--distill is for language models: distilling a classifier's emulator"):
+    images = write_image_folder(tmp_path / "photos")
+    heldout = write_image_folder(tmp_path / "heldout", per_label=2)
+    plain = bundle_of(encoder_dirs["vit"], tmp_path / "plain")
+    bundle = emulate(EmulateConfig(model=str(encoder_dirs["vit"]), output=str(tmp_path / "b"),
+                                   split=SplitConfig(bottom=2, top=2, emulator_layers=1),
+                                   distill=DistillConfig(corpus=str(images), heldout=str(heldout), steps=4,
+                                                         batch_size=4, lr=1e-3, eval_every=2)))
+    summary = json.loads((bundle / "offsite.json").read_text())["emulator"]["distill"]
+    assert summary["settings"]["kl_weight"] == 0 and summary["settings"]["lm_weight"] == 0  # hidden states only
+    assert summary["selected_by"] == "standin_error" and summary["heldout_standin_error_best"] < \
+        summary["heldout_standin_error_before"]
+    assert all(h["perplexity"] is None for h in summary["heldout"])
+    trained, _ = load_bundle(bundle)
+    untouched, _ = load_bundle(plain)
+    changed = [name for name, tensor in trained.state_dict().items()
+               if not torch.equal(tensor, untouched.state_dict()[name])]
+    assert changed and all(name.startswith("vit.layers.2.") for name in changed)  # the emulator block only
+
+
+def test_text_classifiers_distil_on_plain_text(encoder_dirs, tmp_path, sample_text_file):
+    from offsite.config import DistillConfig
+    lines = tmp_path / "corpus.jsonl"
+    lines.write_text("".join(json.dumps({"text": line}) + "\n" for line in sample_text_file.read_text().split(". ")))
+    bundle = emulate(EmulateConfig(model=str(encoder_dirs["bert"]), output=str(tmp_path / "b"),
+                                   split=SplitConfig(bottom=2, top=2, emulator_layers=1),
+                                   distill=DistillConfig(corpus=str(lines), steps=3, batch_size=4, seq_len=32)))
+    assert json.loads((bundle / "offsite.json").read_text())["emulator"]["method"] == "uniform+distill"
+
+
+def test_a_classifier_cannot_be_distilled_by_perplexity_or_aligned(encoder_dirs, tmp_path, sample_text_file):
+    from offsite.config import DistillConfig
+    with pytest.raises(OffsiteError, match="a classifier has no perplexity"):
         emulate(EmulateConfig(model=str(encoder_dirs["vit"]), output=str(tmp_path / "b"),
-                              split=SplitConfig(emulator_layers=1), distill=DistillConfig(corpus=str(sample_text_file))))
+                              split=SplitConfig(emulator_layers=1),
+                              distill=DistillConfig(corpus=str(sample_text_file), select="perplexity")))
     assert not (tmp_path / "b").exists()

@@ -8,6 +8,7 @@ fingerprint), `data` and `scoring`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.arch import get_layers, layer_paths
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
-from offsite.config import (AlignConfig, DeviceConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig,
+from offsite.config import (AlignConfig, DeviceConfig, DistillConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig,
                             PlugConfig, SampleConfig, TuneConfig)
 from offsite.constants import ADAPTER_METADATA, METRICS, MODEL_CONFIG
 from offsite.data import builtin
@@ -63,11 +64,15 @@ def emulate(config: EmulateConfig) -> Path:
     check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
-    if config.distill or config.split.selection == "similarity":
-        check_text_model(config.model, "--distill" if config.distill else "--method similarity")
-    corpus = read_corpus(config.distill) if config.distill else None  # a bad corpus fails now, not after loading
+    classifier = kind_of(load_config(config.model), config.model).classifies
+    if classifier and config.split.selection == "similarity":
+        raise OffsiteError("--method similarity measures the blocks on text through a language model; a "
+                           "classifier's bundle uses the uniform selection")
+    if classifier and config.distill:
+        config.distill = classifier_distillation(config.distill)
+    corpus = read_corpus(config.distill, classifier) if config.distill else None  # a bad corpus fails now
     if config.distill:
-        read_heldout(config.distill)
+        read_heldout(config.distill, classifier)
         distill_placement(config.runtime)  # a dtype it cannot train in fails now too
         check_window(load_config(config.model), config.distill.seq_len, "--distill-seq-len")
     if config.split.selection == "similarity":
@@ -95,11 +100,22 @@ def emulate(config: EmulateConfig) -> Path:
     return Path(config.output)
 
 
+def classifier_distillation(settings: DistillConfig) -> DistillConfig:
+    """A classifier's emulator learns the middle block's hidden states only (the paper's vision recipe):
+    it has no next-token distribution for the KL and LM terms, and no perplexity to choose a checkpoint by."""
+    if settings.select == "perplexity":
+        raise OffsiteError("--distill-select perplexity: a classifier has no perplexity; use the default "
+                           "(the held-out stand-in error)")
+    if settings.kl_weight or settings.lm_weight:
+        log.info("a classifier's emulator is distilled on hidden states only: --kl-weight and --lm-weight do not "
+                 "apply")
+    return dataclasses.replace(settings, kl_weight=0.0, lm_weight=0.0)
+
+
 def check_text_model(model: str, what: str) -> None:
-    """Distillation and similarity selection read a text corpus through a language model's head."""
+    """Re-alignment reads a text corpus through a language model's head."""
     if kind_of(load_config(model), model).classifies:
-        raise OffsiteError(f"{what} is for language models: distilling a classifier's emulator (hidden-state "
-                           "distillation on unlabelled images or text) is not built yet; make its bundle without it")
+        raise OffsiteError(f"{what} is for language models: re-aligning a classifier's emulator is not built yet")
 
 
 def _distill_processes(config: EmulateConfig | AlignConfig, command: str) -> Processes:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from offsite.data.labelled import load_image
-from offsite.data.types import LabelledData
+from offsite.data.types import Data, LabelledData, TextData
 from offsite.errors import OffsiteError
 
 
@@ -68,3 +68,20 @@ def items_digest(items: list[Classified]) -> str:
             digest.update(tensor.contiguous().numpy().tobytes())
         digest.update(str(item.label).encode())
     return digest.hexdigest()
+
+
+def encoder_inputs(data: Data, preprocessor, seq_len: int) -> list[Classified]:
+    """Each text or image of `data` as one input (labels, if any, kept but unused): a classifier's
+    distillation corpus, labelled or not."""
+    if isinstance(data, LabelledData):
+        return classifier_items(data, preprocessor, seq_len, data.labels)
+    if isinstance(data, TextData):
+        return [Classified({"input_ids": torch.tensor(preprocessor(text, truncation=True, max_length=seq_len)
+                                                      ["input_ids"], dtype=torch.long)}, 0)
+                for text in data.texts if text.strip()]
+    raise OffsiteError(f"{data.source} is a choice dataset; distilling a classifier needs texts or images")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a forward takes from a collated batch (not its labels)."""
+    return {name: value for name, value in batch.items() if name in ("input_ids", "attention_mask", "pixel_values")}

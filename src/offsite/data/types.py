@@ -56,6 +56,15 @@ class LabelledData:
     source: str
     task = "classify"
 
+    def sha256(self) -> str:
+        """A hash of the inputs (texts, image paths or IDX pixels) and labels, to record a corpus."""
+        digest = hashlib.sha256()
+        for example in self.examples:
+            value = example.input
+            digest.update(value.tobytes() if hasattr(value, "tobytes") else str(value).encode())
+            digest.update(self.labels[example.label].encode())
+        return digest.hexdigest()
+
 
 Data = Union[TextData, ChoiceData, LabelledData]
 

@@ -30,13 +30,15 @@ from offsite.arch import get_layers
 from offsite.checkpoints import load_optimizer, load_tensors, optimizer_tensors, read_state, save_checkpoint
 from offsite.config import DistillConfig
 from offsite.data.builtin import is_builtin
-from offsite.data.read import read_text_corpus
+from offsite.data.classified import Classified, collate_classified, encoder_inputs, model_inputs
+from offsite.data.read import read_data, read_text_corpus
 from offsite.data.tokens import Sequence, collate, lm_sequences
-from offsite.data.types import TextData, truncate_text
+from offsite.data.types import Data, TextData, truncate_text
 from offsite.device import CPU, Placement, place_model
 from offsite.emulator.hidden import hidden_states_at
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
+from offsite.kinds import kind_of
 from offsite.numerics import check_step
 from offsite.parallel import ONE, Processes, held_bytes, shard_frozen
 from offsite.scoring import perplexity
@@ -65,11 +67,12 @@ def kd_loss(student_hidden: dict[int, torch.Tensor], full_hidden: dict[int, torc
     every token counts the same. `"global"`: the MSE over the mean square of all targets (the paper's),
     which a few tokens with very large activations (e.g. the first) dominate.
     """
-    keep = mask.bool()
+    keep = mask.bool() if mask is not None else None  # no mask (images): every position counts
     losses = []
     for s, f in pairs:
-        target = full_hidden[f][keep].float()  # (tokens, hidden)
-        error = (student_hidden[s][keep].float() - target).pow(2)
+        target = (full_hidden[f][keep] if keep is not None else full_hidden[f].flatten(0, -2)).float()  # (tokens, hidden)
+        found = student_hidden[s][keep] if keep is not None else student_hidden[s].flatten(0, -2)
+        error = (found.float() - target).pow(2)
         if normalise == "token":
             losses.append((error.sum(-1) / target.pow(2).sum(-1).clamp_min(1e-8)).mean())
         else:
@@ -92,8 +95,8 @@ class TeacherOutputs:
               placement: Placement = CPU) -> dict[int | str, torch.Tensor]:
         """Hidden states by index, and with `logits` the full model's logits under "logits" (never kept)."""
         if self.keep and all(i in self.stored for i in indices):
-            lengths = inputs["attention_mask"].sum(-1).tolist()
-            return {k: _pad_stack([self.stored[i][k] for i in indices], lengths) for k in self.wanted}
+            return {k: _pad_stack([self.stored[i][k] for i in indices], [len(self.stored[i][k]) for i in indices])
+                    for k in self.wanted}
         with torch.no_grad(), placement.autocast():
             found, output = hidden_states_at(self.full, inputs, self.wanted, stop=not self.logits)
         if self.logits:
@@ -101,9 +104,14 @@ class TeacherOutputs:
         if self.keep:  # the first pass returns the stored precision too, so every epoch sees the same targets
             found = {k: v.to(torch.bfloat16).float() for k, v in found.items()}
             for row, i in enumerate(indices):
-                n = int(inputs["attention_mask"][row].sum())
+                n = int(inputs["attention_mask"][row].sum()) if "attention_mask" in inputs else _width(found)
                 self.stored[i] = {k: v[row, :n].to(torch.bfloat16) for k, v in found.items()}
         return found
+
+
+def _width(found: dict[int, torch.Tensor]) -> int:
+    """The positions of unmasked inputs (images: every patch)."""
+    return next(iter(found.values())).shape[1]
 
 
 def _pad_stack(rows: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
@@ -123,9 +131,12 @@ def keeps_teacher(settings: DistillConfig, windows: int, targets: int, hidden: i
     return seen_again and windows * targets * settings.seq_len * hidden * 2 <= TEACHER_CACHE_BYTES
 
 
-def read_heldout(settings: DistillConfig) -> TextData | None:
-    """The text that picks the best checkpoint: `--distill-heldout`, else a built-in corpus's validation split."""
+def read_heldout(settings: DistillConfig, classifier: bool = False) -> Data | None:
+    """The text (or images) that picks the best checkpoint: `--distill-heldout`, else a built-in corpus's
+    validation split."""
     if settings.heldout is not None:
+        if classifier:
+            return read_data(settings.heldout, "--distill-heldout", default_split="validation")
         return read_text_corpus(settings.heldout, "--distill-heldout", "the held-out check",
                                 default_split="validation")
     if is_builtin(settings.corpus) and ":" not in settings.corpus:
@@ -133,8 +144,25 @@ def read_heldout(settings: DistillConfig) -> TextData | None:
     return None
 
 
-def read_corpus(settings: DistillConfig) -> TextData:
+def read_corpus(settings: DistillConfig, classifier: bool = False) -> Data:
+    """The distillation corpus: text for a language model; texts or images (labels unused) for a classifier."""
+    if classifier:
+        return read_data(settings.corpus, "--distill")
     return read_text_corpus(settings.corpus, "--distill", "distillation")
+
+
+def distill_windows(data: Data, tokenizer, seq_len: int, classifier: bool) -> list[Sequence] | list[Classified]:
+    """What the models run on: token windows for a language model, each text or image for a classifier."""
+    return encoder_inputs(data, tokenizer, seq_len) if classifier else lm_sequences(tokenizer, data.texts, seq_len)
+
+
+def _pad(preprocessor) -> int:
+    """The padding id (an image processor pads nothing)."""
+    return getattr(preprocessor, "pad_token_id", None) or 0
+
+
+def _collate(items: list[Sequence] | list[Classified], pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_classified(items, pad_id) if isinstance(items[0], Classified) else collate(items, pad_id)
 
 
 def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: SplitPlan,
@@ -158,11 +186,13 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     `shard_full`: each process holds 1/N of the full model's blocks (`parallel.shard_frozen`); its
     outputs are then never kept, since every process must run it at every step.
     """
-    heldout = read_heldout(settings)
-    sequences = lm_sequences(tokenizer, corpus.texts, settings.seq_len)
+    classifier = kind_of(full.config).classifies
+    heldout = read_heldout(settings, classifier)
+    sequences = distill_windows(corpus, tokenizer, settings.seq_len, classifier)
     if not sequences:
         raise OffsiteError(f"--distill {settings.corpus} gives no training window; it needs more text")
-    heldout_data = truncate_text(heldout, settings.eval_windows, settings.seq_len) if heldout else None
+    heldout_data = (truncate_text(heldout, settings.eval_windows, settings.seq_len)
+                    if isinstance(heldout, TextData) else heldout)
     emulator = _distinct([get_layers(student)[len(plan.bottom) + i] for i in range(len(plan.emulator))])
     if shard_full:
         shard_frozen(full, placement, processes)
@@ -195,7 +225,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             step = state["step"]
             picks = processes.rows([order[(step * width + i) % len(order)] for i in range(width)])
             step_start = time.perf_counter()
-            kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], tokenizer.pad_token_id, pairs,
+            kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], _pad(tokenizer), pairs,
                            settings, optimizer, step + 1, placement, processes)
             step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
@@ -242,11 +272,11 @@ class _Judge:
         self.active = heldout is not None
         self.normalise = settings.kd_normalise
         self.batches: list[tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]] = []
+        self.classifier = kind_of(full.config).classifies  # no next-token perplexity to score
         if self.active:
-            windows = lm_sequences(tokenizer, heldout.texts, settings.seq_len)[: settings.eval_windows]
+            windows = distill_windows(heldout, tokenizer, settings.seq_len, self.classifier)[: settings.eval_windows]
             for i in range(0, len(windows), EVAL_BATCH):
-                batch = placement.batch(collate(windows[i: i + EVAL_BATCH], tokenizer.pad_token_id))
-                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                inputs = model_inputs(placement.batch(_collate(windows[i: i + EVAL_BATCH], _pad(tokenizer))))
                 with torch.no_grad(), placement.autocast():  # the full model's side never changes: computed once
                     self.batches.append((inputs, hidden_states_at(full, inputs, {f for _, f in pairs})[0]))
 
@@ -256,8 +286,8 @@ class _Judge:
         with torch.no_grad(), self.placement.autocast():
             for inputs, target in self.batches:
                 found, _ = hidden_states_at(self.student, inputs, {s for s, _ in self.pairs})
-                errors.append(kd_loss(found, target, self.pairs, inputs["attention_mask"], self.normalise).item())
-            ppl = perplexity(self.student, self.tokenizer, self.heldout, 256, 8)["perplexity"]
+                errors.append(kd_loss(found, target, self.pairs, inputs.get("attention_mask"), self.normalise).item())
+            ppl = None if self.classifier else perplexity(self.student, self.tokenizer, self.heldout, 256, 8)["perplexity"]
         return {"standin_error": sum(errors) / len(errors), "perplexity": ppl}
 
 
@@ -275,8 +305,8 @@ def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
 def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences: list[Sequence], pad_id: int,
           pairs, settings: DistillConfig, optimizer, step: int, placement: Placement = CPU,
           processes: Processes = ONE) -> tuple[float, float, float]:
-    batch = placement.batch(collate(batch_sequences, pad_id))
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    batch = placement.batch(_collate(batch_sequences, pad_id))
+    inputs = model_inputs(batch)
     full_out = teacher.batch(indices, inputs, placement)
     student.train()
     wanted = {s for s, _ in pairs}
@@ -290,7 +320,7 @@ def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences:
         else:  # only the emulator's output is trained: nothing above it needs to run
             hidden, _ = hidden_states_at(student, inputs, wanted)
             lm = kl = zero
-        kd = kd_loss(hidden, full_out, pairs, batch["attention_mask"], settings.kd_normalise)
+        kd = kd_loss(hidden, full_out, pairs, batch.get("attention_mask"), settings.kd_normalise)
     loss = settings.kd_weight * kd + settings.lm_weight * lm + settings.kl_weight * kl
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
