@@ -211,6 +211,9 @@ def test_tuning_a_text_classifier_gives_it_a_head_for_the_data_s_labels_that_plu
     assert through["n"] == 24  # the bundle takes the adapter's head too
     settings = json.loads((adapter / "adapter.json").read_text())["training"]["settings"]
     assert settings["train"]["head_lr_scale"] == 10.0
+    from offsite import describe
+    info = describe(adapter)
+    assert info["labels"] == ["bad", "good"] and "classifier.weight" in info["head"]
 
 
 def test_the_cli_tunes_plugs_and_scores_a_vision_classifier_on_an_image_folder(encoder_dirs, tmp_path, capsys):
@@ -292,3 +295,13 @@ def test_a_classifier_cannot_be_distilled_by_perplexity_or_aligned(encoder_dirs,
                               split=SplitConfig(emulator_layers=1),
                               distill=DistillConfig(corpus=str(sample_text_file), select="perplexity")))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_few_tune_steps_lower_the_loss_for_every_family(encoder, encoder_dirs, tmp_path):
+    from offsite import TrainConfig, TuneConfig, tune
+    data = write_image_folder(tmp_path / "photos") if encoder in IMAGE_FAMILIES else write_reviews(tmp_path / "r.jsonl")
+    bundle = bundle_of(encoder_dirs[encoder], tmp_path / "b")
+    adapter = tune(TuneConfig(bundle=str(bundle), data=str(data), output=str(tmp_path / "a"),
+                              train=TrainConfig(max_steps=16, batch_size=6, lr=1e-3, seq_len=32)))
+    losses = [r["loss"] for r in map(json.loads, (adapter / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert sum(losses[-4:]) < sum(losses[:4])

@@ -13,16 +13,18 @@ from transformers import (
     AutoModelForSequenceClassification,
     BeitConfig,
     BertConfig,
+    CLIPConfig,
     DeiTConfig,
     Dinov2Config,
     RobertaConfig,
+    SiglipConfig,
     ViTConfig,
     ViTImageProcessor,
 )
 
 from tiny_models import VOCAB_SIZE, tiny_tokenizer
 
-IMAGE_FAMILIES = ["vit", "deit", "beit", "dinov2"]
+IMAGE_FAMILIES = ["vit", "deit", "beit", "dinov2", "clip", "siglip"]
 TEXT_FAMILIES = ["bert", "roberta"]
 ENCODER_FAMILIES = IMAGE_FAMILIES + TEXT_FAMILIES
 NUM_LAYERS = 6
@@ -33,11 +35,16 @@ _COMMON = {"hidden_size": 32, "num_hidden_layers": NUM_LAYERS, "num_attention_he
            "num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)),
            "label2id": {label: i for i, label in enumerate(LABELS)}}
 _IMAGE = {"image_size": IMAGE_SIZE, "patch_size": 4, "num_channels": 3}
+_LABELS = {key: _COMMON[key] for key in ("num_labels", "id2label", "label2id")}
+_TOWER = {key: _COMMON[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
 _CONFIGS = {
     "vit": lambda: ViTConfig(**_COMMON, **_IMAGE),
     "deit": lambda: DeiTConfig(**_COMMON, **_IMAGE, architectures=["DeiTForImageClassification"]),
     "beit": lambda: BeitConfig(**_COMMON, **_IMAGE),
     "dinov2": lambda: Dinov2Config(**_COMMON, **_IMAGE),
+    # the image-text models' classifiers use only their vision tower (its settings in vision_config)
+    "clip": lambda: CLIPConfig(vision_config={**_TOWER, **_IMAGE}, text_config=_TOWER, **_LABELS),
+    "siglip": lambda: SiglipConfig(vision_config={**_TOWER, **_IMAGE}, text_config=_TOWER, **_LABELS),
     "bert": lambda: BertConfig(**_COMMON, vocab_size=VOCAB_SIZE, max_position_embeddings=128),
     "roberta": lambda: RobertaConfig(**_COMMON, vocab_size=VOCAB_SIZE, max_position_embeddings=130, pad_token_id=0),
 }

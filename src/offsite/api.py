@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from offsite.arch import get_layers, layer_paths
+from offsite.arch import blocks_config, get_layers, layer_paths
 from offsite.assets import setup_assets  # noqa: F401 - part of the API: `offsite setup-assets`
 from offsite.config import (AlignConfig, DeviceConfig, DistillConfig, EmulateConfig, EvalConfig, ExportConfig, KeygenConfig,
                             PlugConfig, SampleConfig, TuneConfig)
@@ -83,7 +83,7 @@ def emulate(config: EmulateConfig) -> Path:
     log.info("loading full model %s", config.model)
     model = load_model(config.model)
     tokenizer = load_preprocessor(config.model)
-    plan = plan_split(model.config.num_hidden_layers, config.split)
+    plan = plan_split(blocks_config(model.config).num_hidden_layers, config.split)
     base_fingerprint = model_fingerprint(model, plan.adapter)
     checkpoint = Path(config.output).with_name(f".{Path(config.output).name}.distill")
     emulator_model, plan, emulator = build_emulator(model, tokenizer, plan, config, corpus, checkpoint,
@@ -139,7 +139,7 @@ def _emulate_streamed(config: EmulateConfig) -> bool:
     if streamed is None:
         return False
     skeleton = streamed.skeleton
-    plan = plan_split(skeleton.config.num_hidden_layers, config.split)
+    plan = plan_split(blocks_config(skeleton.config).num_hidden_layers, config.split)
     base_fingerprint = file_fingerprint(streamed, plan.adapter)
     if base_fingerprint is None:
         return False
@@ -377,7 +377,7 @@ def _plug_streamed(config: PlugConfig, adapter: Adapter, layers: tuple[int, ...]
     if streamed is None:
         return False
     skeleton = streamed.skeleton
-    num_layers = skeleton.config.num_hidden_layers
+    num_layers = blocks_config(skeleton.config).num_hidden_layers
     mapping = source_keys(streamed, tuple(range(num_layers)))
     if mapping is None or not stores_layers(streamed, [i for i in adapter.layers if i < num_layers]):
         return False
@@ -500,7 +500,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             "base_model": adapter.base_model,
             "layers": adapter.layers,
             "fingerprint": adapter.fingerprint,
-            "parameters": sum(t.numel() for named in adapter.tensors.values() for t in named.values()),
+            "parameters": sum(t.numel() for named in [*adapter.tensors.values(), adapter.head] for t in named.values()),
+            **({"head": sorted(adapter.head), "labels": list(adapter.labels or [])} if adapter.head else {}),
             "training": adapter.training.get("summary", {}),
             "bytes": _size(root),
             "verified": ("weights match adapter.json's SHA-256; keys canonical; weights finite"
@@ -513,7 +514,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             "kind": "model",
             "path": str(root),
             "model_type": config.get("model_type"),
-            "num_layers": config.get("num_hidden_layers", config.get("n_layer")),
+            "num_layers": config.get("num_hidden_layers", config.get("n_layer",
+                                                                     config.get("vision_config", {}).get("num_hidden_layers"))),
             "bytes": _size(root),
         }
     raise OffsiteError(f"{root} is not a bundle (offsite.json), an adapter ({ADAPTER_METADATA}) or a model "

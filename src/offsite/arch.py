@@ -58,10 +58,24 @@ ARCHITECTURES: dict[str, LayerPaths] = {
     "deit": LayerPaths("deit.layers", "deit.layernorm", "classifier", ("classifier",)),
     "dinov2": LayerPaths("dinov2.encoder.layer", "dinov2.layernorm", "classifier", ("classifier",)),
     "beit": LayerPaths("beit.layers", "beit.pooler.layernorm", "classifier", ("classifier",)),
+    # image-text models' vision towers with a linear head (their block settings: `blocks_config`)
+    "clip": LayerPaths("vision_model.encoder.layers", "vision_model.post_layernorm", "classifier", ("classifier",)),
+    "siglip": LayerPaths("vision_model.encoder.layers", "vision_model.post_layernorm", "classifier", ("classifier",)),
     # and text (MiniLM checkpoints are BERT's type)
     "bert": LayerPaths("bert.encoder.layer", None, "classifier", ("bert.pooler", "classifier")),
     "roberta": LayerPaths("roberta.encoder.layer", None, "classifier", ("classifier",)),
 }
+
+# Image-text models whose classifier is their vision tower: the vision config describes the blocks.
+NESTED_BLOCKS = {"clip": "vision_config", "siglip": "vision_config"}
+
+
+def blocks_config(config):
+    """The config that describes the blocks (`num_hidden_layers`, per-layer lists): the model's own, or
+    the vision config of a CLIP or SigLIP classifier."""
+    nested = NESTED_BLOCKS.get(getattr(config, "model_type", None))
+    return getattr(config, nested) if nested else config
+
 
 # Architectures whose blocks are not one uniform stack, so there is no middle to emulate.
 NOT_A_BLOCK_STACK = {

@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, PreTrainedModel
 
+from offsite.arch import blocks_config
 from offsite.emulator.compress import rebuild
 from offsite.emulator.share import executed_positions, expand
 from offsite.emulator.split import SplitPlan
@@ -26,8 +27,8 @@ def load_emulator(bundle: Path, info: dict[str, Any], plan: SplitPlan, in_memory
     """
     model = (_load_compressed(bundle, info["compression"]) if info.get("compression")
              else load_model(str(bundle), in_memory=in_memory))
-    if model.config.num_hidden_layers != len(plan.kept):
-        raise OffsiteError(f"bundle {bundle}: config.json has {model.config.num_hidden_layers} layers but "
+    if blocks_config(model.config).num_hidden_layers != len(plan.kept):
+        raise OffsiteError(f"bundle {bundle}: config.json has {blocks_config(model.config).num_hidden_layers} layers but "
                            f"its manifest lists {len(plan.kept)}")
     if info.get("share"):
         expand(model, executed_positions(plan, info))

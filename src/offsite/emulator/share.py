@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from offsite.arch import get_layers, layer_paths, set_submodule
+from offsite.arch import blocks_config, get_layers, layer_paths, set_submodule
 from offsite.emulator.split import SplitPlan
 from offsite.emulator.surgery import slice_config
 
@@ -50,10 +50,10 @@ def expand(model: nn.Module, schedule: list[int]) -> tuple[nn.ModuleList, dict]:
     behaves as the stored layer it runs (e.g. its sliding-window type). Returns
     what `collapse` needs to restore the stored form.
     """
-    stored, config = get_layers(model), copy.deepcopy(model.config.__dict__)
+    stored, config = get_layers(model), copy.deepcopy(blocks_config(model.config).__dict__)
     executed = nn.ModuleList(shared_view(stored[p], i) for i, p in enumerate(schedule))
     set_submodule(model, layer_paths(model).layers, executed)
-    slice_config(model.config, tuple(schedule))
+    slice_config(blocks_config(model.config), tuple(schedule))
     return stored, config
 
 
@@ -61,8 +61,8 @@ def collapse(model: nn.Module, stored: tuple[nn.ModuleList, dict]) -> None:
     """Undo `expand` (before saving): the stored blocks, and the config in place, since submodules share it."""
     layers, config = stored
     set_submodule(model, layer_paths(model).layers, layers)
-    model.config.__dict__.clear()
-    model.config.__dict__.update(config)
+    blocks_config(model.config).__dict__.clear()
+    blocks_config(model.config).__dict__.update(config)
 
 
 def executed_layers(plan: SplitPlan, info: dict[str, Any]) -> list[int]:

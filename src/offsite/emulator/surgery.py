@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from offsite.arch import get_layers, layer_paths, set_submodule
+from offsite.arch import blocks_config, get_layers, layer_paths, set_submodule
 from offsite.errors import OffsiteError
 
 # Config entries that are per-layer but are not lists of length num_hidden_layers.
@@ -31,7 +31,7 @@ def keep_layers(model: nn.Module, kept: tuple[int, ...]) -> None:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
     set_submodule(model, layer_paths(model).layers, new_layers)
-    slice_config(model.config, kept)
+    slice_config(blocks_config(model.config), kept)
 
 
 def slice_config(config, kept: tuple[int, ...]) -> None:

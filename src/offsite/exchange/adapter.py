@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from offsite import __version__
-from offsite.arch import get_layers, layer_paths
+from offsite.arch import blocks_config, get_layers, layer_paths
 from offsite.constants import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, ADAPTER_METADATA, ADAPTER_WEIGHTS
 from offsite.errors import OffsiteError
 from offsite.exchange import signing
@@ -282,7 +282,7 @@ def plug_into(model: PreTrainedModel, adapter: Adapter, source: str | Path, issu
     `issued`: the adapter layers of the bundle the model owner sent (see `exchange.issued`). The
     adapter's own list is not trusted: a fingerprint can be computed over any layers the bundle holds.
     """
-    check_plug(adapter, source, issued, model.config.num_hidden_layers,
+    check_plug(adapter, source, issued, blocks_config(model.config).num_hidden_layers,
                lambda: model_fingerprint(model, adapter.layers))
     if head_state(model) and not adapter.head:  # a classifier's adapter must bring its head
         check_head(head_state(model), adapter.head, source)
