@@ -194,9 +194,12 @@ def test_tuning_a_text_classifier_gives_it_a_head_for_the_data_s_labels_that_plu
     from offsite import EvalConfig, TrainConfig, TuneConfig, evaluate, tune
     data = write_reviews(tmp_path / "reviews.jsonl")
     bundle = bundle_of(encoder_dirs["bert"], tmp_path / "b")
-    adapter = tune(TuneConfig(bundle=str(bundle), data=str(data), output=str(tmp_path / "a"),
-                              train=TrainConfig(max_steps=12, batch_size=8, lr=1e-3, seq_len=32)))
+    adapter = tune(TuneConfig(bundle=str(bundle), data=str(data), output=str(tmp_path / "a"), eval_data=str(data),
+                              train=TrainConfig(max_steps=12, batch_size=8, lr=1e-3, seq_len=32, eval_every=4)))
     trained = load_adapter(adapter)
+    checks = [r["eval"] for r in map(json.loads, (adapter / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert len(checks) == 3 and all(c["task"] == "classify" for c in checks)
+    assert trained.training["summary"]["best_eval"] == max(checks, key=lambda c: c["accuracy"])
     assert trained.labels == ("bad", "good") and trained.head["classifier.weight"].shape[0] == 2
     losses = [json.loads(line)["loss"] for line in (adapter / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -305,3 +308,12 @@ def test_a_few_tune_steps_lower_the_loss_for_every_family(encoder, encoder_dirs,
                               train=TrainConfig(max_steps=16, batch_size=6, lr=1e-3, seq_len=32)))
     losses = [r["loss"] for r in map(json.loads, (adapter / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_federating_a_classifier_is_refused_in_one_line(encoder_dirs, tmp_path):
+    from offsite.config import FederateConfig
+    from offsite.federation.simulation import federate
+    bundle = bundle_of(encoder_dirs["bert"], tmp_path / "b")
+    data = [str(write_reviews(tmp_path / f"{i}.jsonl")) for i in range(2)]
+    with pytest.raises(OffsiteError, match="federating a classifier .* is not built yet"):
+        federate(FederateConfig(bundle=str(bundle), client_data=data, output=str(tmp_path / "a")))

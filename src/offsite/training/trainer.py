@@ -90,7 +90,7 @@ class Best:
 
     def offer(self, result: dict[str, Any], step: int, model: nn.Module) -> None:
         # Higher accuracy is better; lower perplexity is better: compare on one scale.
-        value = result["accuracy"] if result["task"] == "choice" else -result["perplexity"]
+        value = result["accuracy"] if result["task"] in ("choice", "classify") else -result["perplexity"]
         if self.metric is None or value > self.metric:
             self.metric, self.step, self.result = value, step, result
             self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
