@@ -246,18 +246,25 @@ def test_a_file_that_is_not_an_image_gets_one_line_naming_it(encoder_dirs, tmp_p
     assert not (tmp_path / "a").exists()
 
 
-def test_idx_files_read_as_labelled_images(tmp_path):
+def write_idx(root, part, labels):
+    """An IDX image file (4x4 images, each filled with its index, so all differ) and its labels file."""
     import gzip
     import struct
+    count = len(labels)
+    pixels = torch.arange(count).repeat_interleave(16).to(torch.uint8).reshape(count, 4, 4).numpy()
+    with gzip.open(root / f"{part}-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">HBB3I", 0, 8, 3, count, 4, 4) + pixels.tobytes())
+    with gzip.open(root / f"{part}-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">HBBI", 0, 8, 1, count) + bytes(labels))
+    return pixels
+
+
+def test_idx_files_read_as_labelled_images(tmp_path):
     from offsite.data.read import read_data
-    pixels = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(3, 4, 4).numpy()
-    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
-        handle.write(struct.pack(">HBB3I", 0, 8, 3, 3, 4, 4) + pixels.tobytes())
-    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as handle:
-        handle.write(struct.pack(">HBBI", 0, 8, 1, 3) + bytes([7, 2, 7]))
+    pixels = write_idx(tmp_path, "t10k", [7, 2, 7])
     data = read_data(str(tmp_path / "t10k-images-idx3-ubyte.gz"))
     assert data.modality == "image" and data.labels == ("2", "7") and [e.label for e in data.examples] == [1, 0, 1]
-    assert (data.examples[2].input == pixels[2]).all()
+    assert (data.examples[2].input == pixels[2]).all() and not (data.examples[1].input == pixels[2]).all()
 
 
 def test_a_classifier_s_emulator_distils_on_hidden_states_of_unlabelled_images(encoder_dirs, tmp_path):
@@ -317,3 +324,23 @@ def test_federating_a_classifier_is_refused_in_one_line(encoder_dirs, tmp_path):
     data = [str(write_reviews(tmp_path / f"{i}.jsonl")) for i in range(2)]
     with pytest.raises(OffsiteError, match="federating a classifier .* is not built yet"):
         federate(FederateConfig(bundle=str(bundle), client_data=data, output=str(tmp_path / "a")))
+
+
+def test_the_built_in_fashion_tasks_split_by_class_and_hold_out_validation(tmp_path, monkeypatch):
+    from offsite.data import builtin
+    write_idx(tmp_path, "train", [i % 10 for i in range(60)])
+    write_idx(tmp_path, "t10k", [i % 10 for i in range(20)])
+    monkeypatch.setattr(builtin, "fashion_mnist_file", lambda part: tmp_path / f"{part}-images-idx3-ubyte.gz")
+    monkeypatch.setattr(builtin, "FASHION_VALIDATION", 5)
+    for task in (builtin.fashion_pretrain, builtin.fashion_transfer):
+        task.cache_clear()
+    pretrain, transfer = builtin.fashion_pretrain(), builtin.fashion_transfer()
+    assert pretrain["train"].labels == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat")
+    assert transfer["test"].labels == ("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    assert [len(transfer[s].examples) for s in ("train", "validation", "test")] == [25, 5, 10]
+    seen = {bytes(e.input.tobytes()) for s in ("train", "validation") for e in transfer[s].examples}
+    assert len(seen) == 30  # train and validation are disjoint images
+    pretrained = {bytes(e.input.tobytes()) for e in pretrain["train"].examples}
+    assert not seen & pretrained  # the transfer task's images are of classes the pretraining never saw
+    for task in (builtin.fashion_pretrain, builtin.fashion_transfer):
+        task.cache_clear()

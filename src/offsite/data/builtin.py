@@ -11,6 +11,9 @@ machine, so a split is defined by its name, its seed and the rules below, and
   lemma, so no answer word of the test split is ever trained on.
 - austen: language modelling, split by novel: train on four novels, validate
   on Northanger Abbey, test on Persuasion.
+- fashion-pretrain, fashion-transfer: Fashion-MNIST images of classes 0-4 (what the
+  built-in vision model is pretrained on) and of classes 5-9 (a transfer task it never
+  saw); validation is 1,000 seeded images of the training file, test the t10k file.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import re
 from collections import defaultdict
 from typing import Any, Callable
 
-from offsite.data.raw import read_austen, read_bbc_news, read_wordnet_nouns
-from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
+from offsite.data.labelled import read_idx
+from offsite.data.raw import FASHION_MNIST_CLASSES, fashion_mnist_file, read_austen, read_bbc_news, read_wordnet_nouns
+from offsite.data.types import ChoiceData, ChoiceExample, Data, LabelledData, LabelledExample, TextData
 from offsite.errors import OffsiteError
 
 SPLITS = ("train", "validation", "test")
@@ -132,7 +136,44 @@ def austen() -> dict[str, TextData]:
             for name, titles in AUSTEN_SPLITS.items()}
 
 
-BUILTIN: dict[str, Callable[[], dict[str, Any]]] = {"bbc-news": bbc_news, "wordnet": wordnet, "austen": austen}
+# Fashion-MNIST split by class: the built-in vision model is pretrained on the first five classes, and the
+# transfer task classifies the other five, which it never saw.
+FASHION_PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
+FASHION_TRANSFER_CLASSES = (5, 6, 7, 8, 9)
+FASHION_VALIDATION = 1000  # images of the training file held out for validation, per task
+
+
+def _fashion(classes: tuple[int, ...], name: str) -> dict[str, LabelledData]:
+    """Train and validation from the training file (a seeded split), test from the test file."""
+    rng = random.Random(SEED)
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[LabelledExample]] = {}
+    for part in ("train", "t10k"):
+        data = read_idx(fashion_mnist_file(part), "fashion-mnist")
+        kept = [LabelledExample(e.input, index[int(data.labels[e.label])]) for e in data.examples
+                if int(data.labels[e.label]) in index]  # the IDX label names are the class numbers
+        if part == "train":
+            rng.shuffle(kept)
+            splits["validation"], splits["train"] = kept[:FASHION_VALIDATION], kept[FASHION_VALIDATION:]
+        else:
+            splits["test"] = kept
+    labels = tuple(FASHION_MNIST_CLASSES[c] for c in classes)
+    return {split: LabelledData(examples, labels, "image", f"{name}:{split}") for split, examples in splits.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def fashion_pretrain() -> dict[str, LabelledData]:
+    return _fashion(FASHION_PRETRAIN_CLASSES, "fashion-pretrain")
+
+
+@functools.lru_cache(maxsize=None)
+def fashion_transfer() -> dict[str, LabelledData]:
+    return _fashion(FASHION_TRANSFER_CLASSES, "fashion-transfer")
+
+
+BUILTIN: dict[str, Callable[[], dict[str, Any]]] = {"bbc-news": bbc_news, "wordnet": wordnet, "austen": austen,
+                                                    "fashion-pretrain": fashion_pretrain,
+                                                    "fashion-transfer": fashion_transfer}
 
 
 def is_builtin(source: str) -> bool:
@@ -153,4 +194,7 @@ def split_definition() -> dict[str, Any]:
     return {"seed": SEED, "bbc_news": {"context_words": BBC_WORDS, "fractions": BBC_FRACTIONS,
                                        "stratified_by": "topic", "choices": list(BBC_TOPICS.values())},
             "wordnet": {"sizes": WORDNET_SIZES, "choices": WORDNET_CHOICES, "split_by": "lemma"},
-            "austen": AUSTEN_SPLITS}
+            "austen": AUSTEN_SPLITS,
+            "fashion": {"pretrain_classes": list(FASHION_PRETRAIN_CLASSES),
+                        "transfer_classes": list(FASHION_TRANSFER_CLASSES), "validation": FASHION_VALIDATION,
+                        "test": "the t10k file"}}

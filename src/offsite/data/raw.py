@@ -93,3 +93,14 @@ def read_austen(root: Path | None = None) -> dict[str, str]:
     objects = read_r_lazyload(root / "Rdata.rdx", root / "Rdata.rdb")
     order = [n for n in AUSTEN_TITLES if n in objects] + sorted(set(objects) - set(AUSTEN_TITLES))
     return {AUSTEN_TITLES.get(n, n): "\n".join(str(line) for line in objects[n]) for n in order}
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def fashion_mnist_file(part: str, root: Path | None = None) -> Path:
+    """The IDX images of Debian's dataset-fashion-mnist: part "train" (60,000) or "t10k" (10,000); the labels
+    file lies beside it."""
+    root = root or fetch_deb("dataset-fashion-mnist") / "usr/share/datasets/fashion-mnist"
+    return root / f"{part}-images-idx3-ubyte.gz"

@@ -196,8 +196,11 @@ def read_reference(config: DemoConfig) -> dict[str, Any] | None:
     if config.reference is None:
         return None
     report = read_json(Path(config.reference), "reference report")
+    # Every split the reference recorded must be made as now (a dataset added since changes nothing).
+    recorded = report.get("split_definition") or {}
     now = {"model": config.model, "budget": config.budget_name, "seed": config.seed,
-           "adapter_training": config.adapter_training, "split_definition": split_definition(),
+           "adapter_training": config.adapter_training,
+           "split_definition": {key: split_definition().get(key) for key in recorded} or None,
            "offsite": __version__}
     now = json.loads(json.dumps(now))  # as the report holds it (tuples become lists)
     then = {**{key: report.get(key) for key in now}, "offsite": report.get("versions", {}).get("offsite")}
