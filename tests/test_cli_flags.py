@@ -45,7 +45,7 @@ FLAGS = {
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "
              "--warmup-steps --lora-rank --epochs --settings --eval-examples --threads --in-process --json "
              "--device --dtype",
-    "setup-assets": "",
+    "setup-assets": "--vision",  # new (encoders)
     "keygen": "--overwrite",
 }
 

@@ -246,14 +246,14 @@ def test_a_file_that_is_not_an_image_gets_one_line_naming_it(encoder_dirs, tmp_p
     assert not (tmp_path / "a").exists()
 
 
-def write_idx(root, part, labels):
-    """An IDX image file (4x4 images, each filled with its index, so all differ) and its labels file."""
+def write_idx(root, part, labels, size=4):
+    """An IDX image file (size x size images, each filled with its index, so all differ) and its labels file."""
     import gzip
     import struct
     count = len(labels)
-    pixels = torch.arange(count).repeat_interleave(16).to(torch.uint8).reshape(count, 4, 4).numpy()
+    pixels = torch.arange(count).repeat_interleave(size * size).to(torch.uint8).reshape(count, size, size).numpy()
     with gzip.open(root / f"{part}-images-idx3-ubyte.gz", "wb") as handle:
-        handle.write(struct.pack(">HBB3I", 0, 8, 3, count, 4, 4) + pixels.tobytes())
+        handle.write(struct.pack(">HBB3I", 0, 8, 3, count, size, size) + pixels.tobytes())
     with gzip.open(root / f"{part}-labels-idx1-ubyte.gz", "wb") as handle:
         handle.write(struct.pack(">HBBI", 0, 8, 1, count) + bytes(labels))
     return pixels
@@ -344,3 +344,30 @@ def test_the_built_in_fashion_tasks_split_by_class_and_hold_out_validation(tmp_p
     assert not seen & pretrained  # the transfer task's images are of classes the pretraining never saw
     for task in (builtin.fashion_pretrain, builtin.fashion_transfer):
         task.cache_clear()
+
+
+def test_the_built_in_vision_model_is_pretrained_once_and_found_by_its_alias(tmp_path, monkeypatch):
+    from offsite.assets import AssetError, resolve_model
+    from offsite.data import builtin
+    from offsite.studies import vision_model
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(AssetError, match="offsite setup-assets --vision"):
+        resolve_model("vit-fashion")
+    write_idx(tmp_path, "train", [i % 10 for i in range(80)], size=28)
+    write_idx(tmp_path, "t10k", [i % 10 for i in range(20)], size=28)
+    monkeypatch.setattr(builtin, "fashion_mnist_file", lambda part: tmp_path / f"{part}-images-idx3-ubyte.gz")
+    monkeypatch.setattr(builtin, "FASHION_VALIDATION", 5)
+    builtin.fashion_pretrain.cache_clear()
+    try:
+        tiny = vision_model.VisionPretraining(num_layers=2, hidden_size=16, heads=2, epochs=1, batch_size=8)
+        built = vision_model.pretrain(tiny)
+    finally:
+        builtin.fashion_pretrain.cache_clear()
+    record = json.loads((built / "pretraining.json").read_text())
+    assert record["train_images"] == 35 and record["steps"] == 4 and 0 <= record["test_accuracy"] <= 1
+    assert resolve_model("vit-fashion") == str(built)
+    model = load_model("vit-fashion")
+    assert kind_of(model.config) is IMAGE_CLASSIFICATION and len(get_layers(model)) == 2
+    assert model.config.id2label[0] == "T-shirt/top"
+    monkeypatch.setattr(vision_model, "pretrain", lambda *a: pytest.fail("pretrained twice"))
+    assert vision_model.ensure_vision_model() == built  # cached: not pretrained again

@@ -162,10 +162,24 @@ def _needs_build(entry: Path, full: bool) -> bool:
 # --- the model -----------------------------------------------------------------------
 
 
+VISION_ALIAS = "vit-fashion"  # the built-in vision model, pretrained here (offsite.studies.vision_model)
+
+
+def vision_model_dir() -> Path:
+    return cache_dir() / "models" / VISION_ALIAS
+
+
 def resolve_model(name_or_path: str) -> str:
     """A local directory for a built-in alias (building its cache if needed); else the argument."""
     if name_or_path in MODEL_ALIASES:
         return str(ensure_model(name_or_path))
+    if name_or_path == VISION_ALIAS:
+        entry = vision_model_dir()
+        problems = check_cache(entry) if entry.exists() else ["not built"]
+        if problems:
+            raise AssetError(f"the built-in vision model {VISION_ALIAS} is {'; '.join(problems)}: build it with "
+                             "`offsite setup-assets --vision` (pretrains a ViT on Fashion-MNIST, once)")
+        return str(entry)
     return name_or_path
 
 

@@ -280,7 +280,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(sample, SampleConfig)
     _device_flags(sample)
 
-    add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
+    assets = add_command("setup-assets", help="build the built-in model cache and fetch the built-in data")
+    assets.add_argument("--vision", action="store_true",
+                        help="also pretrain the built-in vision model (a ViT on Fashion-MNIST, once; see "
+                             "docs/encoders.md)")
     add_options(add_command("keygen", help="make a key pair to sign bundles or adapter files (--sign, --trust)"),
                 KeygenConfig)
     return parser
@@ -385,6 +388,9 @@ def _run_setup_assets(args: argparse.Namespace) -> None:
     from offsite.api import setup_assets  # noqa: PLC0415 - lazy torch (see above)
     for name, path in setup_assets().items():
         print(f"{name}: {path}")
+    if args.vision:
+        from offsite.studies.vision_model import ensure_vision_model  # noqa: PLC0415 - lazy torch
+        print(f"vit-fashion: {ensure_vision_model()}")
 
 
 def _demo_distill(args: argparse.Namespace) -> DistillConfig | str | None:
