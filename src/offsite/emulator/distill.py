@@ -140,6 +140,8 @@ def read_heldout(settings: DistillConfig, classifier: bool = False) -> Data | No
         return read_text_corpus(settings.heldout, "--distill-heldout", "the held-out check",
                                 default_split="validation")
     if is_builtin(settings.corpus) and ":" not in settings.corpus:
+        if classifier:
+            return read_data(settings.corpus, "--distill", default_split="validation")
         return read_text_corpus(settings.corpus, "--distill", "distillation", default_split="validation")
     return None
 
