@@ -371,3 +371,14 @@ def test_the_built_in_vision_model_is_pretrained_once_and_found_by_its_alias(tmp
     assert model.config.id2label[0] == "T-shirt/top"
     monkeypatch.setattr(vision_model, "pretrain", lambda *a: pytest.fail("pretrained twice"))
     assert vision_model.ensure_vision_model() == built  # cached: not pretrained again
+
+
+def test_language_model_steps_refuse_a_classifier_in_one_line(encoder_dirs, tmp_path):
+    from offsite.api import sample_corpus
+    from offsite.config import SampleConfig
+    from offsite.studies.demo import demo
+    from offsite.studies.settings import DemoConfig
+    with pytest.raises(OffsiteError, match="offsite data sample is for language models, and .* is a classifier"):
+        sample_corpus(SampleConfig(model=str(encoder_dirs["vit"]), output=str(tmp_path / "s.jsonl")))
+    with pytest.raises(OffsiteError, match="is a classifier; the demo's tasks are for language models"):
+        demo(DemoConfig(model=str(encoder_dirs["bert"]), output=str(tmp_path / "demo"), quick=True, distill=None))

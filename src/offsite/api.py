@@ -113,9 +113,9 @@ def classifier_distillation(settings: DistillConfig) -> DistillConfig:
 
 
 def check_text_model(model: str, what: str) -> None:
-    """Re-alignment reads a text corpus through a language model's head."""
+    """Steps that read or write text through a language model's head (re-alignment, sampling)."""
     if kind_of(load_config(model), model).classifies:
-        raise OffsiteError(f"{what} is for language models: re-aligning a classifier's emulator is not built yet")
+        raise OffsiteError(f"{what} is for language models, and {model} is a classifier (see docs/encoders.md)")
 
 
 def _distill_processes(config: EmulateConfig | AlignConfig, command: str) -> Processes:
@@ -530,6 +530,7 @@ def keygen(config: KeygenConfig) -> tuple[Path, Path]:
 def sample_corpus(config: SampleConfig) -> Path:
     """Model owner: sample texts from the full model (from its start-of-text token) into a jsonl corpus."""
     output = check_output_file(config.output, config.overwrite)
+    check_text_model(config.model, "offsite data sample")
     model, tokenizer = load_model(config.model), load_tokenizer(config.model)
     placement = Placement.of(config.runtime.device, config.runtime.dtype)
     place_model(model, placement)

@@ -28,6 +28,7 @@ from offsite.exchange.bundle import check_bundle, read_manifest
 from offsite.data.builtin import split_definition
 from offsite.errors import OffsiteError
 from offsite.files import atomic_dir, read_json
+from offsite.kinds import kind_of
 from offsite.loading import load_config
 from offsite.processes import in_fresh_process
 from offsite.studies.demo_report import write_report
@@ -279,6 +280,9 @@ def demo(config: DemoConfig) -> Path:
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
+    if kind_of(load_config(config.model), config.model).classifies:
+        raise OffsiteError(f"--model {config.model} is a classifier; the demo's tasks are for language models "
+                           "(for a vision run see docs/encoders.md)")
     cache = stage_cache(config)
     reference = read_reference(config)
     if reference is not None and config.fair_budget:
