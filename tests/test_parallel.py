@@ -199,6 +199,7 @@ def test_shards_partition_the_batch_and_their_shares_sum_to_one():
     assert Processes().shard(batch) == (batch, 1.0)
 
 
+@pytest.mark.slow  # three 2-process launches (about a minute): run with -m slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
 def test_a_two_process_run_killed_mid_way_resumes_to_the_adapter_of_an_uninterrupted_one(bundle, tmp_path):
     data = bundle.parent / "train.txt"
