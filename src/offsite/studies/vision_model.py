@@ -38,7 +38,7 @@ class VisionPretraining:
     hidden_size: int = 192
     heads: int = 3
     patch_size: int = 4  # 28x28 images: 49 patches and the class token
-    epochs: float = 3.0
+    epochs: float = 2.0
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
