@@ -43,7 +43,7 @@ class VisionPretraining:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05
-    train_images: int | None = None  # all 24,000 (tests use a few)
+    train_images: int | None = None  # all 29,000 of fashion-pretrain:train (tests use a few)
     seed: int = 0
 
 
