@@ -45,8 +45,8 @@ from offsite.exchange.bundle import (Manifest, bundle_index, check_bundle, emula
 from offsite.exchange.fingerprint import file_fingerprint, model_fingerprint
 from offsite.files import atomic_dir, check_output_dir, check_output_file, read_json
 from offsite.heads import model_labels, rehead
-from offsite.kinds import kind_of
-from offsite.loading import check_window, load_config, load_model, load_preprocessor, load_tokenizer
+from offsite.loading import (check_window, is_classifier, load_config, load_model, load_preprocessor,
+                             load_tokenizer)
 from offsite.scoring import score
 from offsite import parallel
 from offsite.parallel import Processes
@@ -64,7 +64,7 @@ def emulate(config: EmulateConfig) -> Path:
     check_output_dir(config.output, config.overwrite, inputs=tuple(s for s in sources if s))
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
-    classifier = kind_of(load_config(config.model), config.model).classifies
+    classifier = is_classifier(config.model)
     if classifier and config.split.selection == "similarity":
         raise OffsiteError("--method similarity measures the blocks on text through a language model; a "
                            "classifier's bundle uses the uniform selection")
@@ -114,7 +114,7 @@ def classifier_distillation(settings: DistillConfig) -> DistillConfig:
 
 def check_text_model(model: str, what: str) -> None:
     """Steps that read or write text through a language model's head (re-alignment, sampling)."""
-    if kind_of(load_config(model), model).classifies:
+    if is_classifier(model):
         raise OffsiteError(f"{what} is for language models, and {model} is a classifier (see docs/encoders.md)")
 
 

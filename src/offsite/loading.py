@@ -130,6 +130,16 @@ def load_preprocessor(name_or_path: str) -> PreTrainedTokenizerBase | BaseImageP
                            "(an image model's directory needs its preprocessor_config.json)") from error
 
 
+def pad_id(preprocessor) -> int:
+    """The id that pads a batch: the tokenizer's, or 0 for an image processor (images come in one size)."""
+    return getattr(preprocessor, "pad_token_id", None) or 0
+
+
+def is_classifier(name_or_path: str) -> bool:
+    """Whether the model (or bundle) at `name_or_path` is a classifier (offsite.kinds), from its config alone."""
+    return kind_of(load_config(name_or_path), name_or_path).classifies
+
+
 def _has_safetensors(source: str) -> bool:
     """Always True: safetensors only, so a pickle is never read (a hub id without them fails to load)."""
     path = Path(source)

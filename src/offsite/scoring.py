@@ -15,6 +15,7 @@ from offsite.data.tokens import IGNORE, Sequence, collate, encode_pair, lm_seque
 from offsite.data.types import ChoiceData, ChoiceExample, Data, LabelledData, TextData
 from offsite.errors import OffsiteError
 from offsite.heads import model_labels
+from offsite.loading import pad_id
 
 
 def batches(lengths: list[int], batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
@@ -135,12 +136,8 @@ def classify_accuracy(model: PreTrainedModel, preprocessor, data: LabelledData, 
     correct = 0
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            batch = collate_classified(items[start: start + batch_size], _pad_id(preprocessor))
+            batch = collate_classified(items[start: start + batch_size], pad_id(preprocessor))
             labels = batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             correct += int((logits.argmax(-1).cpu() == labels).sum())
     return {"task": "classify", "n": len(items), "accuracy": correct / len(items)}
-
-
-def _pad_id(preprocessor) -> int:
-    return getattr(preprocessor, "pad_token_id", None) or 0

@@ -39,6 +39,7 @@ from offsite.emulator.hidden import hidden_states_at
 from offsite.emulator.split import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.kinds import kind_of
+from offsite.loading import pad_id
 from offsite.numerics import check_step
 from offsite.parallel import ONE, Processes, held_bytes, shard_frozen
 from offsite.scoring import perplexity
@@ -158,11 +159,6 @@ def distill_windows(data: Data, tokenizer, seq_len: int, classifier: bool) -> li
     return encoder_inputs(data, tokenizer, seq_len) if classifier else lm_sequences(tokenizer, data.texts, seq_len)
 
 
-def _pad(preprocessor) -> int:
-    """The padding id (an image processor pads nothing)."""
-    return getattr(preprocessor, "pad_token_id", None) or 0
-
-
 def _collate(items: list[Sequence] | list[Classified], pad_id: int) -> dict[str, torch.Tensor]:
     return collate_classified(items, pad_id) if isinstance(items[0], Classified) else collate(items, pad_id)
 
@@ -227,7 +223,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             step = state["step"]
             picks = processes.rows([order[(step * width + i) % len(order)] for i in range(width)])
             step_start = time.perf_counter()
-            kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], _pad(tokenizer), pairs,
+            kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], pad_id(tokenizer), pairs,
                            settings, optimizer, step + 1, placement, processes)
             step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
@@ -278,7 +274,7 @@ class _Judge:
         if self.active:
             windows = distill_windows(heldout, tokenizer, settings.seq_len, self.classifier)[: settings.eval_windows]
             for i in range(0, len(windows), EVAL_BATCH):
-                inputs = model_inputs(placement.batch(_collate(windows[i: i + EVAL_BATCH], _pad(tokenizer))))
+                inputs = model_inputs(placement.batch(_collate(windows[i: i + EVAL_BATCH], pad_id(tokenizer))))
                 with torch.no_grad(), placement.autocast():  # the full model's side never changes: computed once
                     self.batches.append((inputs, hidden_states_at(full, inputs, {f for _, f in pairs})[0]))
 

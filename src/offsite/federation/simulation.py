@@ -22,8 +22,7 @@ from offsite.exchange.bundle import read_manifest
 from offsite.federation.client import Node, client_app
 from offsite.federation.server import ROUNDS, server_app
 from offsite.files import atomic_dir, check_output_dir
-from offsite.kinds import kind_of
-from offsite.loading import load_config
+from offsite.loading import is_classifier
 
 
 def federate(config: FederateConfig, client_mods: tuple[Callable, ...] = ()) -> Path:
@@ -39,7 +38,7 @@ def federate(config: FederateConfig, client_mods: tuple[Callable, ...] = ()) -> 
     inputs = (config.bundle, *config.client_data, *(p for p in (config.eval_data, config.model) if p))
     check_output_dir(config.output, config.overwrite, inputs=inputs)
     read_manifest(config.bundle)  # a missing or damaged bundle fails now, not in every client
-    if kind_of(load_config(config.bundle), f"bundle {config.bundle}").classifies:
+    if is_classifier(config.bundle):
         raise OffsiteError(f"bundle {config.bundle} is a classifier's; federating a classifier (its head with the "
                            "adapter) is not built yet: train it with offsite tune")
     for path in config.client_data:  # and so does an owner's unreadable data

@@ -28,8 +28,7 @@ from offsite.exchange.bundle import check_bundle, read_manifest
 from offsite.data.builtin import split_definition
 from offsite.errors import OffsiteError
 from offsite.files import atomic_dir, read_json
-from offsite.kinds import kind_of
-from offsite.loading import load_config
+from offsite.loading import is_classifier, load_config
 from offsite.processes import in_fresh_process
 from offsite.studies.demo_report import write_report
 from offsite.studies.fair import fair_comparison
@@ -280,7 +279,7 @@ def demo(config: DemoConfig) -> Path:
     start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    if kind_of(load_config(config.model), config.model).classifies:
+    if is_classifier(config.model):
         raise OffsiteError(f"--model {config.model} is a classifier; the demo's tasks are for language models "
                            "(for a vision run see docs/encoders.md)")
     cache = stage_cache(config)

@@ -30,6 +30,7 @@ from offsite.data.tokens import IGNORE, Sequence, collate, lm_sequences, train_c
 from offsite.data.types import ChoiceData, Data, LabelledData
 from offsite.device import CPU, Placement
 from offsite.heads import model_labels
+from offsite.loading import pad_id
 from offsite.numerics import check_step
 from offsite.scoring import score
 from offsite.training.checkpointing import checkpointed_blocks
@@ -158,8 +159,7 @@ def _train(model: nn.Module, tokenizer, sequences: list[Sequence], eval_data: Da
     steps = global_settings.total_steps(len(sequences))
     eval_every = settings.eval_every or max(1, steps // 5)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    # An image processor pads nothing: images come in one size.
-    batches = _batch_stream(sequences, global_settings, getattr(tokenizer, "pad_token_id", None) or 0, cache)
+    batches = _batch_stream(sequences, global_settings, pad_id(tokenizer), cache)
     # float16 underflows small gradients: scale the loss up, and skip a step whose gradients overflowed.
     scaler = torch.amp.GradScaler(placement.device.type) if placement.dtype == torch.float16 else None
     best, start, loss, step_seconds = Best(), time.perf_counter(), float("nan"), 0.0
