@@ -37,7 +37,7 @@ from offsite.config import (
 from offsite.errors import ConfigError, OffsiteError
 from offsite.files import one_line
 from offsite.studies.bench.settings import BenchConfig
-from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
+from offsite.studies.settings import DISTILL_BUDGETS, VISION_DISTILL, AblateConfig, DemoConfig, VisionDemoConfig
 
 EXAMPLE = """example (model owner, then data owner, then model owner):
   offsite emulate MODEL -o bundle --emulator-layers 8
@@ -175,6 +175,7 @@ FEDERATE_ALIGNMENT = DistillConfig(corpus=None, steps=20, eval_every=20)  # type
 
 # TrainConfig fields the demo lets a flag replace for every task's adapter (its own --seed is the demo's)
 DEMO_ADAPTER_FLAGS = ("lr", "lora_rank", "weight_decay")
+VISION_ADAPTER_FLAGS = ("lr", "weight_decay", "head_lr_scale")
 
 
 # --- the parser ----------------------------------------------------------------------------------
@@ -259,6 +260,16 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(demo, DemoConfig, only=("seed", "compare_uniform", "fair_budget"))
     add_options(demo, TrainConfig, only=DEMO_ADAPTER_FLAGS, unset="the budget's")
     _device_flags(demo, "of every stage")
+
+    vision = add_command("demo-vision", help="the paper's vision Table 1: the built-in ViT on classes it never saw")
+    add_options(vision, VisionDemoConfig, only=("model", "output"))
+    _split_flags(vision, default_of(VisionDemoConfig, "split"))
+    add_options(vision, VisionDemoConfig, only=("task", "quick"))
+    _distill_flags(vision, unset="the budget's")
+    vision.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
+    add_options(vision, VisionDemoConfig, only=("seed",))
+    add_options(vision, TrainConfig, only=VISION_ADAPTER_FLAGS, unset="the budget's")
+    _device_flags(vision, "of every stage")
 
     ablate = add_command("ablate", help="emulator methods side by side on one task, at equal emulator bytes")
     add_options(ablate, AblateConfig)
@@ -393,14 +404,15 @@ def _run_setup_assets(args: argparse.Namespace) -> None:
         print(f"vit-fashion: {ensure_vision_model()}")
 
 
-def _demo_distill(args: argparse.Namespace) -> DistillConfig | str | None:
+def _demo_distill(args: argparse.Namespace, budgets: dict[str, DistillConfig] = DISTILL_BUDGETS
+                  ) -> DistillConfig | str | None:
     """None with --no-distill; the budget's distillation, with the distillation flags given replacing its fields."""
     if args.no_distill:
         return None
     given = _given(DistillConfig, args)
     if not given:
         return "budget"
-    return dataclasses.replace(DISTILL_BUDGETS["quick" if args.quick else "default"], **given)
+    return dataclasses.replace(budgets["quick" if args.quick else "default"], **given)
 
 
 def _demo_config(args: argparse.Namespace) -> DemoConfig:
@@ -414,6 +426,16 @@ def _run_demo(args: argparse.Namespace) -> None:
     out = demo(_demo_config(args))
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
+
+
+def _run_demo_vision(args: argparse.Namespace) -> None:
+    from offsite.studies.vision_demo import vision_demo  # noqa: PLC0415 - lazy torch (see above)
+    config = from_args(VisionDemoConfig, args, split=_split(args), distill=_demo_distill(args, VISION_DISTILL),
+                       adapter_training=_given(TrainConfig, args, only=VISION_ADAPTER_FLAGS),
+                       runtime=from_args(DeviceConfig, args))
+    out = vision_demo(config)
+    print((out / "report.md").read_text())
+    print(f"report written to {out / 'report.md'} and {out / 'report.json'}")
 
 
 def _run_ablate(args: argparse.Namespace) -> None:
@@ -445,7 +467,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "align": _run_align, "federate": _run_federate, "plug": _run_plug, "eval": _run_eval,
-    "info": _run_info, "demo": _run_demo, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
+    "info": _run_info, "demo": _run_demo, "demo-vision": _run_demo_vision, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
     "ablate": _run_ablate, "keygen": _run_keygen,
 }
 

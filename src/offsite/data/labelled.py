@@ -72,6 +72,24 @@ def read_idx(images: Path, flag: str) -> LabelledData:
     return _indexed([(image, int(label)) for image, label in zip(pixels, labels)], "image", str(images))
 
 
+def labelled_lines(data: LabelledData, jsonl: Path) -> list[dict[str, Any]]:
+    """The jsonl lines of `data` ({"text"|"image", "label": name}); images held in memory (IDX pixels) are
+    written as PNG files in a folder beside `jsonl` (`NAME.images/`), which the lines name relatively."""
+    field = "image" if data.modality == "image" else "text"
+    folder = jsonl.with_name(jsonl.stem + ".images")
+    lines = []
+    for number, example in enumerate(data.examples):
+        value = example.input
+        if isinstance(value, np.ndarray):
+            from PIL import Image  # noqa: PLC0415 - only image tasks need it
+
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(value).save(folder / f"{number:06d}.png")  # lossless: the same pixels read back
+            value = f"{folder.name}/{number:06d}.png"
+        lines.append({field: value, "label": data.labels[example.label]})
+    return lines
+
+
 def load_image(source: Any):
     """A PIL RGB image from a path or an IDX array; a file that is not an image gets a one-line error."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - only image tasks need it

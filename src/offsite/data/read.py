@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from offsite.data import builtin
-from offsite.data.labelled import IDX_IMAGES, labelled_records, read_idx, read_image_folder
-from offsite.data.types import ChoiceData, ChoiceExample, Data, TextData
+from offsite.data.labelled import IDX_IMAGES, labelled_lines, labelled_records, read_idx, read_image_folder
+from offsite.data.types import ChoiceData, ChoiceExample, Data, LabelledData, TextData
 from offsite.errors import OffsiteError
 from offsite.files import atomic_file, read_text
 
@@ -118,11 +118,16 @@ def read_text_corpus(source: str | Path, flag: str, purpose: str, default_split:
 
 
 def write_jsonl(data: Data, path: str | Path) -> Path:
-    """Write data in the jsonl format `read_data` reads (temp name, then rename)."""
+    """Write data in the jsonl format `read_data` reads (temp name, then rename).
+
+    Images held in memory (IDX pixels) are written as PNG files beside it (see `labelled_lines`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, ChoiceData):
         records = [{"context": e.context, "choices": list(e.choices), "label": e.label} for e in data.examples]
+    elif isinstance(data, LabelledData):
+        records = labelled_lines(data, path)
     else:
         records = [{"text": text} for text in data.texts]
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:

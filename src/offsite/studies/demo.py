@@ -20,6 +20,7 @@ from typing import Any
 
 from offsite import __version__
 from offsite.api import align, emulate
+from offsite.arch import blocks_config
 from offsite.assets import cache_dir
 from offsite.config import AlignConfig, DistillConfig, EmulateConfig
 from offsite.constants import ADAPTER_WEIGHTS, MANIFEST
@@ -32,7 +33,7 @@ from offsite.loading import is_classifier, load_config
 from offsite.processes import in_fresh_process
 from offsite.studies.demo_report import write_report
 from offsite.studies.fair import fair_comparison
-from offsite.studies.settings import DemoConfig, TaskBudget
+from offsite.studies.settings import DemoConfig, TaskBudget, VisionDemoConfig
 from offsite.studies.stages import (
     Emulator, StageCache, TaskRun, adapter_settings, evaluate_stage, full_finetune_stage,
     full_model_inputs, make_emulator, offsite_tune_stage, prepare_task, train_settings,
@@ -49,9 +50,9 @@ def emulators(config: DemoConfig) -> list[Emulator]:
     return found
 
 
-def ceiling_emulator(config: DemoConfig) -> Emulator:
+def ceiling_emulator(config: DemoConfig | VisionDemoConfig) -> Emulator:
     """A bundle that keeps every middle layer: training on it is training on the full model."""
-    middle = load_config(config.model).num_hidden_layers - config.split.bottom - config.split.top
+    middle = blocks_config(load_config(config.model)).num_hidden_layers - config.split.bottom - config.split.top
     split = dataclasses.replace(config.split, method="uniform", emulator_layers=middle, drop_ratio=None)
     return make_emulator(config, split, None)
 
@@ -59,7 +60,7 @@ def ceiling_emulator(config: DemoConfig) -> Emulator:
 def build_bundles(config: DemoConfig, cache: "StageCache", measured: list[Emulator]) -> None:
     for emulator in measured:
         shared = shared_emulators() / cache.key("bundle", emulator=emulator.key()) if emulator.distill else None
-        cache.run("bundle", lambda: _make_bundle(config, emulator, shared), needs=emulator.bundle / MANIFEST,
+        cache.run("bundle", lambda: make_bundle(config, emulator, shared), needs=emulator.bundle / MANIFEST,
                   emulator=emulator.key())
 
 
@@ -79,7 +80,7 @@ def adapter_inputs(config: DemoConfig, inputs: dict[str, Any]) -> dict[str, Any]
     return {**inputs, "adapter_training": config.adapter_training} if config.adapter_training else inputs
 
 
-def tune_adapter(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator, train_file: Path,
+def tune_adapter(config: DemoConfig | VisionDemoConfig, cache: StageCache, task: str, emulator: Emulator, train_file: Path,
                  budget: TaskBudget, inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The data owner's run on `emulator`'s bundle: (adapter folder, the stage's result).
 
@@ -116,7 +117,7 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
     plugged = cache.run("plug_in", lambda: evaluate_stage(config.model, str(adapter), str(test_file), budget, bundle,
                                                           config.runtime), adapter=tuned["summary"], **inputs)
     found = {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
-             "timing": _timing(tuned)}
+             "timing": stage_timing(tuned)}
     if rounds and config.align_rounds:
         found["rounds"] = alignment_rounds(config, cache, task, emulator, files, budget, inputs, adapter, tuned)
     return found
@@ -182,7 +183,7 @@ def run_ceiling(config: DemoConfig, cache: StageCache, task: str, ceiling: Emula
     plugged = cache.run("plug_in", lambda: evaluate_stage(config.model, str(adapter), str(test_file), budget,
                                                      str(ceiling.bundle), config.runtime),
                         adapter=tuned["summary"], **inputs)
-    return {"result": plugged, "timing": _timing(tuned)}
+    return {"result": plugged, "timing": stage_timing(tuned)}
 
 
 def zero_shot(config: DemoConfig, cache: StageCache, run: TaskRun) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
             config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
             asdict(train_settings(budget, budget.full_lr, config.seed)),
             str(out / "data" / f"{task}.full_finetune.metrics.jsonl"), None, config.runtime), **full_model_inputs(run))
-        full_result, full_timing = full["result"], _timing(full)
+        full_result, full_timing = full["result"], stage_timing(full)
     per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs,
                                          rounds=e is measured[0]) for e in measured}
     primary = per_emulator[measured[0].name]
@@ -264,7 +265,7 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     }
 
 
-def _timing(stage: dict[str, Any]) -> dict[str, Any]:
+def stage_timing(stage: dict[str, Any]) -> dict[str, Any]:
     summary = stage["summary"]
     return {"seconds_per_step": summary["seconds_per_step"], "peak_rss_mb": stage["peak_rss_mb"],
             "trainable_params": summary["trainable_params"], "steps": summary["steps"]}
@@ -300,7 +301,7 @@ def demo(config: DemoConfig) -> Path:
     return write_report(config, per_task, manifests, run)
 
 
-def _make_bundle(config: DemoConfig, emulator: Emulator, shared: Path | None = None) -> dict[str, Any]:
+def make_bundle(config: DemoConfig | VisionDemoConfig, emulator: Emulator, shared: Path | None = None) -> dict[str, Any]:
     """`offsite emulate`, or a copy of the same bundle from `shared`, where it is then kept for later runs."""
     if shared is not None and (shared / MANIFEST).is_file():
         check_bundle(shared)  # every file against the manifest's hashes

@@ -5,23 +5,29 @@ from __future__ import annotations
 import math
 from typing import Any
 
+ACCURACY_TASKS = ("choice", "classify")  # scored by accuracy; the rest ("lm") by perplexity
+
+
+def is_accuracy(metrics: dict[str, Any]) -> bool:
+    return metrics["task"] in ACCURACY_TASKS
+
 
 def headline(metrics: dict[str, Any]) -> float:
     """The number a task is judged by: accuracy, or perplexity (lower is better)."""
-    return metrics["accuracy"] if metrics["task"] == "choice" else metrics["perplexity"]
+    return metrics["accuracy"] if is_accuracy(metrics) else metrics["perplexity"]
 
 
 def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return headline(a) > headline(b) if a["task"] == "choice" else headline(a) < headline(b)
+    return headline(a) > headline(b) if is_accuracy(a) else headline(a) < headline(b)
 
 
 def format_metric(metrics: dict[str, Any]) -> str:
-    return f"{metrics['accuracy']:.3f}" if metrics["task"] == "choice" else f"{metrics['perplexity']:.2f}"
+    return f"{metrics['accuracy']:.3f}" if is_accuracy(metrics) else f"{metrics['perplexity']:.2f}"
 
 
 def _log_scale(metrics: dict[str, Any]) -> float:
     """Accuracy, or minus log-perplexity: the scale on which gains add up (higher is better)."""
-    return metrics["accuracy"] if metrics["task"] == "choice" else -math.log(metrics["perplexity"])
+    return metrics["accuracy"] if is_accuracy(metrics) else -math.log(metrics["perplexity"])
 
 
 def gain_kept(result: dict[str, Any], zero_shot: dict[str, Any], reference: dict[str, Any]) -> float | None:
@@ -42,10 +48,10 @@ def protection(plug_in: dict[str, Any], emulator_finetune: dict[str, Any]) -> fl
     Accuracy points for a choice task (positive protects the model owner); for language modelling the
     emulator's perplexity over the plug-in's (above 1 protects).
     """
-    if plug_in["task"] == "choice":
+    if is_accuracy(plug_in):
         return plug_in["accuracy"] - emulator_finetune["accuracy"]
     return emulator_finetune["perplexity"] / plug_in["perplexity"]
 
 
 def format_protection(plug_in: dict[str, Any], value: float) -> str:
-    return f"{value * 100:+.1f} pts" if plug_in["task"] == "choice" else f"{value:.2f}×"
+    return f"{value * 100:+.1f} pts" if is_accuracy(plug_in) else f"{value:.2f}×"

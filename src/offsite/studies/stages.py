@@ -17,17 +17,19 @@ from typing import Any, Callable
 import torch
 
 from offsite.api import load_for_eval, tune
-from offsite.arch import get_layers
+from offsite.arch import get_layers, layer_paths
 from offsite.config import DeviceConfig, DistillConfig, SplitConfig, TrainConfig, TuneConfig
 from offsite.constants import ADAPTER_METADATA
 from offsite.data.builtin import load_builtin
 from offsite.data.read import read_data, write_jsonl
-from offsite.data.types import ChoiceData, Data, truncate_text
+from offsite.data.types import ChoiceData, Data, LabelledData, truncate_text
 from offsite.device import CPU, Placement, place_model
 from offsite.emulator.build import read_calibration
 from offsite.emulator.distill import read_corpus
 from offsite.files import sha256_file, write_json
-from offsite.loading import load_model, load_tokenizer
+from offsite.exchange.bundle import is_bundle, open_bundle
+from offsite.heads import rehead
+from offsite.loading import is_classifier, load_model, load_preprocessor
 from offsite.processes import peak_rss_mb
 from offsite.scoring import score
 from offsite.studies.settings import BUDGETS, DemoConfig, TaskBudget
@@ -102,25 +104,47 @@ def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dic
 def full_finetune_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
                         metrics: str, eval_file: str | None = None,
                         runtime: DeviceConfig | None = None) -> dict[str, Any]:
-    """Baseline: every transformer block of the full model trained on the same data and steps.
+    """Baseline: every transformer block of the full model (and a classifier's head) trained on the same
+    data and steps.
 
     `eval_file`: validation data, for the best checkpoint and early stopping (`settings["patience"]`).
     `runtime`: where it trains, as `tune` would (every block float32, the rest in the compute dtype).
     """
+    return _train_and_score(model_name, train_file, test_file, settings, metrics, True, eval_file, runtime)
+
+
+def linear_probe_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
+                       metrics: str, runtime: DeviceConfig | None = None) -> dict[str, Any]:
+    """A classifier's baseline: every block frozen, only a new head trained on the data's labels.
+
+    `model_name` may be a bundle: the probe then measures what the emulator's features alone give.
+    """
+    return _train_and_score(model_name, train_file, test_file, settings, metrics, False, None, runtime)
+
+
+def _train_and_score(model_name: str, train_file: str, test_file: str, settings: dict[str, Any], metrics: str,
+                     every_block: bool, eval_file: str | None, runtime: DeviceConfig | None) -> dict[str, Any]:
     train = TrainConfig(**settings)
     runtime = runtime or DeviceConfig()
     placement = Placement.of(runtime.device, runtime.dtype)
     torch.manual_seed(train.seed)
-    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
-    blocks = list(range(len(get_layers(model))))
-    place_model(model, placement, keep_float32=list(get_layers(model)))
-    sequences = training_sequences(read_data(train_file), tokenizer, train.seq_len)
+    if is_bundle(model_name):
+        model, preprocessor, _ = open_bundle(model_name, in_memory=True)  # trained in place: not a mapped file
+    else:
+        model, preprocessor = load_model(model_name), load_preprocessor(model_name)
+    data = read_data(train_file)
+    if isinstance(data, LabelledData):
+        rehead(model, data.labels, train.seed)  # as `tune` does: a new head for the data's labels
+    blocks = list(range(len(get_layers(model)))) if every_block else []
+    head = [model.get_submodule(path) for path in layer_paths(model).task_head]
+    place_model(model, placement, keep_float32=[get_layers(model)[b] for b in blocks] + head)
+    sequences = training_sequences(data, preprocessor, train.seq_len, model)
     Path(metrics).unlink(missing_ok=True)  # a rerun's records must not follow an interrupted run's
-    model = train_layers(model, tokenizer, sequences, blocks, train, Path(metrics),
+    model = train_layers(model, preprocessor, sequences, blocks, train, Path(metrics),
                          read_data(eval_file) if eval_file else None, placement=placement)
     peak = peak_rss_mb()
     with placement.autocast():
-        result = score(model, tokenizer, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
+        result = score(model, preprocessor, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
     return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
 
 
@@ -155,10 +179,10 @@ class Emulator:
         return key
 
 
-def corpus_hashes(split: SplitConfig, distill: DistillConfig | None) -> dict[str, str]:
+def corpus_hashes(split: SplitConfig, distill: DistillConfig | None, classifier: bool = False) -> dict[str, str]:
     found = {}
     if distill:
-        found["distill"] = read_corpus(distill).sha256()
+        found["distill"] = read_corpus(distill, classifier).sha256()
     if split.selection == "similarity" and split.calibration:
         found["calibration"] = read_calibration(split.calibration).sha256()
     return found
@@ -172,7 +196,8 @@ def make_emulator(config: DemoConfig, split: SplitConfig, distill: DistillConfig
     folder = f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
     if distill and placement_inputs(config.runtime):
         folder += "-" + hashlib.sha256(json.dumps(placement_inputs(config.runtime)).encode()).hexdigest()[:6]
-    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder, corpus_hashes(split, distill),
+    return Emulator(name, split, distill, Path(config.output) / "bundles" / folder,
+                    corpus_hashes(split, distill, is_classifier(config.model)),
                     placement_inputs(config.runtime))
 
 
