@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from offsite.cli import _build_parser, _demo_config, _demo_distill, _options, from_args
+from offsite.cli import _build_parser, _demo_config, _demo_distill, _options, _vision_config, from_args
 from offsite.config import COMPRESSIONS, DistillConfig, EvalConfig, SplitConfig, TrainConfig
 from offsite.emulator.compress import COMPRESSIONS as REGISTERED
 from offsite.studies.bench.settings import BenchConfig
-from offsite.studies.settings import DISTILL_BUDGETS, AblateConfig, DemoConfig
+from offsite.studies.settings import DISTILL_BUDGETS, VISION_DISTILL, AblateConfig, DemoConfig, VisionDemoConfig
 
 COMMON = "--allocator --debug --quiet"
 SPLIT = "--bottom --top --emulator-layers --drop-ratio --emulator-method --rank-fraction --calibration"
@@ -38,6 +38,8 @@ FLAGS = {
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype "
             "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)
     "info": "--json",
+    "demo-vision": f"--model --out {SPLIT} --task --quick {DISTILL} --no-distill --seed --lr --weight-decay "
+                   "--head-lr-scale --device --dtype",  # new (encoders)
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
             "--compare-uniform --fair-budget --device --dtype",
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
@@ -62,7 +64,7 @@ def long_flags(parser: argparse.ArgumentParser) -> set[str]:
 @pytest.mark.parametrize("command", sorted(FLAGS))
 def test_every_command_keeps_its_flags(command):
     expected = set(f"{FLAGS[command]} {COMMON}".split())
-    if command in ("emulate", "demo", "bench"):
+    if command in ("emulate", "demo", "demo-vision", "bench"):
         expected.add("--method")  # the alias of --emulator-method
     assert long_flags(subparser(command)) == expected
 
@@ -87,6 +89,13 @@ def test_the_demo_without_flags_is_the_default_demo():
     """Its stage caches stay valid: no adapter override appears that was not asked for (the demo's --seed too)."""
     assert _demo_config(parse("demo")) == DemoConfig()
     assert _demo_config(parse("demo", "--seed", "3", "--lr", "3e-4")).adapter_training == {"lr": 3e-4}
+
+
+def test_the_vision_demo_without_flags_is_the_default_one():
+    assert _vision_config(parse("demo-vision")) == VisionDemoConfig()
+    quick = _vision_config(parse("demo-vision", "--quick", "--distill-steps", "9", "--head-lr-scale", "3"))
+    assert quick.distill == dataclasses.replace(VISION_DISTILL["quick"], steps=9)
+    assert quick.adapter_training == {"head_lr_scale": 3.0}
 
 
 def test_demo_distillation_is_the_budget_unless_a_flag_says_otherwise():

@@ -428,12 +428,15 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(f"report written to {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}")
 
 
+def _vision_config(args: argparse.Namespace) -> VisionDemoConfig:
+    return from_args(VisionDemoConfig, args, split=_split(args), distill=_demo_distill(args, VISION_DISTILL),
+                     adapter_training=_given(TrainConfig, args, only=VISION_ADAPTER_FLAGS),
+                     runtime=from_args(DeviceConfig, args))
+
+
 def _run_demo_vision(args: argparse.Namespace) -> None:
     from offsite.studies.vision_demo import vision_demo  # noqa: PLC0415 - lazy torch (see above)
-    config = from_args(VisionDemoConfig, args, split=_split(args), distill=_demo_distill(args, VISION_DISTILL),
-                       adapter_training=_given(TrainConfig, args, only=VISION_ADAPTER_FLAGS),
-                       runtime=from_args(DeviceConfig, args))
-    out = vision_demo(config)
+    out = vision_demo(_vision_config(args))
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'} and {out / 'report.json'}")
 
