@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_FLAGS ?= --quick
 
-.PHONY: setup assets demo test test-slow clean
+.PHONY: setup assets demo demo-vision test test-slow clean
 
 $(BIN)/offsite: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ assets: setup
 
 demo: assets
 	$(BIN)/offsite demo $(DEMO_FLAGS)
+
+# The vision demo: pretrains the built-in ViT first if it is not cached (about 15 minutes, once).
+demo-vision: assets
+	$(BIN)/offsite demo-vision $(DEMO_FLAGS)
 
 test: setup
 	$(BIN)/python -m pytest
