@@ -36,7 +36,8 @@ FLAGS = {
                 f"--client-cpus --round-timeout --overwrite --device --dtype --write-app {DISTILL}",  # new (federation)
     "plug": "--output --overwrite --bundle --trust --no-stream --max-shard-size",
     "eval": "--data --adapter --bundle --seq-len --batch-size --limit --json --device --dtype "
-            "--batch-tokens --device-map --max-memory",  # the last 3: new (scale)
+            "--batch-tokens --device-map --max-memory "  # these 3: new (scale)
+            "--lm-eval --lm-eval-output",  # new (lm-eval bridge)
     "info": "--json",
     "demo-vision": f"--model --out {SPLIT} --task --quick {DISTILL} --no-distill --seed --lr --weight-decay "
                    "--head-lr-scale --device --dtype",  # new (encoders)

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("exchange", ("offsite.exchange",)),
     ("api", ("offsite.api",)),
     ("federation", ("offsite.federation",)),
+    ("lmeval", ("offsite.lmeval",)),
     ("studies", ("offsite.studies",)),
     ("cli", ("offsite.cli",)),
 ]

@@ -425,17 +425,28 @@ def load_for_eval(model_path: str, adapter_path: str | None, bundle: str | None 
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Score `config.model` (optionally with `config.adapter`) on `config.data`: perplexity or choice accuracy."""
-    data: Data = read_data(config.data, default_split="test")
-    if config.limit is not None:
-        data = limit(data, config.limit)
-    check_window(load_config(config.model), config.seq_len)
+    """Score `config.model` (optionally with `config.adapter`) on `config.data`: perplexity or choice accuracy.
+
+    (`config.lm_eval` tasks are scored by `offsite.lmeval.evaluate`, which needs the lm-eval extra.)
+    """
+    if config.data is None:
+        raise OffsiteError("offsite eval: give --data FILE (or --lm-eval TASKS, scored by offsite.lmeval)")
     placement = Placement.of(config.runtime.device, config.runtime.dtype)
     if config.device_map:
         model, tokenizer = load_spread(config, placement)
     else:
         model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
         place_model(model, placement)
+    return score_loaded(config, model, tokenizer, placement)
+
+
+def score_loaded(config: EvalConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 placement: Placement) -> dict[str, Any]:
+    """`evaluate` of a model already loaded and placed: `config.data` (its first `config.limit` examples)."""
+    data: Data = read_data(config.data, default_split="test")
+    if config.limit is not None:
+        data = limit(data, config.limit)
+    check_window(load_config(config.model), config.seq_len)
     with placement.autocast():
         return score(model, tokenizer, data, config.seq_len, config.batch_size, config.batch_tokens)
 

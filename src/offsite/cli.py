@@ -284,6 +284,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _device_flags(bench, "of the timed settings (the cached ones run on the CPU)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    harness = add_command("lm-eval", help="lm-eval's command line with the `offsite` model type (--model offsite "
+                                          "--model_args pretrained=PATH[,adapter=A][,bundle=B]); needs the lm-eval "
+                                          "extra; every argument after it is lm-eval's", add_help=False)
+
     data = add_command("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     add_options(data_commands.add_parser("export", help="write a built-in dataset as jsonl"), ExportConfig)
@@ -369,8 +373,19 @@ def _run_plug(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from offsite.api import evaluate  # noqa: PLC0415 - lazy torch (see above)
-    _print(evaluate(from_args(EvalConfig, args, runtime=from_args(DeviceConfig, args))), args.json)
+    config = from_args(EvalConfig, args, runtime=from_args(DeviceConfig, args))
+    if not config.lm_eval:
+        from offsite.api import evaluate  # noqa: PLC0415 - lazy torch (see above)
+        _print(evaluate(config), args.json)
+        return
+    from offsite.lmeval.evaluate import evaluate_with_lm_eval  # noqa: PLC0415 - lazy torch and lm-eval
+    result = evaluate_with_lm_eval(config)
+    lm_table = result.pop("lm_eval_table")
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(lm_table)
+    _print({k: v for k, v in result.items() if k != "lm_eval"}, False)
 
 
 def _run_info(args: argparse.Namespace) -> None:
@@ -383,9 +398,23 @@ def _run_data(args: argparse.Namespace) -> None:
         from offsite.api import sample_corpus  # noqa: PLC0415 - lazy torch (see above)
         print(f"wrote {sample_corpus(from_args(SampleConfig, args, runtime=from_args(DeviceConfig, args)))}")
         return
+    config = from_args(ExportConfig, args)
+    if config.lm_eval:
+        from offsite.lmeval.tasks import write_task  # noqa: PLC0415 - lazy torch (see above)
+        path = write_task(config.name, config.output, config.overwrite)
+        print(f"wrote {path} and {path.with_suffix('.jsonl')} (lm-eval task {path.stem}; score it with "
+              f"`offsite eval MODEL --lm-eval {path}`)")
+        return
     from offsite.api import export_data  # noqa: PLC0415 - lazy torch (see above)
-    path, source = export_data(from_args(ExportConfig, args))
+    path, source = export_data(config)
     print(f"wrote {path} ({source})")
+
+
+def _run_harness(args: argparse.Namespace) -> None:
+    from offsite.lmeval.harness import run_harness  # noqa: PLC0415 - lazy torch and lm-eval
+    status = run_harness(args.harness_args)
+    if status:
+        raise SystemExit(status)
 
 
 def _run_keygen(args: argparse.Namespace) -> None:
@@ -471,7 +500,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "align": _run_align, "federate": _run_federate, "plug": _run_plug, "eval": _run_eval,
     "info": _run_info, "demo": _run_demo, "demo-vision": _run_demo_vision, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
-    "ablate": _run_ablate, "keygen": _run_keygen,
+    "ablate": _run_ablate, "keygen": _run_keygen, "lm-eval": _run_harness,
 }
 
 
@@ -505,9 +534,24 @@ def _restart_with_allocator() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra, _RESTARTED: "1"})
 
 
+def _harness_split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(offsite's arguments, lm-eval's) when the command is `lm-eval`: everything after it is lm-eval's, flags
+    included (argparse's REMAINDER would refuse a first argument that starts with '-')."""
+    position = 0
+    while position < len(argv) and argv[position].startswith("-"):
+        position += 2 if argv[position] == "--allocator" else 1
+    if position < len(argv) and argv[position] == "lm-eval":
+        return argv[: position + 1], argv[position + 1:]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `tune --num-processes` hands its launcher
+    given = list(sys.argv[1:] if argv is None else argv)
+    ours, harness_args = _harness_split(given)
+    args = _build_parser().parse_args(ours)
+    if args.command == "lm-eval":
+        args.harness_args = harness_args
+    args.argv = given  # what `tune --num-processes` hands its launcher
     try:
         if args.allocator is not None:
             os.environ[allocator.ENV] = args.allocator  # the processes offsite spawns see the choice too

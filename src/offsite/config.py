@@ -572,7 +572,7 @@ class EvalConfig(JsonConfig):
     """Score a full model, bundle or plugged model (optionally with an adapter) on a data file."""
 
     model: str = option(help="full model, bundle or plugged model", positional=True)
-    data: str = option(help="evaluation data (.txt or .jsonl)")
+    data: str | None = option(None, "evaluation data (.txt or .jsonl, or a built-in dataset)")
     adapter: str | None = option(None, "apply this adapter file in memory first")
     bundle: str | None = option(None, "with --adapter on a full model: the bundle issued for the adapter, whose "
                                 "adapter layers are the only ones it may replace (default: the owner's record)")
@@ -587,11 +587,21 @@ class EvalConfig(JsonConfig):
     max_memory: list[str] | None = option(None, "with --device-map auto: the most each device may hold, as "
                                           "DEVICE=SIZE (e.g. 0=20GiB 1=20GiB cpu=64GiB)", nargs="+",
                                           metavar="DEVICE=SIZE")
+    lm_eval: list[str] | None = option(None, "also score with lm-eval on these tasks: a built-in dataset (bbc-news, "
+                                       "wordnet, austen[:SPLIT]), a task YAML file, or any lm-eval task (its data "
+                                       "from a hub or lm-eval's cache); needs the lm-eval extra", nargs="+",
+                                       metavar="TASK")
+    lm_eval_output: str | None = option(None, "with --lm-eval: write lm-eval's whole JSON output (results, task "
+                                        "configs, versions) to this file", metavar="FILE")
 
     def __post_init__(self) -> None:
         if isinstance(self.runtime, dict):
             self.runtime = DeviceConfig.from_dict(self.runtime)
         problems: list[str] = []
+        if self.data is None and not self.lm_eval:
+            problems.append("nothing to score: give --data FILE, --lm-eval TASK..., or both")
+        if self.lm_eval_output is not None and not self.lm_eval:
+            problems.append("--lm-eval-output needs --lm-eval TASK...")
         positive(problems, seq_len=self.seq_len, batch_size=self.batch_size, limit=self.limit,
                  batch_tokens=self.batch_tokens)
         if self.max_memory is not None and self.device_map is None:
@@ -617,8 +627,10 @@ class ExportConfig(JsonConfig):
 
     name: str = option(help="bbc-news, wordnet or austen, optionally with :train, :validation or :test",
                        positional=True)
-    output: str = option(help="jsonl file to write", flags=("-o", "--output"))
+    output: str = option(help="jsonl file to write (with --lm-eval: a folder)", flags=("-o", "--output"))
     overwrite: bool = option(False, "replace an existing output file")
+    lm_eval: bool = option(False, "write an lm-eval task instead: the split as jsonl and a task YAML over it, "
+                           "both in the --output folder (then `offsite eval MODEL --lm-eval FOLDER/TASK.yaml`)")
 
 
 @dataclass
