@@ -42,7 +42,7 @@ FLAGS = {
     "demo-vision": f"--model --out {SPLIT} --task --quick {DISTILL} --no-distill --seed --lr --weight-decay "
                    "--head-lr-scale --device --dtype",  # new (encoders)
     "demo": f"--model --out {SPLIT} --tasks --quick {DISTILL} --no-distill --seed --lr --lora-rank --weight-decay "
-            "--compare-uniform --fair-budget --device --dtype",
+            "--compare-uniform --fair-budget --device --dtype --lm-eval --lm-eval-limit",  # the last 2: new (lm-eval)
     "ablate": f"--model --task --methods --out --bottom --top --emulator-layers --rank-fraction --calibration "
               f"{DISTILL} --quick --seed --device --dtype",
     "bench": f"--random-shape --task {SPLIT} --batch-size --seq-len --steps "

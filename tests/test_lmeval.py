@@ -23,6 +23,9 @@ from offsite.config import EvalConfig  # noqa: E402
 from offsite.lmeval.model import OffsiteLM  # noqa: E402
 from offsite.lmeval.run import metrics, run_lm_eval  # noqa: E402
 from offsite.lmeval.tasks import write_task  # noqa: E402
+from offsite.studies.demo import demo  # noqa: E402
+from offsite.studies.settings import DemoConfig  # noqa: E402
+from test_demo import tiny_tasks  # noqa: E402, F401 - the demo's tiny built-in tasks (a fixture)
 
 CHOICES = [
     ("The old lighthouse stood at the edge of the", [" harbour", " market", " tea kettle"], 0),
@@ -190,3 +193,29 @@ def test_missing_lm_eval_names_the_extra(exchange, capsys, monkeypatch):
     _, model = exchange
     code, _, err = cli(capsys, "eval", model, "--lm-eval", "x.jsonl")
     assert code == 1 and 'pip install "offsite[lm-eval]"' in err
+
+
+def test_the_demo_scores_its_five_settings_with_lm_eval_too(tiny_tasks, model_dirs, tmp_path):
+    """On the demo's own test examples lm-eval's accuracy is the demo's, setting by setting."""
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz"], quick=True,
+                        isolate=False, distill=None, ceiling=False, lm_eval=["quiz"], lm_eval_limit=4)
+    config.split.emulator_layers = 2
+    report = json.loads((demo(config) / "report.json").read_text())
+    scored = report["lm_eval"]["quiz"]
+    assert set(scored) == {"zero_shot", "emulator_zero_shot", "full_finetune", "emulator_finetune", "plug_in"}
+    for setting, found in scored.items():
+        assert found["metrics"]["offsite_quiz"]["acc"] == report["settings"][setting]["quiz"]["accuracy"], setting
+        assert found["n_samples"]["offsite_quiz"]["effective"] == 4
+    assert "lm-eval task `offsite_quiz`" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_the_demo_refuses_lm_eval_tasks_whose_data_is_not_here_before_any_stage(tiny_tasks, model_dirs, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["quiz"], quick=True,
+                        isolate=False, distill=None, lm_eval=["piqa"])
+    with pytest.raises(OffsiteError, match="--lm-eval piqa: its data is not on this machine"):
+        demo(config)
+    assert not list((tmp_path / "demo" / "stages").glob("*.json"))
+    with pytest.raises(OffsiteError, match="--lm-eval with a reference report"):
+        DemoConfig(lm_eval=["quiz"], reference="r.json")

@@ -258,6 +258,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _distill_flags(demo, unset="the budget's")
     demo.add_argument("--no-distill", action="store_true", help="measure the plain emulator, without distillation")
     add_options(demo, DemoConfig, only=("seed", "compare_uniform", "fair_budget"))
+    add_options(demo.add_argument_group("standard evaluation"), DemoConfig, only=("lm_eval", "lm_eval_limit"))
     add_options(demo, TrainConfig, only=DEMO_ADAPTER_FLAGS, unset="the budget's")
     _device_flags(demo, "of every stage")
 

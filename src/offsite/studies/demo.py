@@ -33,6 +33,7 @@ from offsite.loading import is_classifier, load_config
 from offsite.processes import in_fresh_process
 from offsite.studies.demo_report import write_report
 from offsite.studies.fair import fair_comparison
+from offsite.studies.lm_eval_rows import LM_EVAL_SEQ_LEN, check_lm_eval_tasks, lm_eval_stage, tasks_identity
 from offsite.studies.settings import DemoConfig, TaskBudget, VisionDemoConfig
 from offsite.studies.stages import (
     Emulator, StageCache, TaskRun, adapter_settings, evaluate_stage, full_finetune_stage,
@@ -99,10 +100,11 @@ def tune_adapter(config: DemoConfig | VisionDemoConfig, cache: StageCache, task:
 
 def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emulator,
                  files: tuple[Path, Path], budget: TaskBudget, task_inputs: dict[str, Any],
-                 rounds: bool = False) -> dict[str, Any]:
+                 primary: bool = False) -> dict[str, Any]:
     """The three settings that depend on the emulator: zero-shot, fine-tuned through it, plug-in.
 
-    With `rounds`, also the demo's alignment rounds on this emulator (`config.align_rounds`).
+    For the `primary` emulator (the demo's own), also the alignment rounds (`config.align_rounds`) and
+    the lm-eval scores (`config.lm_eval`).
     """
     train_file, test_file = files
     inputs = {**task_inputs, "emulator": emulator.key()}
@@ -118,7 +120,14 @@ def run_emulator(config: DemoConfig, cache: StageCache, task: str, emulator: Emu
                                                           config.runtime), adapter=tuned["summary"], **inputs)
     found = {"results": {"emulator_zero_shot": zero, "emulator_finetune": emulated, "plug_in": plugged},
              "timing": stage_timing(tuned)}
-    if rounds and config.align_rounds:
+    if config.lm_eval and primary:
+        found["lm_eval"] = {name: lm_eval_run(config, cache, model, adapter_arg, bundle_arg,
+                                              {"setting": name, **setting_inputs})
+                            for name, model, adapter_arg, bundle_arg, setting_inputs in (
+                                ("emulator_zero_shot", bundle, None, None, {"emulator": emulator.key()}),
+                                ("emulator_finetune", bundle, str(adapter), None, {**inputs, "adapter": tuned["summary"]}),
+                                ("plug_in", config.model, str(adapter), bundle, {**inputs, "adapter": tuned["summary"]}))}
+    if primary and config.align_rounds:
         found["rounds"] = alignment_rounds(config, cache, task, emulator, files, budget, inputs, adapter, tuned)
     return found
 
@@ -239,13 +248,15 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
         full_result, full_timing = reused(reference, task, run, "full_finetune")
     else:
         zero = zero_shot(config, cache, run)
+        lm_eval = {"tasks": config.lm_eval, "limit": config.lm_eval_limit} if config.lm_eval else None
         full = cache.run("full_finetune", lambda: in_fresh_process(
             config.isolate, full_finetune_stage, config.model, str(train_file), str(test_file),
             asdict(train_settings(budget, budget.full_lr, config.seed)),
-            str(out / "data" / f"{task}.full_finetune.metrics.jsonl"), None, config.runtime), **full_model_inputs(run))
+            str(out / "data" / f"{task}.full_finetune.metrics.jsonl"), None, config.runtime, lm_eval),
+            **full_model_inputs(run), **(tasks_identity(config.lm_eval, config.lm_eval_limit) if lm_eval else {}))
         full_result, full_timing = full["result"], stage_timing(full)
     per_emulator = {e.name: run_emulator(config, cache, task, e, (train_file, test_file), budget, inputs,
-                                         rounds=e is measured[0]) for e in measured}
+                                         primary=e is measured[0]) for e in measured}
     primary = per_emulator[measured[0].name]
     results = {"zero_shot": zero, "full_finetune": full_result, **primary["results"]}
     timing = {"full_finetune": full_timing, "emulator_finetune": primary["timing"]}
@@ -256,13 +267,25 @@ def run_task(config: DemoConfig, cache: StageCache, task: str, measured: list[Em
     elif ceiling is not None:
         found = run_ceiling(config, cache, task, ceiling, (train_file, test_file), budget, inputs)
         results["ceiling"], timing["ceiling"] = found["result"], found["timing"]
-    return {
+    found = {
         "results": results,
         "timing": timing,
         "other_emulators": {name: r for name, r in per_emulator.items() if name != measured[0].name},
         "rounds": primary.get("rounds", []),
         "budget": asdict(budget), "sizes": run.sizes,
     }
+    if config.lm_eval:
+        found["lm_eval"] = {"zero_shot": lm_eval_run(config, cache, config.model, None, None, {"setting": "zero_shot"}),
+                            "full_finetune": full["lm_eval"], **primary["lm_eval"]}
+    return found
+
+
+def lm_eval_run(config: DemoConfig, cache: StageCache, model: str, adapter: str | None, bundle: str | None,
+                inputs: dict[str, Any]) -> dict[str, Any]:
+    """One setting's model scored by lm-eval (`--lm-eval`); `inputs` identify the model (adapter, emulator)."""
+    return cache.run("lm_eval", lambda: lm_eval_stage(model, adapter, bundle, config.lm_eval, config.lm_eval_limit,
+                                                      LM_EVAL_SEQ_LEN, config.runtime),
+                     **inputs, **tasks_identity(config.lm_eval, config.lm_eval_limit))
 
 
 def stage_timing(stage: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +310,8 @@ def demo(config: DemoConfig) -> Path:
     reference = read_reference(config)
     if reference is not None and config.fair_budget:
         raise OffsiteError("a reference report gives no fair-budget runs: drop the reference or the fair budget")
+    if config.lm_eval:
+        check_lm_eval_tasks(config.lm_eval, out / "lm-eval-tasks")  # one line now, not after an hour of stages
     measured = emulators(config)
     ceiling = ceiling_emulator(config) if config.ceiling and reference is None else None
     build_bundles(config, cache, measured + ([ceiling] if ceiling else []))

@@ -13,6 +13,7 @@ from offsite import __version__
 from offsite.data.builtin import split_definition
 from offsite.exchange.bundle import Manifest
 from offsite.files import write_json
+from offsite.studies.lm_eval_rows import lm_eval_markdown
 from offsite.studies.metrics import better, format_metric, format_protection, gain_kept, headline, protection
 
 LABELS = {
@@ -104,6 +105,7 @@ def build(config, per_task: dict[str, Any], manifests: dict[str, Manifest], run:
         "other_emulators": other_emulators,
         "timing": {task: r["timing"] for task, r in per_task.items()},
         "rounds": {task: r["rounds"] for task, r in per_task.items() if r.get("rounds")},
+        "lm_eval": {task: r["lm_eval"] for task, r in per_task.items() if r.get("lm_eval")},
         "figures": figures(settings),
         "claims": claims(settings),
         "fair": fair_report(config, per_task, settings),
@@ -235,6 +237,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{full['trainable_params'] / 1e6:.1f}M / {off['trainable_params'] / 1e6:.1f}M |")
     if report.get("fair"):
         lines += fair_markdown(report)
+    if report.get("lm_eval"):
+        lines += ["", "Scored by lm-eval as well (`--lm-eval`; metric as lm-eval names it):"]
+        lines += lm_eval_markdown(report["lm_eval"], LABELS)
     lines += ["", "Claims of the paper, checked on these numbers (the equal-steps table):", ""]
     lines += [f"- {c['task']}: {c['claim']}: **{'holds' if c['holds'] else 'does not hold'}**" for c in report["claims"]]
     lines += ["", "Peak RSS is the whole training process (Python, libraries, model, optimizer, activations).", ""]

@@ -120,6 +120,11 @@ class DemoConfig(JsonConfig):
     # full-model rows (zero-shot, full fine-tuning, the ceiling) are reused instead of recomputed
     # (benchmarks/demo_sweep.py --reference); the report names it.
     reference: str | None = None
+    lm_eval: list[str] | None = option(None, "also score every setting on these lm-eval tasks: built-in datasets, "
+                                       "task YAML files, or lm-eval's own tasks when their data is here (a hub or "
+                                       "lm-eval's cache); needs the lm-eval extra", nargs="+", metavar="TASK")
+    lm_eval_limit: int | None = option(None, "with --lm-eval: score only the first N examples of each task",
+                                       metavar="N")
     isolate: bool = True  # train in a fresh process, so its peak memory is its own
     runtime: DeviceConfig = field(default_factory=DeviceConfig)  # where every stage runs
 
@@ -142,6 +147,11 @@ class DemoConfig(JsonConfig):
         check(([f"align_rounds={self.align_rounds} must be 0 or more"] if self.align_rounds < 0 else [])
               + ([f"align_steps={self.align_steps} must be at least 1"] if self.align_steps < 1 else []))
         check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
+        check((["--lm-eval-limit needs --lm-eval TASK..."] if self.lm_eval_limit is not None and not self.lm_eval
+               else []) + ([f"--lm-eval-limit={self.lm_eval_limit} must be at least 1"]
+                           if self.lm_eval_limit is not None and self.lm_eval_limit < 1 else [])
+              + (["--lm-eval with a reference report: the reference has no lm-eval scores of its fine-tuned full "
+                  "model; drop one of them"] if self.lm_eval and self.reference else []))
 
     @property
     def budget_name(self) -> str:

@@ -32,6 +32,7 @@ from offsite.heads import rehead
 from offsite.loading import is_classifier, load_model, load_preprocessor
 from offsite.processes import peak_rss_mb
 from offsite.scoring import score
+from offsite.studies.lm_eval_rows import LM_EVAL_SEQ_LEN, score_loaded_model
 from offsite.studies.settings import BUDGETS, DemoConfig, TaskBudget
 from offsite.training.trainer import train_layers, training_sequences
 
@@ -103,14 +104,15 @@ def offsite_tune_stage(bundle: str, train_file: str, adapter: str, settings: dic
 
 def full_finetune_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
                         metrics: str, eval_file: str | None = None,
-                        runtime: DeviceConfig | None = None) -> dict[str, Any]:
+                        runtime: DeviceConfig | None = None, lm_eval: dict[str, Any] | None = None) -> dict[str, Any]:
     """Baseline: every transformer block of the full model (and a classifier's head) trained on the same
     data and steps.
 
     `eval_file`: validation data, for the best checkpoint and early stopping (`settings["patience"]`).
     `runtime`: where it trains, as `tune` would (every block float32, the rest in the compute dtype).
+    `lm_eval`: {"tasks", "limit"}: also score the trained model with lm-eval (it is not kept afterwards).
     """
-    return _train_and_score(model_name, train_file, test_file, settings, metrics, True, eval_file, runtime)
+    return _train_and_score(model_name, train_file, test_file, settings, metrics, True, eval_file, runtime, lm_eval)
 
 
 def linear_probe_stage(model_name: str, train_file: str, test_file: str, settings: dict[str, Any],
@@ -123,7 +125,8 @@ def linear_probe_stage(model_name: str, train_file: str, test_file: str, setting
 
 
 def _train_and_score(model_name: str, train_file: str, test_file: str, settings: dict[str, Any], metrics: str,
-                     every_block: bool, eval_file: str | None, runtime: DeviceConfig | None) -> dict[str, Any]:
+                     every_block: bool, eval_file: str | None, runtime: DeviceConfig | None,
+                     lm_eval: dict[str, Any] | None = None) -> dict[str, Any]:
     train = TrainConfig(**settings)
     runtime = runtime or DeviceConfig()
     placement = Placement.of(runtime.device, runtime.dtype)
@@ -145,7 +148,12 @@ def _train_and_score(model_name: str, train_file: str, test_file: str, settings:
     peak = peak_rss_mb()
     with placement.autocast():
         result = score(model, preprocessor, read_data(test_file), train.seq_len, EVAL_BATCH_SIZE)
-    return {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
+    found = {"result": result, "summary": model.offsite_training_summary, "peak_rss_mb": peak}
+    if lm_eval:
+        from offsite.lmeval.model import OffsiteLM  # noqa: PLC0415 - imports lm-eval, an optional extra
+        found["lm_eval"] = score_loaded_model(OffsiteLM.of(model.eval(), preprocessor, LM_EVAL_SEQ_LEN),
+                                              lm_eval["tasks"], lm_eval["limit"])
+    return found
 
 
 def evaluate_stage(model: str, adapter: str | None, test_file: str, budget: TaskBudget,
