@@ -219,3 +219,20 @@ def test_the_demo_refuses_lm_eval_tasks_whose_data_is_not_here_before_any_stage(
     assert not list((tmp_path / "demo" / "stages").glob("*.json"))
     with pytest.raises(OffsiteError, match="--lm-eval with a reference report"):
         DemoConfig(lm_eval=["quiz"], reference="r.json")
+
+
+def test_the_agreement_script_sets_lm_evals_scores_beside_offsites(tiny_tasks, model_dirs):
+    import importlib.util  # noqa: PLC0415 - loads a benchmark script by path
+
+    from pathlib import Path  # noqa: PLC0415 - beside the import above
+
+    spec = importlib.util.spec_from_file_location(
+        "lm_eval_agreement", Path(__file__).parents[1] / "benchmarks" / "lm_eval_agreement.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.compare("full model", str(model_dirs["llama"]), None, None, ["quiz:6", "text"])
+    quiz, text = rows
+    assert quiz["n"] == 6 and quiz["lm_eval"]["acc"] == quiz["offsite"]["accuracy"]
+    assert quiz["lm_eval"]["acc_norm"] == quiz["offsite"]["accuracy_norm"]
+    assert text["lm_eval_token_perplexity"] == pytest.approx(text["offsite"]["perplexity"], rel=1e-5)
+    assert "| full model | quiz | 6 |" in script.markdown(rows)

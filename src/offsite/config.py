@@ -588,9 +588,9 @@ class EvalConfig(JsonConfig):
                                           "DEVICE=SIZE (e.g. 0=20GiB 1=20GiB cpu=64GiB)", nargs="+",
                                           metavar="DEVICE=SIZE")
     lm_eval: list[str] | None = option(None, "also score with lm-eval on these tasks: a built-in dataset (bbc-news, "
-                                       "wordnet, austen[:SPLIT]), a task YAML file, or any lm-eval task (its data "
-                                       "from a hub or lm-eval's cache); needs the lm-eval extra", nargs="+",
-                                       metavar="TASK")
+                                       "wordnet, austen[:SPLIT]), a .txt/.jsonl data file, a task YAML file, or any "
+                                       "lm-eval task (its data from a hub or lm-eval's cache); needs the lm-eval "
+                                       "extra", nargs="+", metavar="TASK")
     lm_eval_output: str | None = option(None, "with --lm-eval: write lm-eval's whole JSON output (results, task "
                                         "configs, versions) to this file", metavar="FILE")
 
