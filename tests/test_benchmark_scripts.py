@@ -57,3 +57,23 @@ def test_a_bad_variant_is_refused(tmp_path):
     script = load_script("demo_sweep")
     with pytest.raises(OffsiteError, match="--emulator-layers=0"):
         script.variant_config(tmp_path, {"split": {"emulator_layers": 0}})
+
+
+def test_partial_plug_scores_each_half_of_an_adapter_and_both_as_eval_does(model_dirs, tmp_path, sample_text_file):
+    import json  # noqa: PLC0415 - this test only
+
+    from offsite.api import evaluate  # noqa: PLC0415 - beside the import above
+    from offsite.cli import main  # noqa: PLC0415 - beside the import above
+    from offsite.config import EvalConfig  # noqa: PLC0415 - beside the import above
+
+    model = str(model_dirs["llama"])
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"context": f"Boil fresh water, warm the pot {i}", "choices": [" tea", " road"],
+                                           "label": i % 2}) + "\n" for i in range(6)))
+    assert main(["emulate", model, "-o", str(tmp_path / "b"), "--emulator-layers", "2"]) == 0
+    assert main(["tune", str(tmp_path / "b"), "--data", str(sample_text_file), "-o", str(tmp_path / "a"),
+                 "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2"]) == 0
+    found = load_script("partial_plug").partial_scores(str(tmp_path / "a"), model, str(choices), None, 64)
+    assert found["bottom only"]["layers"] == [0, 1] and found["top only"]["layers"] == [6, 7]
+    plugged = evaluate(EvalConfig(model=model, data=str(choices), adapter=str(tmp_path / "a"), seq_len=64))
+    assert {k: found["both"][k] for k in plugged} == plugged
