@@ -13,7 +13,7 @@ $(BIN)/offsite: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: a looser spec would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,lm-eval]"
+	$(BIN)/pip install --quiet -e ".[test,lm-eval,serve]"
 	touch $@
 
 setup: $(BIN)/offsite

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("offsite.api",)),
     ("federation", ("offsite.federation",)),
     ("lmeval", ("offsite.lmeval",)),
+    ("service", ("offsite.service",)),
     ("studies", ("offsite.studies",)),
     ("cli", ("offsite.cli",)),
 ]

@@ -668,3 +668,42 @@ class KeygenConfig(JsonConfig):
 
     key: str = option(help="private key file to write; the public key goes to KEY.pub", positional=True)
     overwrite: bool = option(False, "replace existing key files")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig(JsonConfig):
+    """The model owner's service: bundles out, adapters in, every customer's plugged model from one full model."""
+
+    model: str = option(help="full model: local directory, hub id or built-in alias", flags=("--model",))
+    bundles: str = option(help="folder of bundles to hand out (each made by `offsite emulate` from --model)",
+                          flags=("--bundles",))
+    state: str = option(help="folder of the service's state: customers, adapters, audit log (SQLite)",
+                        flags=("--state",))
+    host: str = option("127.0.0.1", "address to listen on (another than this machine's loopback needs --public)")
+    port: int = option(8000, "port to listen on")
+    public: bool = option(False, "allow --host to be an address other machines reach (use TLS: --ssl-certfile)")
+    ssl_certfile: str | None = option(None, "TLS certificate (PEM); with --ssl-keyfile the service speaks HTTPS",
+                                      metavar="FILE")
+    ssl_keyfile: str | None = option(None, "TLS private key (PEM)", metavar="FILE")
+    max_upload_mb: float = option(512.0, "largest adapter upload taken, in MB")
+    max_batch: int = option(16, "most sequences in one forward pass of the full model")
+    batch_wait_ms: float = option(5.0, "how long the first waiting request waits for others to batch with")
+    max_length: int = option(1024, "tokens of prompt (and continuation) kept, from the right")
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        positive(problems, port=self.port, max_upload_mb=self.max_upload_mb, max_batch=self.max_batch,
+                 max_length=self.max_length)
+        non_negative(problems, batch_wait_ms=self.batch_wait_ms)
+        if self.host not in LOOPBACK and not self.public:
+            problems.append(f"--host {self.host} lets other machines reach the service; add --public to mean it "
+                            "(and --ssl-certfile/--ssl-keyfile for TLS)")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            problems.append("--ssl-certfile and --ssl-keyfile go together")
+        check(problems)
+
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)

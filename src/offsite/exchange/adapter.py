@@ -81,12 +81,13 @@ HEAD_PREFIX = "head."
 _HEAD_KEY = re.compile(r"head\.([A-Za-z0-9_.]+)", re.ASCII)
 
 
-def load_adapter(directory: str | Path, trust: str | Path | None = None) -> Adapter:
+def load_adapter(directory: str | Path, trust: str | Path | None = None, scratch: str | Path | None = None) -> Adapter:
     """Read an adapter file strictly: checked against `adapter.json` (SHA-256), canonical keys, finite values only.
 
-    `trust`: the data owner's public key; `adapter.json` must be signed with it.
+    `trust`: the data owner's public key; `adapter.json` must be signed with it. `scratch`: where the
+    private copy of the weights is made (default: the system's temporary folder).
     """
-    with opened_adapter(directory, trust) as (adapter, read):
+    with opened_adapter(directory, trust, scratch) as (adapter, read):
         adapter.tensors = {index: {name: read(index, name) for name in named} for index, named in adapter.tensors.items()}
         adapter.head = {name: read(HEAD, name) for name in adapter.head}
         return adapter
@@ -96,7 +97,7 @@ HEAD = -1  # what `opened_adapter`'s reader takes in place of a layer index for 
 
 
 @contextlib.contextmanager
-def opened_adapter(directory: str | Path, trust: str | Path | None = None
+def opened_adapter(directory: str | Path, trust: str | Path | None = None, scratch: str | Path | None = None
                    ) -> Iterator[tuple[Adapter, Callable[[int, str], torch.Tensor]]]:
     """The adapter file checked as `load_adapter` checks it, with weightless tensors (their shapes and dtypes)
     and a function that reads one tensor: memory holds one tensor at a time (a streamed `plug`).
@@ -107,7 +108,7 @@ def opened_adapter(directory: str | Path, trust: str | Path | None = None
     root = Path(directory)
     meta = _read_metadata(root, trust)
     path = root / ADAPTER_WEIGHTS
-    with tempfile.TemporaryDirectory(prefix="offsite-adapter-") as private:
+    with tempfile.TemporaryDirectory(prefix="offsite-adapter-", dir=scratch) as private:
         copy = Path(private) / ADAPTER_WEIGHTS
         try:
             digest = copy_hashing(path, copy)
