@@ -267,3 +267,116 @@ def test_a_restart_keeps_customers_and_adapters(service, owner):
         assert client.post("/v1/score", json=body, headers=auth(tokens["acme"])).status_code == 200
     finally:
         again.close()
+
+
+# --- a real server process: the command line on both sides, and kill -9 ------------------------------------
+
+def _free_port():
+    import socket  # noqa: PLC0415 - these process tests only
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(owner_root, model, state, port):
+    import subprocess  # noqa: PLC0415 - these process tests only
+    import sys  # noqa: PLC0415 - beside the import above
+    import time  # noqa: PLC0415 - beside the import above
+
+    import httpx  # noqa: PLC0415 - beside the import above
+
+    process = subprocess.Popen([sys.executable, "-m", "offsite.cli", "serve", "--model", model, "--bundles",
+                                str(owner_root / "bundles"), "--state", str(state), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if process.poll() is not None:
+            raise AssertionError(process.stdout.read().decode())
+    process.kill()
+    raise AssertionError("the server did not start in 120 s")
+
+
+def _kill(process):
+    import signal  # noqa: PLC0415 - these process tests only
+
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_the_command_line_round_trip_and_a_kill_9_during_and_after_an_upload(owner, tmp_path, capsys, monkeypatch):
+    import threading  # noqa: PLC0415 - this test only
+
+    import httpx  # noqa: PLC0415 - beside the import above
+
+    root, model = owner
+    state, port = tmp_path / "state", _free_port()
+    assert main(["serve", "--state", str(state), "--add-customer", "acme"]) == 0
+    token = capsys.readouterr().out.strip().split()[-1]
+    monkeypatch.setenv("OFFSITE_TOKEN", token)
+    url = f"http://127.0.0.1:{port}"
+    server = _start(root, model, state, port)
+    try:
+        assert main(["remote", "--url", url, "download", "b2", "-o", str(tmp_path / "mine")]) == 0
+        assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == sorted(p.name for p in (root / "bundles" / "b2").iterdir())
+        # an upload cut off by kill -9: half the body sent, then the server dies
+        weights = (root / "adapter" / "adapter.safetensors").read_bytes()
+        sent = threading.Event()
+
+        def slow_body():
+            yield b"--b\r\nContent-Disposition: form-data; name=\"weights\"; filename=\"adapter.safetensors\"\r\n\r\n"
+            yield weights[: len(weights) // 2]
+            sent.set()
+            threading.Event().wait(30)  # never finishes: the server is killed meanwhile
+
+        def post():
+            try:
+                httpx.post(f"{url}/adapters?bundle=b2", content=slow_body(), timeout=60,
+                           headers={"Authorization": f"Bearer {token}",
+                                    "Content-Type": "multipart/form-data; boundary=b"})
+            except httpx.HTTPError:
+                pass
+
+        threading.Thread(target=post, daemon=True).start()
+        assert sent.wait(30)
+        threading.Event().wait(1)  # the server has written part of it into its incoming folder
+        assert any((state / "incoming").rglob("adapter.safetensors"))
+        _kill(server)
+        server = _start(root, model, state, port)
+        assert not list((state / "incoming").iterdir()) and not list((state / "adapters").iterdir())
+        assert main(["remote", "--url", url, "upload", str(root / "adapter"), "--bundle", "b2"]) == 0
+        adapter_id = capsys.readouterr().out.split("id ")[1].split()[0]
+        _kill(server)  # right after the upload was answered: it must have been registered for good
+        server = _start(root, model, state, port)
+        assert main(["remote", "--url", url, "complete", adapter_id, "The old", "--max-tokens", "3"]) == 0
+        assert main(["remote", "--url", url, "adapters"]) == 0
+        assert adapter_id in capsys.readouterr().out
+        assert main(["remote", "--url", url, "--token", "ofs_0_x", "bundles"]) == 1
+        assert "answered 401" in capsys.readouterr().err
+    finally:
+        _kill(server)
+
+
+def test_listening_beyond_this_machine_needs_public_and_warns_without_tls(monkeypatch, caplog, tmp_path, capsys):
+    import offsite.service.run as run  # noqa: PLC0415 - this test only
+
+    code = main(["serve", "--state", str(tmp_path), "--model", "m", "--bundles", "b", "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--host 0.0.0.0 lets other machines reach the service; add --public" in err
+    assert "required to serve" in (main(["serve", "--state", str(tmp_path)]), capsys.readouterr().err)[1]
+    started = []
+    monkeypatch.setattr(run, "Service", lambda config: type("S", (), {"close": lambda self: None})())
+    monkeypatch.setattr(run, "create_app", lambda service: "app")
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: started.append(kwargs))
+    with caplog.at_level("WARNING", logger="offsite"):
+        run.serve(ServeConfig(state=str(tmp_path), model="m", bundles="b", host="0.0.0.0", public=True))
+    assert started[0]["host"] == "0.0.0.0" and "without TLS" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="offsite"):
+        run.serve(ServeConfig(state=str(tmp_path), model="m", bundles="b"))
+    assert started[1]["host"] == "127.0.0.1" and "without TLS" not in caplog.text

@@ -27,6 +27,7 @@ from offsite.config import (
     ExportConfig,
     FederateConfig,
     KeygenConfig,
+    ServeConfig,
     PlugConfig,
     SampleConfig,
     SplitConfig,
@@ -285,6 +286,34 @@ def _build_parser() -> argparse.ArgumentParser:
     _device_flags(bench, "of the timed settings (the cached ones run on the CPU)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    serve = add_command("serve", help="model owner: the service (bundles out, adapters in, every customer's plugged "
+                                      "model served from one full model)")
+    add_options(serve, ServeConfig)
+    serve.add_argument("--add-customer", metavar="NAME", help="register a customer in --state and print its token "
+                       "(shown once; only a salted hash is kept), then exit")
+
+    remote = add_command("remote", help="data owner: use a model owner's service (download a bundle, upload an "
+                                        "adapter, generate or score through it)")
+    remote.add_argument("--url", default="http://127.0.0.1:8000", help="the service's address (default: %(default)s)")
+    remote.add_argument("--token", help="your token (default: $OFFSITE_TOKEN)")
+    actions = remote.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    actions.add_parser("bundles", help="the bundles you may download")
+    actions.add_parser("adapters", help="your uploaded adapters")
+    download = actions.add_parser("download", help="download a bundle (resumable; checked against its manifest)")
+    download.add_argument("bundle")
+    download.add_argument("-o", "--output", required=True, help="folder to write the bundle to")
+    push = actions.add_parser("upload", help="upload an adapter file trained on one of the service's bundles")
+    push.add_argument("adapter")
+    push.add_argument("--bundle", required=True, help="the bundle it was trained on")
+    complete = actions.add_parser("complete", help="greedy generation through the full model with your adapter")
+    complete.add_argument("adapter_id")
+    complete.add_argument("prompt")
+    complete.add_argument("--max-tokens", type=int, default=16)
+    rank = actions.add_parser("score", help="log-likelihood of continuations after a prompt, through your adapter")
+    rank.add_argument("adapter_id")
+    rank.add_argument("prompt")
+    rank.add_argument("continuations", nargs="+")
+
     harness = add_command("lm-eval", help="lm-eval's command line with the `offsite` model type (--model offsite "
                                           "--model_args pretrained=PATH[,adapter=A][,bundle=B]); needs the lm-eval "
                                           "extra; every argument after it is lm-eval's", add_help=False)
@@ -411,6 +440,34 @@ def _run_data(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({source})")
 
 
+def _run_serve(args: argparse.Namespace) -> None:
+    if args.add_customer:
+        from offsite.service.run import add_customer  # noqa: PLC0415 - lazy torch (see above)
+        token = add_customer(args.state, args.add_customer)
+        print(f"customer {args.add_customer} added; its token, shown only now (give it to them): {token}")
+        return
+    config = from_args(ServeConfig, args)
+    from offsite.service.run import serve  # noqa: PLC0415 - lazy torch (see above)
+    serve(config)
+
+
+def _run_remote(args: argparse.Namespace) -> None:
+    from offsite.service.client import Remote  # noqa: PLC0415 - lazy torch (see above)
+    remote = Remote(args.url, args.token)
+    action = args.remote_command
+    if action == "download":
+        print(f"bundle {args.bundle} written to {remote.download(args.bundle, args.output)} (checked)")
+    elif action == "upload":
+        found = remote.upload(args.adapter, args.bundle)
+        print(f"adapter uploaded: id {found['id']} (bundle {found['bundle']})")
+    elif action == "complete":
+        print(remote.complete(args.adapter_id, args.prompt, args.max_tokens)["choices"][0]["text"])
+    elif action == "score":
+        print(json.dumps(remote.score(args.adapter_id, args.prompt, args.continuations)["scores"], indent=2))
+    else:
+        print(json.dumps(remote.bundles() if action == "bundles" else remote.adapters(), indent=2))
+
+
 def _run_harness(args: argparse.Namespace) -> None:
     from offsite.lmeval.harness import run_harness  # noqa: PLC0415 - lazy torch and lm-eval
     status = run_harness(args.harness_args)
@@ -502,6 +559,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "emulate": _run_emulate, "tune": _run_tune, "align": _run_align, "federate": _run_federate, "plug": _run_plug, "eval": _run_eval,
     "info": _run_info, "demo": _run_demo, "demo-vision": _run_demo_vision, "data": _run_data, "setup-assets": _run_setup_assets, "bench": _run_bench,
     "ablate": _run_ablate, "keygen": _run_keygen, "lm-eval": _run_harness,
+    "serve": _run_serve, "remote": _run_remote,
 }
 
 

@@ -677,11 +677,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class ServeConfig(JsonConfig):
     """The model owner's service: bundles out, adapters in, every customer's plugged model from one full model."""
 
-    model: str = option(help="full model: local directory, hub id or built-in alias", flags=("--model",))
-    bundles: str = option(help="folder of bundles to hand out (each made by `offsite emulate` from --model)",
-                          flags=("--bundles",))
     state: str = option(help="folder of the service's state: customers, adapters, audit log (SQLite)",
                         flags=("--state",))
+    model: str | None = option(None, "full model: local directory, hub id or built-in alias (required to serve)",
+                               flags=("--model",))
+    bundles: str | None = option(None, "folder of bundles to hand out, each made by `offsite emulate` from --model "
+                                 "(required to serve)", flags=("--bundles",))
     host: str = option("127.0.0.1", "address to listen on (another than this machine's loopback needs --public)")
     port: int = option(8000, "port to listen on")
     public: bool = option(False, "allow --host to be an address other machines reach (use TLS: --ssl-certfile)")
@@ -694,7 +695,8 @@ class ServeConfig(JsonConfig):
     max_length: int = option(1024, "tokens of prompt (and continuation) kept, from the right")
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
+        problems: list[str] = [f"--{name} is required to serve" for name in ("model", "bundles")
+                               if getattr(self, name) is None]
         positive(problems, port=self.port, max_upload_mb=self.max_upload_mb, max_batch=self.max_batch,
                  max_length=self.max_length)
         non_negative(problems, batch_wait_ms=self.batch_wait_ms)
