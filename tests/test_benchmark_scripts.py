@@ -77,3 +77,17 @@ def test_partial_plug_scores_each_half_of_an_adapter_and_both_as_eval_does(model
     assert found["bottom only"]["layers"] == [0, 1] and found["top only"]["layers"] == [6, 7]
     plugged = evaluate(EvalConfig(model=model, data=str(choices), adapter=str(tmp_path / "a"), seq_len=64))
     assert {k: found["both"][k] for k in plugged} == plugged
+
+
+def test_serve_load_makes_uploadable_adapters_and_measures_routed_memory(model_dirs, tmp_path):
+    from offsite.api import emulate  # noqa: PLC0415 - this test only
+    from offsite.config import EmulateConfig  # noqa: PLC0415 - beside the import above
+    from offsite.exchange.adapter import load_adapter  # noqa: PLC0415 - beside the import above
+
+    model = str(model_dirs["llama"])
+    emulate(EmulateConfig(model=model, output=str(tmp_path / "b"), split=SplitConfig(emulator_layers=2)))
+    script = load_script("serve_load")
+    adapters = script.make_adapters(model, tmp_path / "b", tmp_path / "a", 2)
+    assert [load_adapter(a).layers for a in adapters] == [[0, 1, 6, 7]] * 2
+    one, two = (script.routed_memory(model, [str(a) for a in adapters[:n]]) for n in (1, 2))
+    assert two["weight_mb"] > one["weight_mb"] > 0 and one["peak_rss_mb"] > 0
