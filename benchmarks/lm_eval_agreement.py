@@ -53,7 +53,7 @@ def compare(label: str, model: str, adapter: str | None, bundle: str | None, tas
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| setting | task | n | offsite: accuracy / acc_norm or perplexity | lm-eval: acc / acc_norm or token "
-             "perplexity (word perplexity) | seconds: offsite / lm-eval |", "|---|---|---|---|---|---|"]
+             "perplexity (word perplexity) |", "|---|---|---|---|---|"]
     for row in rows:
         if row["offsite"]["task"] == "choice":
             ours = f"{row['offsite']['accuracy']:.4f} / {row['offsite']['accuracy_norm']:.4f}"
@@ -61,8 +61,7 @@ def markdown(rows: list[dict]) -> str:
         else:
             ours = f"{row['offsite']['perplexity']:.4f}"
             theirs = f"{row['lm_eval_token_perplexity']:.4f} ({row['lm_eval']['word_perplexity']:.2f})"
-        lines.append(f"| {row['setting']} | {row['task']} | {row['n']} | {ours} | {theirs} | "
-                     f"{row['offsite_seconds']:.0f} / {row['lm_eval_seconds']:.0f} |")
+        lines.append(f"| {row['setting']} | {row['task']} | {row['n']} | {ours} | {theirs} |")
     return "\n".join(lines)
 
 
