@@ -86,6 +86,19 @@ def test_tokens_are_stored_hashed_and_survive_a_restart(tmp_path):
     assert ServiceState(tmp_path / "state").customer_of(token) == "acme"
 
 
+def test_secrets_are_compared_in_constant_time_also_for_an_unknown_key(tmp_path, monkeypatch):
+    import hmac  # noqa: PLC0415 - this test only
+
+    state = ServiceState(tmp_path / "state")
+    token = state.add_customer("acme")
+    calls, compare = [], hmac.compare_digest
+    monkeypatch.setattr("offsite.service.state.hmac.compare_digest",
+                        lambda a, b: calls.append((len(a), len(b))) or compare(a, b))
+    assert state.customer_of(token) == "acme" and state.customer_of(token + "x") is None
+    assert state.customer_of("ofs_0123456789abcdef_" + token.split("_")[-1]) is None  # no such key id
+    assert calls == [(32, 32)] * 3
+
+
 # --- the HTTP service on a tiny model -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
