@@ -30,6 +30,7 @@ from offsite.exchange.adapter import Adapter, extract
 from offsite.exchange.bundle import read_manifest
 from offsite.loading import load_model
 from offsite.processes import in_fresh_process, peak_rss_mb
+from offsite.service.client import start_server
 
 PROMPTS = ["The old lighthouse stood at the edge of the harbour for more than a hundred years, and every evening the",
            "Farmers brought bread, cheese, apples and honey to the market in the square, and a man with a cart sold"]
@@ -81,21 +82,6 @@ def memory_table(model: str, adapters: list[Path], counts: list[int], max_copies
                      "plugged_weight_mb": count * full_mb, "full_model_mb": full_mb, "adapter_blocks_mb": block_mb})
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def start_server(model: str, bundles: Path, state: Path, port: int, max_batch: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "offsite.cli", "serve", "--model", model, "--bundles",
-                                str(bundles), "--state", str(state), "--port", str(port), "--max-batch",
-                                str(max_batch)])
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the server did not start")
 
 
 def load_test(url: str, token: str, adapter_ids: list[str], requests: int, clients: int, cap_seconds: float) -> dict:
@@ -151,7 +137,8 @@ def main() -> None:
     shutil.rmtree(state, ignore_errors=True)  # a fresh service: the same adapters are uploaded again
     token = subprocess.run([sys.executable, "-m", "offsite.cli", "serve", "--state", str(state), "--add-customer",
                             "load"], check=True, capture_output=True, text=True).stdout.split()[-1]
-    server = start_server(args.model, out / "bundles", state, args.port, 16)
+    server = start_server(["--model", args.model, "--bundles", str(out / "bundles"), "--state", str(state),
+                           "--max-batch", "16"], args.port)
     url = f"http://127.0.0.1:{args.port}"
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300) as http:

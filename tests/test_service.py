@@ -294,25 +294,11 @@ def _free_port():
 
 def _start(owner_root, model, state, port):
     import subprocess  # noqa: PLC0415 - these process tests only
-    import sys  # noqa: PLC0415 - beside the import above
-    import time  # noqa: PLC0415 - beside the import above
 
-    import httpx  # noqa: PLC0415 - beside the import above
+    from offsite.service.client import start_server  # noqa: PLC0415 - beside the import above
 
-    process = subprocess.Popen([sys.executable, "-m", "offsite.cli", "serve", "--model", model, "--bundles",
-                                str(owner_root / "bundles"), "--state", str(state), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if process.poll() is not None:
-            raise AssertionError(process.stdout.read().decode())
-    process.kill()
-    raise AssertionError("the server did not start in 120 s")
+    return start_server(["--model", model, "--bundles", str(owner_root / "bundles"), "--state", str(state)], port,
+                        seconds=120, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _kill(process):

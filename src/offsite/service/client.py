@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +115,22 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def start_server(arguments: list[str], port: int, seconds: float = 300.0, **popen: Any) -> subprocess.Popen:
+    """`offsite serve ARGUMENTS --port PORT` in a new process, returned once `/health` answers on 127.0.0.1
+    (for load tests and tests; an error with its output if it exits or does not answer within `seconds`)."""
+    process = subprocess.Popen([sys.executable, "-m", "offsite.cli", "serve", *arguments, "--port", str(port)],
+                               **popen)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            raise OffsiteError(f"offsite serve exited with status {process.returncode}: {output[-2000:]}")
+    process.kill()
+    raise OffsiteError(f"offsite serve did not answer on port {port} within {seconds:.0f} s")
