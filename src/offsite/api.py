@@ -431,6 +431,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """
     if config.data is None:
         raise OffsiteError("offsite eval: give --data FILE (or --lm-eval TASKS, scored by offsite.lmeval)")
+    check_window(load_config(config.model), config.seq_len)  # before any weight is read
     placement = Placement.of(config.runtime.device, config.runtime.dtype)
     if config.device_map:
         model, tokenizer = load_spread(config, placement)
@@ -446,7 +447,6 @@ def score_loaded(config: EvalConfig, model: PreTrainedModel, tokenizer: PreTrain
     data: Data = read_data(config.data, default_split="test")
     if config.limit is not None:
         data = limit(data, config.limit)
-    check_window(load_config(config.model), config.seq_len)
     with placement.autocast():
         return score(model, tokenizer, data, config.seq_len, config.batch_size, config.batch_tokens)
 

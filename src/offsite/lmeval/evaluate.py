@@ -15,7 +15,7 @@ from offsite.config import EvalConfig
 from offsite.device import Placement, place_model
 from offsite.errors import OffsiteError
 from offsite.files import atomic_file
-from offsite.loading import is_classifier
+from offsite.loading import check_window, is_classifier, load_config
 
 INSTALL = 'pip install "offsite[lm-eval]"'
 
@@ -40,6 +40,7 @@ def evaluate_with_lm_eval(config: EvalConfig) -> dict[str, Any]:
         raise OffsiteError("--lm-eval with --device-map: not supported; score the model on one --device")
     if is_classifier(config.model):
         raise OffsiteError(f"--lm-eval: {config.model} is a classifier; lm-eval scores language models")
+    check_window(load_config(config.model), config.seq_len)  # before any weight is read
     placement = Placement.of(config.runtime.device, config.runtime.dtype)
     model, tokenizer = load_for_eval(config.model, config.adapter, config.bundle)
     place_model(model, placement)
