@@ -64,7 +64,13 @@ def routed_memory(model: str, adapters: list[str]) -> dict:
 
 
 def plugged_memory(model: str, count: int) -> dict:
+    """N plugged models as N loaded model folders hold them: each its own weights (loading one file N times would
+    share its memory-mapped pages, which N different plugged models on disk do not)."""
     copies = [load_model(model) for _ in range(count)]
+    with torch.no_grad():
+        for copy in copies:
+            for parameter in copy.parameters():
+                parameter.data = parameter.data.clone()
     weights = sum(p.numel() * p.element_size() for m in copies for p in m.parameters())
     return {"peak_rss_mb": peak_rss_mb(), "weight_mb": weights / 1e6}
 
@@ -126,6 +132,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--cap-seconds", type=float, default=600)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--memory-only", action="store_true", help="measure memory, not the load test")
     args = parser.parse_args()
     out = args.out
     bundle = out / "bundles" / "uniform-8"
@@ -133,6 +140,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "offsite.cli", "emulate", args.model, "-o", str(bundle)], check=True)
     adapters = make_adapters(args.model, bundle, out / "adapters", max(args.counts))
     report = {"memory": memory_table(args.model, adapters, args.counts, args.max_copies), "load": []}
+    if args.memory_only:
+        (out / "serve-memory.json").write_text(json.dumps(report, indent=2))
+        return
     state = out / "state"
     shutil.rmtree(state, ignore_errors=True)  # a fresh service: the same adapters are uploaded again
     token = subprocess.run([sys.executable, "-m", "offsite.cli", "serve", "--state", str(state), "--add-customer",
