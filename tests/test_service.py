@@ -196,8 +196,8 @@ def _nan_adapter(folder):
     return weights, _cut(folder, weights_sha256=hashlib.sha256(weights).hexdigest())
 
 
-def _zip(folder):
-    path = shutil.make_archive(str(folder.parent / "adapter-zip"), "zip", folder)
+def _archive(folder, kind):
+    path = shutil.make_archive(str(folder.parent / f"adapter-{kind}"), kind, folder)
     weights = open(path, "rb").read()
     return weights, _cut(folder, weights_sha256=hashlib.sha256(weights).hexdigest())
 
@@ -217,6 +217,7 @@ def _tampered_header(folder):
     ("wrong base", 400, "another base model"),
     ("path in a file name", 400, "is a path"),
     ("zip instead of safetensors", 400, "cannot read"),
+    ("tar instead of safetensors", 400, "cannot read"),
     ("missing part", 400, "incomplete"),
     ("unknown bundle", 404, "no bundle"),
 ])
@@ -238,8 +239,8 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(service, owner, case, 
         response = upload(client, tokens["acme"], root / "other-adapter")
     elif case == "path in a file name":
         response = upload(client, tokens["acme"], folder, names=("../../adapter.safetensors", "adapter.json"))
-    elif case == "zip instead of safetensors":
-        weights, metadata = _zip(folder)
+    elif case.endswith("instead of safetensors"):
+        weights, metadata = _archive(folder, case.split()[0])
         response = upload(client, tokens["acme"], folder, weights=weights, metadata=metadata)
     elif case == "missing part":
         response = client.post("/adapters?bundle=b2", headers=auth(tokens["acme"]),
