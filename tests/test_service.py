@@ -279,6 +279,7 @@ def test_a_restart_keeps_customers_and_adapters(service, owner):
         client = fastapi_testclient.TestClient(create_app(again))
         body = {"adapter": adapter_id, "prompt": "The old", "continuations": [" lighthouse"]}
         assert client.post("/v1/score", json=body, headers=auth(tokens["acme"])).status_code == 200
+        assert not list((again.state.root / "incoming").iterdir())  # loading the adapters left nothing there
     finally:
         again.close()
 

@@ -36,7 +36,7 @@ from offsite.loading import load_model, load_tokenizer, pad_id
 from offsite.service.batcher import Batcher
 from offsite.service.catalogue import Bundle, read_catalogue
 from offsite.service.routing import MultiAdapterModel, check_fits_block
-from offsite.service.state import ServiceState
+from offsite.service.state import INCOMING, ServiceState
 from offsite.service.uploads import UploadError, receive
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Service:
         self.multi = MultiAdapterModel(full)
         for adapter_id, _ in self.state.all_adapters():
             self.multi.add(adapter_id, load_adapter(self.state.adapter_folder(adapter_id),
-                                                    scratch=self.state.incoming()))
+                                                    scratch=self.state.root / INCOMING))
         self.batcher = Batcher(self.multi, pad_id(self.tokenizer), config.max_batch, config.batch_wait_ms / 1000)
         log.info("serving %d bundles and %d adapters", len(self.catalogue), len(self.multi.adapters))
 
