@@ -88,3 +88,11 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     safe = labels.masked_fill(~scored, 0)
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return log_probs * scored
+
+
+def sequence_totals(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its scored labels, and whether each scored label is the argmax
+    (greedy decoding gives it). logits (B, T, V), labels (B, T) -> (B,), (B,)."""
+    scored = labels != IGNORE
+    greedy = ((logits.argmax(-1) == labels) | ~scored).all(-1)
+    return token_log_probs(logits, labels).sum(-1), greedy

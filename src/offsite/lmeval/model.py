@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from offsite.api import load_for_eval
 from offsite.config import DeviceConfig, EvalConfig
-from offsite.data.tokens import IGNORE, Sequence, choice_sequence, collate, lm_sequences, token_log_probs
+from offsite.data.tokens import Sequence, choice_sequence, collate, lm_sequences, sequence_totals
 from offsite.device import Placement, place_model
 from offsite.errors import OffsiteError
-from offsite.loading import is_classifier
+from offsite.loading import is_classifier, pad_id
 from offsite.scoring import batches
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,12 @@ class OffsiteLM(LM):
         """(summed log-probability of the scored tokens, whether each is the argmax) per sequence, in order."""
         found: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
         chunks = batches([len(s.input_ids) for s in sequences], self.batch_size)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for chunk in tqdm(chunks, desc=desc, disable=disable_tqdm or not desc, leave=False, unit="batch"):
-            batch = {k: v.to(self.model.device) for k, v in collate([sequences[i] for i in chunk], pad).items()}
+            batch = {k: v.to(self.model.device)
+                     for k, v in collate([sequences[i] for i in chunk], pad_id(self.tokenizer)).items()}
             with self.placement.autocast():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scored = batch["labels"] != IGNORE
-            totals = token_log_probs(logits, batch["labels"]).sum(-1)
-            greedy = ((logits.argmax(-1) == batch["labels"]) | ~scored).all(-1)
+            totals, greedy = sequence_totals(logits, batch["labels"])
             for row, index in enumerate(chunk):
                 found[index] = (float(totals[row]), bool(greedy[row]))
         return found

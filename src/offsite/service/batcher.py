@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offsite.data.tokens import IGNORE, Sequence, collate, token_log_probs
+from offsite.data.tokens import IGNORE, Sequence, collate, sequence_totals
 from offsite.service.routing import MultiAdapterModel
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ class Batcher:
             for job in batch:
                 job.future.set_exception(error)
             return
-        labels = inputs["labels"].to(logits.device)
-        totals = token_log_probs(logits, labels).sum(-1)
-        scored = labels != IGNORE
-        greedy = ((logits.argmax(-1) == labels) | ~scored).all(-1)
+        totals, greedy = sequence_totals(logits, inputs["labels"].to(logits.device))
         for row, job in enumerate(batch):
             if job.next_token:
                 last = torch.log_softmax(logits[row, len(job.sequence.input_ids) - 1], -1)

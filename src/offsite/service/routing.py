@@ -117,13 +117,10 @@ class MultiAdapterModel:
         if adapter.head:
             raise OffsiteError(f"adapter {adapter_id} carries a classification head; serving routes language models")
         with self._lock:
-            if any(index >= len(self.blocks) for index in adapter.layers):
-                raise OffsiteError(f"adapter {adapter_id} has layers {adapter.layers}; the full model has "
-                                   f"{len(self.blocks)} blocks")
+            self.check(adapter_id, adapter)
             for index, named in adapter.tensors.items():
                 routed = self._routed(index)
                 block = copy.deepcopy(routed.base)
-                check_fits_block(block, named, adapter_id, index)
                 block.load_state_dict(named, strict=True)
                 routed.variants[_key(adapter_id)] = block.requires_grad_(False)
             self.adapters[adapter_id] = tuple(adapter.layers)
@@ -154,6 +151,15 @@ class MultiAdapterModel:
             if not torch.allclose(mixed[row, : found.shape[0]], found, atol=1e-4, rtol=1e-4):
                 raise OffsiteError(f"{self.model.config.model_type}: a batch mixing adapters does not give each row "
                                    "its own plugged model's logits on this model")
+
+    def check(self, adapter_id: str, adapter: Adapter) -> None:
+        """Refuse an adapter whose layers this model lacks or whose tensors do not fit the blocks they replace."""
+        if any(index >= len(self.blocks) for index in adapter.layers):
+            raise OffsiteError(f"adapter {adapter_id} has layers {adapter.layers}; the full model has "
+                               f"{len(self.blocks)} blocks")
+        for index, named in adapter.tensors.items():
+            block = self.blocks[index]
+            check_fits_block(block.base if isinstance(block, RoutedBlock) else block, named, adapter_id, index)
 
     def remove(self, adapter_id: str) -> None:
         with self._lock:

@@ -30,12 +30,12 @@ from offsite.config import ServeConfig
 from offsite.constants import ADAPTER_METADATA, ADAPTER_WEIGHTS, MANIFEST
 from offsite.data.tokens import choice_sequence
 from offsite.errors import OffsiteError
-from offsite.exchange.adapter import Adapter, check_plug, load_adapter
+from offsite.exchange.adapter import check_plug, load_adapter
 from offsite.files import one_line
 from offsite.loading import load_model, load_tokenizer, pad_id
 from offsite.service.batcher import Batcher
 from offsite.service.catalogue import Bundle, read_catalogue
-from offsite.service.routing import MultiAdapterModel, check_fits_block
+from offsite.service.routing import MultiAdapterModel
 from offsite.service.state import INCOMING, ServiceState
 from offsite.service.uploads import UploadError, receive
 
@@ -92,7 +92,7 @@ class Service:
                                    f"{adapter.fingerprint[:16]}…, bundle {bundle.id}'s {bundle.manifest.fingerprint[:16]}…)")
             check_plug(adapter, "the upload", tuple(bundle.manifest.plan.adapter), self.num_layers,
                        lambda: bundle.manifest.fingerprint)
-            _check_blocks(self.multi, adapter)
+            self.multi.check("the upload", adapter)
         except OffsiteError as error:
             raise ServiceError(400, one_line(str(error).replace(str(folder), "the upload"), limit=None)) from error
         digest = hashlib.sha256()
@@ -112,13 +112,6 @@ class Service:
     def close(self) -> None:
         self.batcher.close()
         self.state.close()
-
-
-def _check_blocks(multi: MultiAdapterModel, adapter: Adapter) -> None:
-    blocks = multi.blocks
-    for index, named in adapter.tensors.items():
-        block = blocks[index]
-        check_fits_block(getattr(block, "base", block), named, "the upload", index)
 
 
 class CompletionRequest(BaseModel):
