@@ -79,6 +79,22 @@ def test_partial_plug_scores_each_half_of_an_adapter_and_both_as_eval_does(model
     assert {k: found["both"][k] for k in plugged} == plugged
 
 
+def test_gradient_agreement_is_one_through_every_middle_layer_and_less_through_two(model_dirs, tmp_path,
+                                                                                   sample_text_file):
+    from offsite.cli import main  # noqa: PLC0415 - this test only
+
+    model = str(model_dirs["llama"])
+    assert main(["emulate", model, "-o", str(tmp_path / "all"), "--emulator-layers", "4"]) == 0
+    assert main(["emulate", model, "-o", str(tmp_path / "two"), "--emulator-layers", "2"]) == 0
+    rows = load_script("gradient_agreement").measure(model, [str(tmp_path / "all"), str(tmp_path / "two")],
+                                                     str(sample_text_file), 4, 2, 32)
+    every, two = (row["blocks"] for row in rows)
+    assert set(every) == set(two) == {"0", "1", "6", "7"}
+    assert all(abs(b["batch_cosine"] - 1) < 1e-6 and abs(b["summed_cosine"] - 1) < 1e-6 for b in every.values())
+    assert all(abs(b["norm_ratio"] - 1) < 1e-5 for b in every.values())
+    assert min(b["batch_cosine"] for b in two.values()) < 0.999  # a dropped layer changes the bottom's gradient
+
+
 def test_serve_load_makes_uploadable_adapters_and_measures_routed_memory(model_dirs, tmp_path):
     from offsite.api import emulate  # noqa: PLC0415 - this test only
     from offsite.config import EmulateConfig  # noqa: PLC0415 - beside the import above

@@ -232,3 +232,51 @@ def test_distillation_in_bfloat16_trains_a_float32_emulator_and_ships_the_bundle
         for name in original.keys():  # everything but the emulator ships exactly as the plain bundle's
             if not name.startswith(emulator_prefixes):
                 assert torch.equal(weights.get_tensor(name), original.get_tensor(name)), name
+
+
+def test_the_input_gradient_of_an_undropped_emulator_matches_and_of_a_dropped_one_does_not(model_dirs):
+    from offsite.emulator.distill import block_input_leaf, gradient_error, lm_loss
+    ids = input_batch(length=16)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+    def input_gradient(model, plan, create_graph=False):
+        with block_input_leaf(model, len(plan.bottom)) as leaf:
+            loss = lm_loss(model(input_ids=ids).logits, labels)
+            return torch.autograd.grad(loss, leaf["input"], create_graph=create_graph)[0], loss
+
+    full, same, plan = pair(model_dirs, emulator_layers=4)
+    target, loss = input_gradient(full, plan)
+    # the leaf stands for the bottom blocks' output: its gradient is the one they receive in training
+    full.requires_grad_(True)
+    out = full(input_ids=ids, output_hidden_states=True)
+    bottom_output = out.hidden_states[len(plan.bottom)]
+    bottom_output.retain_grad()
+    lm_loss(out.logits, labels).backward()
+    assert torch.allclose(bottom_output.grad, target, atol=1e-7) and target.abs().sum() > 0
+    assert float(gradient_error(input_gradient(same, plan)[0], target)) < 1e-10
+    full, student, plan = pair(model_dirs, emulator_layers=2)
+    found, _ = input_gradient(student, plan, create_graph=True)
+    error = gradient_error(found, target)
+    assert float(error) > 1e-3
+    error.backward()  # twice differentiable: the emulator's weights get a gradient from the term
+    assert get_layers(student)[len(plan.bottom)].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_matching_lowers_the_input_gradient_error(model_dirs, sample_text_file, tmp_path):
+    from offsite.emulator.distill import block_input_leaf, gradient_error, lm_loss
+    sample_text_file.rename(tmp_path / "corpus.txt")
+    full, student, plan, summary = run(model_dirs, tmp_path, tmp_path / "ckpt", steps=8, kd_weight=0.0,
+                                       kl_weight=0.0, grad_weight=1.0)
+    _, untouched, _ = pair(model_dirs)
+    ids = input_batch(length=32)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+    def input_gradient(model):
+        with block_input_leaf(model, len(plan.bottom)) as leaf:
+            return torch.autograd.grad(lm_loss(model(input_ids=ids).logits, labels), leaf["input"])[0]
+
+    target = input_gradient(full)
+    assert gradient_error(input_gradient(student), target) < gradient_error(input_gradient(untouched), target)
+    assert summary["final_grad"] > 0 and summary["final_kl"] == 0.0
+    assert DistillConfig(corpus="austen", grad_weight=1.0).identity()["grad_weight"] == 1.0
+    assert "grad_weight" not in DistillConfig(corpus="austen").identity()  # old stage keys stay valid

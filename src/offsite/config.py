@@ -221,6 +221,11 @@ class DistillConfig(JsonConfig):
     lm_weight: float = option(0.0, "weight of the compressed model's language-modelling loss on the corpus")
     kl_weight: float = option(1.0, "weight of the KL divergence from the full model's next-token distribution "
                               "to the compressed model's (both models then run to the head)")
+    # The adapter's bottom blocks learn only through the emulator's backward pass; matching the full model's
+    # input gradient is what makes their updates transfer (docs/results/2026-12-05-gradient-matching.md).
+    grad_weight: float = option(0.0, "weight of the normalised squared error between the gradient of the "
+                                "compressed model's language-modelling loss at the emulator's input and the "
+                                "full model's (both models then run to the head, twice differentiated)")
     align: str = option("final", "match only the emulator's output, or every kept layer's",
                         choices=("final", "per-layer"))
     kd_normalise: str = option("global", "the MSE over the mean square of all targets (the paper's), or "
@@ -243,9 +248,11 @@ class DistillConfig(JsonConfig):
         positive(problems, distill_steps=self.steps, distill_lr=self.lr, distill_batch_size=self.batch_size,
                   distill_seq_len=self.seq_len, distill_eval_every=self.eval_every,
                   distill_eval_windows=self.eval_windows)
-        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight, kl_weight=self.kl_weight)
-        if self.kd_weight == 0 and self.lm_weight == 0 and self.kl_weight == 0:
-            problems.append("--kd-weight, --lm-weight and --kl-weight are all 0: nothing to train; set one above 0")
+        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight, kl_weight=self.kl_weight,
+                     grad_weight=self.grad_weight)
+        if self.kd_weight == 0 and self.lm_weight == 0 and self.kl_weight == 0 and self.grad_weight == 0:
+            problems.append("--kd-weight, --lm-weight, --kl-weight and --grad-weight are all 0: nothing to train; "
+                            "set one above 0")
         if self.align not in ("final", "per-layer"):
             problems.append(f"--align={self.align!r} is not known; use 'final' or 'per-layer'")
         if self.kd_normalise not in ("token", "global"):
@@ -263,6 +270,8 @@ class DistillConfig(JsonConfig):
         fields = self.to_dict()
         if self.kl_weight == 0:
             del fields["kl_weight"]
+        if self.grad_weight == 0:
+            del fields["grad_weight"]
         if self.heldout is None:
             del fields["heldout"]
         return fields
