@@ -62,7 +62,7 @@ def test_emulate_tune_plug_eval(workdir, capsys):
     (["info", "nowhere"], "nowhere does not exist; pass a bundle"),
     (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--kd-weight", "0", "--lm-weight", "0",
       "--kl-weight", "0"],
-     "--kd-weight, --lm-weight, --kl-weight and --grad-weight are all 0"),
+     "--kd-weight, --lm-weight and --kl-weight are all 0"),
     (["emulate", "{model}", "-o", "b", "--distill", "choice.jsonl"], "is a choice dataset; distillation needs plain text"),
     (["emulate", "{model}", "-o", "b", "--distill", "train.txt", "--shard-full-model"],
      "--shard-full-model shares the full model among several processes: add --num-processes N"),

@@ -17,7 +17,7 @@ COMMON = "--allocator --debug --quiet"
 SPLIT = "--bottom --top --emulator-layers --drop-ratio --emulator-method --rank-fraction --calibration"
 DISTILL = ("--distill --distill-steps --distill-lr --distill-batch-size --distill-seq-len --distill-eval-every "
            "--kd-weight --lm-weight --align --kd-normalise --distill-select --kl-weight "  # the last 3: new (fidelity)
-           "--distill-heldout --grad-weight")  # the last: new (gradient matching)
+           "--distill-heldout")
 # The long flags of every command as of 0.1.1, before the flags came from the config fields.
 FLAGS = {
     "emulate": f"--output --overwrite {SPLIT} {DISTILL} --sign --device --dtype "  # --sign, --trust, --bundle: new in the hardening

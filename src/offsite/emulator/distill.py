@@ -8,10 +8,6 @@ language-modelling loss. Only emulator layers train; adapter layers,
 embeddings, norm and head keep their pretrained weights. Without the LM loss
 the compressed model also stops at the end of its middle block, and the full
 model's outputs are kept in memory when the corpus is seen more than once.
-With `grad_weight` > 0 both models also run to the head with the middle
-block's input made a leaf of the graph, and the student learns to give the
-gradient of its language-modelling loss there that the full model gives: the
-signal the data owner's bottom adapter blocks will train on.
 The checkpoint kept is the one whose emulator stands in best for the middle
 block on held-out text (`select="standin"`), or the one with the lowest
 held-out perplexity of the compressed model (`select="perplexity"`).
@@ -19,15 +15,13 @@ held-out perplexity of the compressed model (`select="perplexity"`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -94,26 +88,16 @@ class TeacherOutputs:
     `TEACHER_CACHE_BYTES`; otherwise recomputed, so memory stays bounded.
     """
 
-    def __init__(self, full: PreTrainedModel, wanted: set[int], keep: bool, logits: bool = False,
-                 gradient_at: int | None = None):
-        self.full, self.wanted, self.logits, self.gradient_at = full, wanted, logits, gradient_at
-        self.keep = keep and not logits and gradient_at is None
+    def __init__(self, full: PreTrainedModel, wanted: set[int], keep: bool, logits: bool = False):
+        self.full, self.wanted, self.keep, self.logits = full, wanted, keep and not logits, logits
         self.stored: dict[int, dict[int, torch.Tensor]] = {}
 
     def batch(self, indices: list[int], inputs: dict[str, torch.Tensor],
-              placement: Placement = CPU, labels: torch.Tensor | None = None) -> dict[int | str, torch.Tensor]:
-        """Hidden states by index, with `logits` the full model's logits under "logits", and with
-        `gradient_at` the gradient of its LM loss (on `labels`) at that block's input under "input_grad"
-        (neither is kept)."""
+              placement: Placement = CPU) -> dict[int | str, torch.Tensor]:
+        """Hidden states by index, and with `logits` the full model's logits under "logits" (never kept)."""
         if self.keep and all(i in self.stored for i in indices):
             return {k: _pad_stack([self.stored[i][k] for i in indices], [len(self.stored[i][k]) for i in indices])
                     for k in self.wanted}
-        if self.gradient_at is not None:
-            with placement.autocast(), block_input_leaf(self.full, self.gradient_at) as leaf:
-                found, output = hidden_states_at(self.full, inputs, self.wanted, stop=False)
-                (gradient,) = torch.autograd.grad(lm_loss(output.logits, labels), leaf["input"])
-            return {**{k: v.detach() for k, v in found.items()}, "logits": output.logits.detach(),
-                    "input_grad": gradient}
         with torch.no_grad(), placement.autocast():
             found, output = hidden_states_at(self.full, inputs, self.wanted, stop=not self.logits)
         if self.logits:
@@ -124,41 +108,6 @@ class TeacherOutputs:
                 n = int(inputs["attention_mask"][row].sum()) if "attention_mask" in inputs else _width(found)
                 self.stored[i] = {k: v[row, :n].to(torch.bfloat16) for k, v in found.items()}
         return found
-
-
-@contextlib.contextmanager
-def block_input_leaf(model: torch.nn.Module, position: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the context, the input of block `position` is a fresh leaf that requires grad (the yielded
-    dict's "input" after a forward), so a loss's gradient at that depth can be taken."""
-    block = get_layers(model)[position]
-    leaf: dict[str, torch.Tensor] = {}
-
-    def replace(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if module is not block:  # shared layers are shallow copies with one hook table
-            return args, kwargs
-        hidden = args[0] if args else kwargs["hidden_states"]
-        leaf["input"] = hidden.detach().requires_grad_(True)
-        if args:
-            return (leaf["input"], *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": leaf["input"]}
-
-    handle = block.register_forward_pre_hook(replace, with_kwargs=True)
-    try:
-        # The fused attention kernels have no second derivative; the math one is plain differentiable ops.
-        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-            yield leaf
-    finally:
-        handle.remove()
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (labels already shifted; -100 not scored)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-
-
-def gradient_error(found: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error of the student's input gradient over the full model's squared norm."""
-    return (found.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-30)
 
 
 def _width(found: dict[int, torch.Tensor]) -> int:
@@ -256,8 +205,7 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
     state = _resume(checkpoint_dir, emulator, optimizer, settings, identity or {})
     pairs = alignment_targets(plan, settings.align)
     teacher = TeacherOutputs(full, {f for _, f in pairs}, not shard_full and keeps_teacher(
-        settings, len(sequences), len(pairs), full.config.hidden_size), logits=settings.kl_weight > 0,
-        gradient_at=len(plan.bottom) if settings.grad_weight > 0 else None)
+        settings, len(sequences), len(pairs), full.config.hidden_size), logits=settings.kl_weight > 0)
     judge = _Judge(full, student, tokenizer, heldout_data, pairs[-1:], settings, placement)
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(sequences), generator=generator).tolist()
@@ -275,13 +223,13 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
             step = state["step"]
             picks = processes.rows([order[(step * width + i) % len(order)] for i in range(width)])
             step_start = time.perf_counter()
-            kd, lm, kl, grad = _step(teacher, student, picks, [sequences[i] for i in picks], pad_id(tokenizer),
-                                     pairs, settings, optimizer, step + 1, placement, processes, len(plan.bottom))
+            kd, lm, kl = _step(teacher, student, picks, [sequences[i] for i in picks], pad_id(tokenizer), pairs,
+                           settings, optimizer, step + 1, placement, processes)
             step_seconds, steps_run = step_seconds + time.perf_counter() - step_start, steps_run + 1
             state["step"] = step + 1
-            history.append({"step": step + 1, "kd": kd, "lm": lm, "kl": kl, "grad": grad})
+            history.append({"step": step + 1, "kd": kd, "lm": lm, "kl": kl})
             bar.update()
-            bar.set_postfix(kd=f"{kd:.4f}", lm=f"{lm:.3f}", **({"grad": f"{grad:.3f}"} if settings.grad_weight else {}))
+            bar.set_postfix(kd=f"{kd:.4f}", lm=f"{lm:.3f}")
             if judge.active and (state["step"] % settings.eval_every == 0 or state["step"] == settings.steps):
                 state["heldout"].append({"step": state["step"], **judge.scores()})
                 _offer(state, state["heldout"][-1][judge.what], emulator, checkpoint_dir, judge.what)
@@ -301,7 +249,6 @@ def distill(full: PreTrainedModel, student: PreTrainedModel, tokenizer: PreTrain
         "full_model_sharded": shard_full, "full_model_bytes_per_process": held_bytes(full),
         "final_kd": history[-1]["kd"] if history else None, "final_lm": history[-1]["lm"] if history else None,
         "final_kl": history[-1].get("kl") if history else None,
-        "final_grad": history[-1].get("grad") if history else None,
         "selected_by": judge.what, f"heldout_{judge.what}_before": state.get("before"),
         f"heldout_{judge.what}_best": state.get("best"), "best_step": state.get("best_step"),
         "heldout": state.get("heldout", []),  # both scores at every check: what the other choice would keep
@@ -355,38 +302,32 @@ def _distinct(layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 def _step(teacher: TeacherOutputs, student, indices: list[int], batch_sequences: list[Sequence], pad_id: int,
           pairs, settings: DistillConfig, optimizer, step: int, placement: Placement = CPU,
-          processes: Processes = ONE, middle_start: int = 0) -> tuple[float, float, float, float]:
+          processes: Processes = ONE) -> tuple[float, float, float]:
     batch = placement.batch(_collate(batch_sequences, pad_id))
     inputs = model_inputs(batch)
-    full_out = teacher.batch(indices, inputs, placement, batch.get("labels"))
+    full_out = teacher.batch(indices, inputs, placement)
     student.train()
     wanted = {s for s, _ in pairs}
     zero = torch.zeros((), device=placement.device)
-    lm = kl = grad = zero
-    leaf = block_input_leaf(student, middle_start) if settings.grad_weight > 0 else contextlib.nullcontext({})
-    with placement.autocast(), leaf as middle_input:  # the forward in the compute dtype; losses in float32
-        if settings.lm_weight > 0 or settings.kl_weight > 0 or settings.grad_weight > 0:
+    with placement.autocast():  # the forward in the compute dtype; the losses below are float32
+        if settings.lm_weight > 0 or settings.kl_weight > 0:
             hidden, out = hidden_states_at(student, inputs, wanted, stop=False)
-            if settings.lm_weight > 0 or settings.grad_weight > 0:
-                lm = lm_loss(out.logits, batch["labels"])
-            if settings.kl_weight > 0:
-                kl = output_kl(out.logits, full_out["logits"], batch["attention_mask"])
-            if settings.grad_weight > 0:  # twice differentiated: the emulator learns its input gradient
-                (found,) = torch.autograd.grad(lm, middle_input["input"], create_graph=True)
-                grad = gradient_error(found, full_out["input_grad"])
+            lm = (F.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+                  if settings.lm_weight > 0 else zero)
+            kl = output_kl(out.logits, full_out["logits"], batch["attention_mask"]) if settings.kl_weight > 0 else zero
         else:  # only the emulator's output is trained: nothing above it needs to run
             hidden, _ = hidden_states_at(student, inputs, wanted)
+            lm = kl = zero
         kd = kd_loss(hidden, full_out, pairs, batch.get("attention_mask"), settings.kd_normalise)
-    loss = (settings.kd_weight * kd + settings.lm_weight * lm + settings.kl_weight * kl
-            + settings.grad_weight * grad)
+    loss = settings.kd_weight * kd + settings.lm_weight * lm + settings.kl_weight * kl
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     processes.mean_gradients(params)
-    losses = processes.sum(torch.stack([loss, kd, lm, kl, grad]).detach().float()) / processes.count
+    losses = processes.sum(torch.stack([loss, kd, lm, kl]).detach().float()) / processes.count
     check_step(losses[0], params, step, "distillation", "lower --distill-lr, or check the corpus and the full model")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return losses[1].item(), losses[2].item(), losses[3].item(), losses[4].item()
+    return losses[1].item(), losses[2].item(), losses[3].item()
 
 
 def output_kl(student_logits: torch.Tensor, full_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
