@@ -1,5 +1,6 @@
 """The demo pipeline end to end on a tiny model and synthetic tasks (fast), and for real (slow)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -179,6 +180,14 @@ def test_alignment_rounds_realign_the_bundle_and_tune_on_from_the_adapter(tiny_t
     bundles = sorted(p.name for p in (out / "bundles").iterdir())
     assert len([b for b in bundles if "aligned" in b]) == 2
     assert "| after alignment round 2: plug-in |" in (out / "report.md").read_text()
+    # The control: the same rounds of tuning on, through the unchanged emulator.
+    control = demo(dataclasses.replace(config, output=str(tmp_path / "control"), align_steps=0))
+    report = json.loads((control / "report.json").read_text())
+    rounds = report["rounds"]["quiz"]
+    assert [r["adapter_steps"] for r in rounds] == [4, 6] and not any(r["aligned"] for r in rounds)
+    assert not [b for b in (control / "bundles").iterdir() if "aligned" in b.name]
+    assert len([a for a in (control / "adapters").iterdir() if "-round" in a.name]) == 2  # each round tuned on
+    assert "| after tuning round (control: no alignment) 2: plug-in |" in (control / "report.md").read_text()
 
 
 def test_fair_budgets_choose_each_setting_s_lr_on_validation_and_stop_early(tiny_tasks, model_dirs, tmp_path, caplog):

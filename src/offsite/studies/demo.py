@@ -144,17 +144,21 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
     """R rounds of: the model owner re-aligns the bundle with the returned adapter, the data owner tunes on.
 
     Each round's tuning starts from the previous adapter and runs the budget's steps again; the
-    plug-in and the emulator fine-tuned are scored after every round.
+    plug-in and the emulator fine-tuned are scored after every round. With `align_steps=0` (the
+    control) the bundle is never re-aligned: the same tuning, through the unchanged emulator.
     """
     train_file, test_file = files
     settings = adapter_settings(config, budget)
     bundle, found = emulator.bundle, []
     for number in range(1, config.align_rounds + 1):
         round_inputs = {**inputs, "round": number, "previous": tuned["summary"],
-                        "align": align_settings(config).identity()}
-        aligned = emulator.bundle.parent / f"{adapter.name}-aligned{number}"  # one per adapter: per task and variant
-        realigned = cache.run("align", lambda: _align_stage(config, bundle, adapter, aligned), needs=aligned / MANIFEST,
-                              **round_inputs)
+                        "align": align_settings(config).identity() if config.align_steps else "control"}
+        if config.align_steps:
+            aligned = emulator.bundle.parent / f"{adapter.name}-aligned{number}"  # one per adapter: per task and variant
+            realigned = cache.run("align", lambda: _align_stage(config, bundle, adapter, aligned),
+                                  needs=aligned / MANIFEST, **round_inputs)
+        else:
+            aligned, realigned = bundle, {"seconds": 0.0, "standin_error": None}
         next_adapter = adapter.parent / f"{adapter.name}-round{number}"
         tuned = cache.run("offsite_tune", lambda: in_fresh_process(
             config.isolate, offsite_tune_stage, str(aligned), str(train_file), str(next_adapter), settings,
@@ -164,7 +168,7 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
                       adapter=tuned["summary"], **round_inputs)
                   for name, model, bundle_arg in (("emulator_finetune", str(aligned), None),
                                                   ("plug_in", config.model, str(aligned)))}
-        found.append({"round": number, **scored, "adapter_steps": (number + 1) * tuned["summary"]["steps"],
+        found.append({"round": number, "aligned": bool(config.align_steps), **scored, "adapter_steps": (number + 1) * tuned["summary"]["steps"],
                       "align_seconds": realigned["seconds"], "standin_error": realigned["standin_error"]})
         bundle, adapter = aligned, next_adapter
     return found

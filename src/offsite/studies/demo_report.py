@@ -203,7 +203,9 @@ def markdown(report: dict[str, Any]) -> str:
         for name, label in (("emulator_finetune", "through the emulator"), ("plug_in", "plug-in")):
             cells = [format_metric(rounds[t][number - 1][name]) if len(rounds.get(t, [])) >= number else "n/a"
                      for t in tasks]
-            lines.append(f"| after alignment round {number}: {label} | " + " | ".join(cells) + " |")
+            what = "alignment round" if any(r[number - 1].get("aligned", True) for r in rounds.values()
+                                            if len(r) >= number) else "tuning round (control: no alignment)"
+            lines.append(f"| after {what} {number}: {label} | " + " | ".join(cells) + " |")
     for method, rows in report.get("other_emulators", {}).items():
         for name in EMULATOR_SETTINGS:
             label = LABELS[name].replace("emulator", f"{method} emulator").replace("adapter)", f"{method} adapter)")
@@ -214,7 +216,8 @@ def markdown(report: dict[str, Any]) -> str:
               "perplexity over the plug-in's):", "",
               *figures_table(tasks, report["figures"], report["settings"]["plug_in"])]
     if rounds:
-        lines += ["", "Alignment rounds (`offsite align`, then tuning on from the returned adapter):", "",
+        lines += ["", "Alignment rounds (`offsite align`, then tuning on from the returned adapter; align s 0: the "
+                  "control, tuning on through the unchanged emulator):", "",
                   "| task | round | adapter steps | plug-in | gain kept (of full FT) | protection | align s |",
                   "|---|---|---|---|---|---|---|"]
         for task, found in rounds.items():

@@ -110,6 +110,7 @@ class DemoConfig(JsonConfig):
     ceiling: bool | None = None
     # Rounds of `offsite align` (the bundle re-distilled with the returned adapter in the loop) and
     # further tuning from that adapter; each round's alignment runs `align_steps` distillation steps.
+    # `align_steps=0` is the control: the same rounds of tuning on, through the unchanged emulator.
     align_rounds: int = 0
     align_steps: int = 50
     fair_budget: bool = option(False, "also give each trained setting its own learning rate (chosen on validation "
@@ -145,7 +146,7 @@ class DemoConfig(JsonConfig):
               [f"distill={self.distill!r}: pass a DistillConfig, 'budget' or None"])
         TrainConfig(**self.adapter_training)  # validates the overrides before any work starts
         check(([f"align_rounds={self.align_rounds} must be 0 or more"] if self.align_rounds < 0 else [])
-              + ([f"align_steps={self.align_steps} must be at least 1"] if self.align_steps < 1 else []))
+              + ([f"align_steps={self.align_steps} must be 0 (the control) or more"] if self.align_steps < 0 else []))
         check([f"--tasks: unknown task '{t}'; available: {', '.join(BUILTIN)}" for t in self.tasks if t not in BUILTIN])
         check((["--lm-eval-limit needs --lm-eval TASK..."] if self.lm_eval_limit is not None and not self.lm_eval
                else []) + ([f"--lm-eval-limit={self.lm_eval_limit} must be at least 1"]
