@@ -1,4 +1,4 @@
-"""Emulator methods (similarity, share, lowrank, int8) on tiny random models."""
+"""Emulator methods (similarity, gradient, share, lowrank, int8) on tiny random models."""
 
 import copy
 
@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import input_batch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offsite import EmulateConfig, SplitConfig, emulate
 from offsite.api import tune
 from offsite.arch import get_layers
 from offsite.config import DistillConfig, TrainConfig, TuneConfig
+from offsite.data.tokens import collate
 from offsite.emulator.compress import Int8Linear, LowRankLinear, emulator_bytes, rank_for
 from offsite.emulator.share import nearest_schedule
 from offsite.emulator.similarity import contiguous_medoids, linear_cka
@@ -170,3 +171,58 @@ def test_tune_and_distill_work_through_compressed_shared_emulators(model_dirs, t
                               train=TrainConfig(max_steps=2, batch_size=2, seq_len=32)))
     model, _ = load_bundle(bundle)
     assert (adapter / "adapter.safetensors").is_file()
+
+
+def _with_identity_block(model_dirs, out, layer):
+    """The tiny llama with block `layer` made an identity (its attention and MLP add nothing to the stream)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    block = get_layers(model)[layer]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dirs["llama"]).save_pretrained(out)
+    return out
+
+
+def test_gradient_selection_first_drops_the_layer_whose_removal_leaves_the_adapter_gradients_unchanged(
+        model_dirs, tmp_path, sample_text_file):
+    from offsite.data.tokens import lm_sequences
+    from offsite.emulator.gradient_selection import adapter_gradients, agreement, select_by_gradient
+    from offsite.loading import load_tokenizer
+    path = _with_identity_block(model_dirs, tmp_path / "model", 4)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
+    sequences = lm_sequences(tokenizer, [sample_text_file.read_text()], 32)[:4]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    kept, trace = select_by_gradient(model, [0, 1], [2, 3, 4, 5], [6, 7], 2, sequences, tokenizer.pad_token_id)
+    assert trace[0] == {"dropped": 4, "agreement": 1.0} and len(trace) == 2 and len(kept) == 2 and 4 not in kept
+    # the second choice is the best single drop among the rest, and the trace records its agreement
+    batches = [collate(sequences, tokenizer.pad_token_id)]
+    model.requires_grad_(False)
+    for layer in (0, 1, 6, 7):
+        get_layers(model)[layer].requires_grad_(True)
+    reference = adapter_gradients(model, list(range(8)), [0, 1, 6, 7], batches)
+    found = {layer: agreement(adapter_gradients(model, [0, 1] + [m for m in (2, 3, 5) if m != layer] + [6, 7],
+                                                [0, 1, 6, 7], batches), reference) for layer in (2, 3, 5)}
+    assert trace[1]["dropped"] == max(found, key=found.get)
+    assert abs(trace[1]["agreement"] - found[trace[1]["dropped"]]) < 1e-3
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # nothing trained
+    assert len(get_layers(model)) == 8 and model.config.num_hidden_layers == 8  # the model is restored
+
+
+def test_a_gradient_selected_bundle_records_the_elimination_and_plugs_back(model_dirs, tmp_path, sample_text_file):
+    path = _with_identity_block(model_dirs, tmp_path / "model", 3)
+    split = SplitConfig(bottom=2, top=2, emulator_layers=2, method="gradient+share",
+                        calibration=str(sample_text_file))
+    bundle = emulate(EmulateConfig(model=str(path), output=str(tmp_path / "b"), split=split))
+    manifest = read_manifest(bundle)
+    measured = manifest.emulator["gradient"]
+    assert manifest.emulator["selection"] == "gradient" and manifest.emulator["similarity"] is None
+    assert measured["eliminated"][0]["dropped"] == 3 and 3 not in manifest.plan.emulator
+    assert len(manifest.plan.emulator) == 2 and measured["calibration_sha256"]
+    assert len(manifest.emulator["share"]["schedule"]) == 4
+    model, _ = load_bundle(bundle)
+    assert len(get_layers(model)) == 8  # shared: every middle position runs a kept layer
+    with pytest.raises(OffsiteError, match="--method gradient measures the layers on text: pass --calibration"):
+        emulate(EmulateConfig(model=str(path), output=str(tmp_path / "c"),
+                              split=SplitConfig(emulator_layers=2, method="gradient")))

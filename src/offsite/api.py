@@ -65,9 +65,9 @@ def emulate(config: EmulateConfig) -> Path:
     if config.sign:
         signing.check_private_key(config.sign)  # a bad key fails now, not after distilling
     classifier = is_classifier(config.model)
-    if classifier and config.split.selection == "similarity":
-        raise OffsiteError("--method similarity measures the blocks on text through a language model; a "
-                           "classifier's bundle uses the uniform selection")
+    if classifier and config.split.selection != "uniform":
+        raise OffsiteError(f"--method {config.split.selection} measures the blocks on text through a language "
+                           "model; a classifier's bundle uses the uniform selection")
     if classifier and config.distill:
         config.distill = classifier_distillation(config.distill)
     corpus = read_corpus(config.distill, classifier) if config.distill else None  # a bad corpus fails now
@@ -106,10 +106,10 @@ def classifier_distillation(settings: DistillConfig) -> DistillConfig:
     if settings.select == "perplexity":
         raise OffsiteError("--distill-select perplexity: a classifier has no perplexity; use the default "
                            "(the held-out stand-in error)")
-    if settings.kl_weight or settings.lm_weight or settings.grad_weight:
-        log.info("a classifier's emulator is distilled on hidden states only: --kl-weight, --lm-weight and "
-                 "--grad-weight do not apply")
-    return dataclasses.replace(settings, kl_weight=0.0, lm_weight=0.0, grad_weight=0.0)
+    if settings.kl_weight or settings.lm_weight:
+        log.info("a classifier's emulator is distilled on hidden states only: --kl-weight and --lm-weight do not "
+                 "apply")
+    return dataclasses.replace(settings, kl_weight=0.0, lm_weight=0.0)
 
 
 def check_text_model(model: str, what: str) -> None:

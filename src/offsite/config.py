@@ -110,7 +110,7 @@ def _type_name(kind: Any) -> str:
     return str(kind).replace("typing.", "").replace("offsite.config.", "")
 
 
-SELECTIONS = ("uniform", "similarity")
+SELECTIONS = ("uniform", "similarity", "gradient")
 COMPRESSIONS = ("lowrank", "int8")  # at most one: both rewrite the same weights
 METHOD_PARTS = SELECTIONS + ("share",) + COMPRESSIONS
 
@@ -138,12 +138,13 @@ class SplitConfig(JsonConfig):
                                          exclusive="size")
     drop_ratio: float | None = option(None, f"fraction of middle layers to drop (default {DEFAULT_DROP_RATIO})",
                                       exclusive="size")
-    # How the emulator is made: a selection (uniform | similarity), optionally joined with '+' to
+    # How the emulator is made: a selection (uniform | similarity | gradient), optionally joined with '+' to
     # share (kept layers also run in place of the dropped ones) and one of lowrank | int8.
-    method: str = option("uniform", "how the emulator is made: uniform or similarity, optionally +share and "
-                         "+lowrank or +int8 (e.g. similarity+share)", flags=("--method", "--emulator-method"))
+    method: str = option("uniform", "how the emulator is made: uniform, similarity or gradient, optionally +share "
+                         "and +lowrank or +int8 (e.g. similarity+share)", flags=("--method", "--emulator-method"))
     rank_fraction: float = option(0.5, "lowrank: share of each emulator weight's parameters the factors keep")
-    calibration: str | None = option(None, "similarity: text the layer similarities are measured on "
+    calibration: str | None = option(None, "similarity, gradient: text the layer similarities or the adapter's "
+                                     "gradients are measured on "
                                      "(default: the --distill corpus)", metavar="CORPUS")
 
     def __post_init__(self) -> None:
@@ -161,9 +162,10 @@ class SplitConfig(JsonConfig):
         unknown = [p for p in parts if p not in METHOD_PARTS]
         if unknown or len(set(parts)) != len(parts):
             problems.append(f"--method={self.method!r} is not known; join with '+' at most one selection "
-                            f"(uniform, similarity) and any of share, lowrank or int8, e.g. 'similarity+share'")
+                            f"(uniform, similarity, gradient) and any of share, lowrank or int8, e.g. "
+                            "'similarity+share'")
         elif len([p for p in parts if p in SELECTIONS]) > 1 or set(COMPRESSIONS) <= set(parts):
-            problems.append(f"--method={self.method!r} combines alternatives: pick one of uniform/similarity "
+            problems.append(f"--method={self.method!r} combines alternatives: pick one of uniform/similarity/gradient "
                             "and at most one of lowrank/int8")
         if not 0 < self.rank_fraction < 1:
             problems.append(f"--rank-fraction={self.rank_fraction} must be between 0 and 1 (exclusive)")
@@ -174,7 +176,7 @@ class SplitConfig(JsonConfig):
         fields = self.to_dict()
         if self.compression != "lowrank":
             del fields["rank_fraction"]
-        if self.selection != "similarity":
+        if self.selection == "uniform":
             del fields["calibration"]
         return fields
 
@@ -221,11 +223,6 @@ class DistillConfig(JsonConfig):
     lm_weight: float = option(0.0, "weight of the compressed model's language-modelling loss on the corpus")
     kl_weight: float = option(1.0, "weight of the KL divergence from the full model's next-token distribution "
                               "to the compressed model's (both models then run to the head)")
-    # The adapter's bottom blocks learn only through the emulator's backward pass; matching the full model's
-    # input gradient is what makes their updates transfer (docs/results/2026-12-05-gradient-matching.md).
-    grad_weight: float = option(0.0, "weight of the normalised squared error between the gradient of the "
-                                "compressed model's language-modelling loss at the emulator's input and the "
-                                "full model's (both models then run to the head, twice differentiated)")
     align: str = option("final", "match only the emulator's output, or every kept layer's",
                         choices=("final", "per-layer"))
     kd_normalise: str = option("global", "the MSE over the mean square of all targets (the paper's), or "
@@ -248,11 +245,9 @@ class DistillConfig(JsonConfig):
         positive(problems, distill_steps=self.steps, distill_lr=self.lr, distill_batch_size=self.batch_size,
                   distill_seq_len=self.seq_len, distill_eval_every=self.eval_every,
                   distill_eval_windows=self.eval_windows)
-        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight, kl_weight=self.kl_weight,
-                     grad_weight=self.grad_weight)
-        if self.kd_weight == 0 and self.lm_weight == 0 and self.kl_weight == 0 and self.grad_weight == 0:
-            problems.append("--kd-weight, --lm-weight, --kl-weight and --grad-weight are all 0: nothing to train; "
-                            "set one above 0")
+        non_negative(problems, kd_weight=self.kd_weight, lm_weight=self.lm_weight, kl_weight=self.kl_weight)
+        if self.kd_weight == 0 and self.lm_weight == 0 and self.kl_weight == 0:
+            problems.append("--kd-weight, --lm-weight and --kl-weight are all 0: nothing to train; set one above 0")
         if self.align not in ("final", "per-layer"):
             problems.append(f"--align={self.align!r} is not known; use 'final' or 'per-layer'")
         if self.kd_normalise not in ("token", "global"):
@@ -270,8 +265,6 @@ class DistillConfig(JsonConfig):
         fields = self.to_dict()
         if self.kl_weight == 0:
             del fields["kl_weight"]
-        if self.grad_weight == 0:
-            del fields["grad_weight"]
         if self.heldout is None:
             del fields["heldout"]
         return fields

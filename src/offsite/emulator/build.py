@@ -1,7 +1,7 @@
 """How the model owner makes an emulator from the full model.
 
 The steps of `SplitConfig.method`, in order: choose the kept middle layers
-(`uniform` or `similarity`), factorise them (`lowrank`), let them run in place of
+(`uniform`, `similarity` or `gradient`), factorise them (`lowrank`), let them run in place of
 the dropped layers (`share`), distil (optional), quantise (`int8`). Each step is
 its own module; this one only orders them and records what was done in the
 manifest's `emulator` entry, which is all a loader needs to rebuild the model.
@@ -24,6 +24,7 @@ from offsite.data.types import TextData
 from offsite.emulator.compress import COMPRESSIONS, compress, emulator_bytes
 from offsite.emulator.distill import distill
 from offsite.emulator.share import collapse, executed_plan, executed_positions, expand, nearest_schedule
+from offsite.emulator.gradient_selection import select_by_gradient
 from offsite.emulator.similarity import select_by_similarity
 from offsite.emulator.split import SplitPlan
 from offsite.emulator.surgery import keep_layers
@@ -34,13 +35,17 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_WINDOWS = 16
 CALIBRATION_LEN = 256
+# The gradient selection runs the model forwards and backwards once per candidate layer (hundreds of times):
+# fewer, shorter windows, spread over the corpus.
+GRADIENT_WINDOWS = 8
+GRADIENT_LEN = 128
 
 
 def calibration_corpus(config: EmulateConfig) -> str:
     corpus = config.split.calibration or (config.distill.corpus if config.distill else None)
     if corpus is None:
-        raise OffsiteError("--method similarity measures layer similarity on text: pass --calibration CORPUS "
-                           "(a .txt/.jsonl file or a built-in corpus such as austen), or --distill CORPUS")
+        raise OffsiteError(f"--method {config.split.selection} measures the layers on text: pass --calibration "
+                           "CORPUS (a .txt/.jsonl file or a built-in corpus such as austen), or --distill CORPUS")
     return corpus
 
 
@@ -52,9 +57,19 @@ def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | N
         return plan, nearest_schedule(middle, list(plan.emulator)), {}
     corpus_name = calibration_corpus(config)
     corpus = read_calibration(corpus_name)
-    sequences = lm_sequences(tokenizer, corpus.texts, CALIBRATION_LEN)[:CALIBRATION_WINDOWS]
+    if config.split.selection == "gradient":
+        windows = lm_sequences(tokenizer, corpus.texts, GRADIENT_LEN)
+        sequences = windows[:: max(1, len(windows) // GRADIENT_WINDOWS)][:GRADIENT_WINDOWS]  # across the corpus
+    else:
+        sequences = lm_sequences(tokenizer, corpus.texts, CALIBRATION_LEN)[:CALIBRATION_WINDOWS]
     if not sequences:
         raise OffsiteError(f"--calibration {corpus_name} gives no window of text; it needs more text")
+    if config.split.selection == "gradient":
+        kept, trace = select_by_gradient(model, list(plan.bottom), middle, list(plan.top), len(plan.emulator),
+                                         sequences, tokenizer.pad_token_id)
+        measured = {"calibration": corpus_name, "calibration_sha256": corpus.sha256(), "windows": len(sequences),
+                    "eliminated": trace}
+        return replace(plan, emulator=tuple(kept)), nearest_schedule(middle, kept), measured
     kept, schedule, cka = select_by_similarity(model, middle, len(plan.emulator), sequences, tokenizer.pad_token_id)
     measured = {"calibration": corpus_name, "calibration_sha256": corpus.sha256(), "windows": len(sequences),
                 "cka": [[round(v, 4) for v in row] for row in cka]}
@@ -62,7 +77,7 @@ def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | N
 
 
 def read_calibration(corpus: str) -> TextData:
-    return read_text_corpus(corpus, "--calibration", "similarity")
+    return read_text_corpus(corpus, "--calibration", "layer selection")
 
 
 def streams(config: EmulateConfig) -> bool:
@@ -80,7 +95,9 @@ def _reduce(model: PreTrainedModel, plan: SplitPlan, config: EmulateConfig, sche
         log.warning("the emulator keeps all %d middle layers: this bundle carries the whole full model",
                     len(plan.emulator))
     split = config.split
-    return {"method": split.method, "selection": split.selection, "similarity": measured or None,
+    return {"method": split.method, "selection": split.selection,
+            "similarity": measured if split.selection == "similarity" else None,
+            **({"gradient": measured} if split.selection == "gradient" else {}),
             "share": {"schedule": schedule} if split.shares else None, "compression": None, "distill": None,
             "keeps_every_middle_layer": plan.keeps_whole_middle}
 

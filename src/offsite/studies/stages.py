@@ -191,7 +191,7 @@ def corpus_hashes(split: SplitConfig, distill: DistillConfig | None, classifier:
     found = {}
     if distill:
         found["distill"] = read_corpus(distill, classifier).sha256()
-    if split.selection == "similarity" and split.calibration:
+    if split.selection != "uniform" and split.calibration:
         found["calibration"] = read_calibration(split.calibration).sha256()
     return found
 
