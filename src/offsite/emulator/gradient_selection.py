@@ -5,7 +5,7 @@ what it learns transfers to the full model only as far as those gradients point
 where the full model's would. On the built-in model a uniform 8-of-26 selection
 leaves the bottom adapter blocks' gradient nearly orthogonal to the full
 model's, and dropping as few as two badly chosen layers scrambles it too
-(docs/results/2026-12-05-gradient-selection.md). So, as GradOT proposes, the
+(docs/results/2026-12-05-gradients.md). So, as GradOT proposes, the
 selection is made for the gradients: greedy backward elimination on a
 calibration sample of public text, dropping one layer at a time, the one whose
 removal keeps the adapter blocks' language-modelling gradients closest (mean
