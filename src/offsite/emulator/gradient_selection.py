@@ -64,7 +64,7 @@ def select_by_gradient(model: nn.Module, bottom: list[int], middle: list[int], t
     batches = [collate(sequences[i: i + BATCH], pad_id) for i in range(0, len(sequences), BATCH)]
     adapter = bottom + top
     was_training, needed = model.training, [p.requires_grad for p in model.parameters()]
-    model.train()
+    model.eval()  # no dropout: every candidate is compared on the same computation
     model.requires_grad_(False)
     for layer in adapter:
         get_layers(model)[layer].requires_grad_(True)
