@@ -382,3 +382,12 @@ def test_language_model_steps_refuse_a_classifier_in_one_line(encoder_dirs, tmp_
         sample_corpus(SampleConfig(model=str(encoder_dirs["vit"]), output=str(tmp_path / "s.jsonl")))
     with pytest.raises(OffsiteError, match="is a classifier; the demo's tasks are for language models"):
         demo(DemoConfig(model=str(encoder_dirs["bert"]), output=str(tmp_path / "demo"), quick=True, distill=None))
+
+
+@pytest.mark.parametrize("method", ["similarity", "gradient"])
+def test_a_selection_measured_on_text_is_refused_for_a_classifier(encoder_dirs, tmp_path, sample_text_file, method):
+    with pytest.raises(OffsiteError, match=f"--method {method} measures the blocks on text.*uniform selection"):
+        emulate(EmulateConfig(model=str(encoder_dirs["vit"]), output=str(tmp_path / "b"),
+                              split=SplitConfig(emulator_layers=1, method=method,
+                                                calibration=str(sample_text_file))))
+    assert not (tmp_path / "b").exists()
