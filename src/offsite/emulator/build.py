@@ -57,22 +57,24 @@ def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | N
         return plan, nearest_schedule(middle, list(plan.emulator)), {}
     corpus_name = calibration_corpus(config)
     corpus = read_calibration(corpus_name)
-    if config.split.selection == "gradient":
+    gradient = config.split.selection == "gradient"
+    if gradient:
         windows = lm_sequences(tokenizer, corpus.texts, GRADIENT_LEN)
         sequences = windows[:: max(1, len(windows) // GRADIENT_WINDOWS)][:GRADIENT_WINDOWS]  # across the corpus
     else:
         sequences = lm_sequences(tokenizer, corpus.texts, CALIBRATION_LEN)[:CALIBRATION_WINDOWS]
     if not sequences:
         raise OffsiteError(f"--calibration {corpus_name} gives no window of text; it needs more text")
-    if config.split.selection == "gradient":
-        kept, trace = select_by_gradient(model, list(plan.bottom), middle, list(plan.top), len(plan.emulator),
-                                         sequences, tokenizer.pad_token_id)
-        measured = {"calibration": corpus_name, "calibration_sha256": corpus.sha256(), "windows": len(sequences),
-                    "eliminated": trace}
-        return replace(plan, emulator=tuple(kept)), nearest_schedule(middle, kept), measured
-    kept, schedule, cka = select_by_similarity(model, middle, len(plan.emulator), sequences, tokenizer.pad_token_id)
-    measured = {"calibration": corpus_name, "calibration_sha256": corpus.sha256(), "windows": len(sequences),
-                "cka": [[round(v, 4) for v in row] for row in cka]}
+    measured: dict[str, Any] = {"calibration": corpus_name, "calibration_sha256": corpus.sha256(),
+                                "windows": len(sequences)}
+    if gradient:
+        kept, measured["eliminated"] = select_by_gradient(model, list(plan.bottom), middle, list(plan.top),
+                                                          len(plan.emulator), sequences, tokenizer.pad_token_id)
+        schedule = nearest_schedule(middle, kept)
+    else:
+        kept, schedule, cka = select_by_similarity(model, middle, len(plan.emulator), sequences,
+                                                   tokenizer.pad_token_id)
+        measured["cka"] = [[round(v, 4) for v in row] for row in cka]
     return replace(plan, emulator=tuple(kept)), schedule, measured
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from offsite.arch import get_layers
-from offsite.data.tokens import Sequence, collate
+from offsite.data.tokens import IGNORE, Sequence, collate
 from offsite.emulator.share import collapse, expand
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def adapter_gradients(model: nn.Module, run: list[int], adapter: list[int], batc
         for batch in batches:
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100).backward()
+            F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE).backward()
             for layer in adapter:
                 grad = torch.cat([p.grad.flatten() for p in blocks[run.index(layer)].parameters()])
                 found[layer] = found[layer] + grad if layer in found else grad
@@ -53,7 +53,7 @@ def adapter_gradients(model: nn.Module, run: list[int], adapter: list[int], batc
 
 def agreement(found: dict[int, torch.Tensor], reference: dict[int, torch.Tensor]) -> float:
     """Mean over the adapter blocks of the cosine between two sets of gradients."""
-    cosines = [torch.nn.functional.cosine_similarity(found[i].double(), reference[i].double(), dim=0)
+    cosines = [F.cosine_similarity(found[i].double(), reference[i].double(), dim=0)
                for i in reference]
     return float(torch.stack(cosines).mean())
 

@@ -168,7 +168,8 @@ def alignment_rounds(config: DemoConfig, cache: StageCache, task: str, emulator:
                       adapter=tuned["summary"], **round_inputs)
                   for name, model, bundle_arg in (("emulator_finetune", str(aligned), None),
                                                   ("plug_in", config.model, str(aligned)))}
-        found.append({"round": number, "aligned": bool(config.align_steps), **scored, "adapter_steps": (number + 1) * tuned["summary"]["steps"],
+        found.append({"round": number, "aligned": bool(config.align_steps), **scored,
+                      "adapter_steps": (number + 1) * tuned["summary"]["steps"],
                       "align_seconds": realigned["seconds"], "standin_error": realigned["standin_error"]})
         bundle, adapter = aligned, next_adapter
     return found
