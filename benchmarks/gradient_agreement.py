@@ -7,7 +7,13 @@ as its gradients there point where the full model's would. For each bundle, the 
 data owner's loss (the pretrained adapter, before any training) are computed through the emulator and through
 the full model on the same training examples, and compared per adapter block by cosine similarity: of each
 batch's gradient (mean over batches) and of the gradient summed over all the examples (the first step of a
-full-batch descent). A diagnostic for the model owner: it needs the full model and task-like examples.
+full-batch descent). A diagnostic for the model owner: it needs the full model and examples. `--data` names a
+task (its training examples, the data owner's loss) or a text corpus (the language-modelling loss on `--examples`
+windows spread over it): on the built-in model the bottom blocks' agreement on the model owner's own text ranks
+emulators as it does on a task (docs/results/2026-12-05-which-layers.md), so a model owner without task data
+can compare splits.
+
+    python benchmarks/gradient_agreement.py B8 B18 --data austen:validation --examples 80
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from offsite.arch import get_layers
 from offsite.data.read import read_data
 from offsite.data.tokens import collate
-from offsite.data.types import limit
+from offsite.data.types import TextData, limit
 from offsite.exchange.bundle import bundle_index, load_bundle
 from offsite.loading import load_model, load_preprocessor, pad_id
 from offsite.training.loss import batch_loss
@@ -66,14 +72,18 @@ def measure(model: str, bundles: list[str], data: str, examples: int, batch_size
     tokenizer = load_preprocessor(model)
     full = load_model(model).float().train()
     full.requires_grad_(True)
-    chosen = limit(read_data(data, default_split="train"), examples)
-    sequences = training_sequences(chosen, tokenizer, seq_len, full)
+    found = read_data(data, default_split="train")
+    if isinstance(found, TextData):  # a corpus: windows spread over all of it, not its first few documents
+        windows = training_sequences(found, tokenizer, seq_len, full)
+        sequences = windows[:: max(1, len(windows) // examples)][:examples]
+    else:
+        sequences = training_sequences(limit(found, examples), tokenizer, seq_len, full)
     batches = [collate(sequences[i: i + batch_size], pad_id(tokenizer)) for i in range(0, len(sequences), batch_size)]
     rows = []
     for bundle in bundles:
         emulated, manifest = load_bundle(bundle)
         emulated.float().train().requires_grad_(True)
-        rows.append({"bundle": bundle, "method": manifest.emulator.get("method"),
+        rows.append({"bundle": bundle, "method": manifest.emulator.get("method"), "examples": len(sequences),
                      "emulator": list(manifest.plan.emulator),
                      "blocks": agreement(full, emulated, bundle_index(manifest), batches)})
         print(json.dumps(rows[-1]), flush=True)

@@ -88,6 +88,7 @@ def test_gradient_agreement_is_one_through_every_middle_layer_and_less_through_t
     assert main(["emulate", model, "-o", str(tmp_path / "two"), "--emulator-layers", "2"]) == 0
     rows = load_script("gradient_agreement").measure(model, [str(tmp_path / "all"), str(tmp_path / "two")],
                                                      str(sample_text_file), 4, 2, 32)
+    assert [row["examples"] for row in rows] == [4, 4]  # a text corpus gives windows, as many as asked for
     every, two = (row["blocks"] for row in rows)
     assert set(every) == set(two) == {"0", "1", "6", "7"}
     assert all(abs(b["batch_cosine"] - 1) < 1e-6 and abs(b["summed_cosine"] - 1) < 1e-6 for b in every.values())
