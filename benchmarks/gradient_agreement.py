@@ -25,7 +25,7 @@ import torch
 
 from offsite.arch import get_layers
 from offsite.data.read import read_data
-from offsite.data.tokens import collate
+from offsite.data.tokens import collate, spread
 from offsite.data.types import TextData, limit
 from offsite.exchange.bundle import bundle_index, load_bundle
 from offsite.loading import load_model, load_preprocessor, pad_id
@@ -74,8 +74,7 @@ def measure(model: str, bundles: list[str], data: str, examples: int, batch_size
     full.requires_grad_(True)
     found = read_data(data, default_split="train")
     if isinstance(found, TextData):  # a corpus: windows spread over all of it, not its first few documents
-        windows = training_sequences(found, tokenizer, seq_len, full)
-        sequences = windows[:: max(1, len(windows) // examples)][:examples]
+        sequences = spread(training_sequences(found, tokenizer, seq_len, full), examples)
     else:
         sequences = training_sequences(limit(found, examples), tokenizer, seq_len, full)
     batches = [collate(sequences[i: i + batch_size], pad_id(tokenizer)) for i in range(0, len(sequences), batch_size)]

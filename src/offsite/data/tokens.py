@@ -68,6 +68,11 @@ def lm_sequences(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: 
     return blocks
 
 
+def spread(windows: list[Sequence], count: int) -> list[Sequence]:
+    """At most `count` of `windows`, evenly spaced, so a sample covers a whole corpus, not its first documents."""
+    return windows[:: max(1, len(windows) // count)][:count]
+
+
 def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence; padded positions are masked and unscored."""
     width = max(len(s.input_ids) for s in sequences)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from offsite.config import EmulateConfig
 from offsite.data.read import read_text_corpus
-from offsite.data.tokens import lm_sequences
+from offsite.data.tokens import lm_sequences, spread
 from offsite.data.types import TextData
 from offsite.emulator.compress import COMPRESSIONS, compress, emulator_bytes
 from offsite.emulator.distill import distill
@@ -59,8 +59,7 @@ def choose_layers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | N
     corpus = read_calibration(corpus_name)
     gradient = config.split.selection == "gradient"
     if gradient:
-        windows = lm_sequences(tokenizer, corpus.texts, GRADIENT_LEN)
-        sequences = windows[:: max(1, len(windows) // GRADIENT_WINDOWS)][:GRADIENT_WINDOWS]  # across the corpus
+        sequences = spread(lm_sequences(tokenizer, corpus.texts, GRADIENT_LEN), GRADIENT_WINDOWS)  # across the corpus
     else:
         sequences = lm_sequences(tokenizer, corpus.texts, CALIBRATION_LEN)[:CALIBRATION_WINDOWS]
     if not sequences:
