@@ -108,3 +108,34 @@ def test_serve_load_makes_uploadable_adapters_and_measures_routed_memory(model_d
     assert [load_adapter(a).layers for a in adapters] == [[0, 1, 6, 7]] * 2
     one, two = (script.routed_memory(model, [str(a) for a in adapters[:n]]) for n in (1, 2))
     assert two["weight_mb"] > one["weight_mb"] > 0 and one["peak_rss_mb"] > 0
+
+
+def test_rounded_bundle_rounds_only_the_emulator_and_still_plugs(model_dirs, tmp_path, sample_text_file):
+    import torch  # noqa: PLC0415 - this test only
+
+    from offsite.arch import get_layers  # noqa: PLC0415 - beside the import above
+    from offsite.cli import main  # noqa: PLC0415 - beside the import above
+    from offsite.exchange.bundle import check_bundle, load_bundle  # noqa: PLC0415 - beside the import above
+
+    model = str(model_dirs["llama"])
+    assert main(["emulate", model, "-o", str(tmp_path / "all"), "--emulator-layers", "4"]) == 0
+    error = load_script("rounded_bundle").round_bundle(str(tmp_path / "all"), str(tmp_path / "r"), bits=2, group=0)
+    assert 0 < error < 1
+    check_bundle(tmp_path / "r")  # the manifest's hashes are of the rounded files
+    before, _ = load_bundle(tmp_path / "all")
+    after, _ = load_bundle(tmp_path / "r")
+    for position in (0, 1, 6, 7):  # the adapter blocks are untouched
+        assert all(torch.equal(a, b) for a, b in zip(get_layers(before)[position].parameters(),
+                                                     get_layers(after)[position].parameters()))
+    weight = get_layers(after)[3].mlp.up_proj.weight
+    assert all(len(row.unique()) <= 3 for row in weight)  # 2 bits: -s, 0, +s per row
+    assert not torch.equal(weight, get_layers(before)[3].mlp.up_proj.weight)
+    assert main(["tune", str(tmp_path / "r"), "--data", str(sample_text_file), "-o", str(tmp_path / "a"),
+                 "--max-steps", "2", "--seq-len", "32", "--batch-size", "2"]) == 0
+    assert main(["plug", model, str(tmp_path / "a"), "-o", str(tmp_path / "p")]) == 0
+
+
+def test_indomain_corpus_keeps_the_text_and_drops_the_prompts():
+    script = load_script("indomain_corpus")
+    assert script.article_text("Article: Rain fell on Leeds.\nTopic:") == "Rain fell on Leeds."
+    assert script.dictionary_line("Definition: a small boat\nWord:", " dinghy") == "dinghy: a small boat"
