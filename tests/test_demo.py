@@ -259,6 +259,26 @@ def test_a_distilled_emulator_is_built_once_and_reused_by_a_demo_with_another_ou
     check_bundle(next(demo_module.shared_emulators().iterdir()))  # a copy, not a link: the kept one is intact
 
 
+def test_a_kept_emulator_made_with_another_split_is_not_reused_but_replaced(tiny_tasks, model_dirs, tmp_path, caplog,
+                                                                          sample_text_file):
+    import offsite.studies.demo as demo_module
+    from offsite.exchange.bundle import read_manifest
+    from offsite.studies.stages import make_emulator
+    distill = DistillConfig(corpus=str(sample_text_file), steps=2, batch_size=2, seq_len=32, eval_windows=2)
+    config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "out"), tasks=["quiz"], quick=True,
+                        isolate=False, distill=distill)
+    one = make_emulator(config, dataclasses.replace(config.split, emulator_layers=1), distill)
+    two = make_emulator(config, dataclasses.replace(config.split, emulator_layers=2), distill)
+    kept = tmp_path / "kept"
+    demo_module.make_bundle(config, one, kept)  # an entry of the cache, as a hand copy would leave it
+    assert demo_module.made_as(read_manifest(kept), one) and not demo_module.made_as(read_manifest(kept), two)
+    with caplog.at_level("WARNING", logger="offsite"):
+        made = demo_module.make_bundle(config, two, kept)
+    assert "ignored the kept emulator" in caplog.text and "from" not in made
+    assert len(read_manifest(two.bundle).plan.emulator) == 2  # distilled anew with this run's split
+    assert demo_module.made_as(read_manifest(kept), two)  # and the stale entry replaced
+
+
 def test_demo_runs_every_stage_in_the_chosen_precision_and_keys_it(tiny_tasks, model_dirs, tmp_path, caplog):
     from offsite.config import DeviceConfig
     config = DemoConfig(model=str(model_dirs["llama"]), output=str(tmp_path / "demo"), tasks=["text"], quick=True,

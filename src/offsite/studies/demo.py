@@ -25,7 +25,7 @@ from offsite.assets import cache_dir
 from offsite.config import AlignConfig, DistillConfig, EmulateConfig
 from offsite.constants import ADAPTER_WEIGHTS, MANIFEST
 from offsite.device import Placement
-from offsite.exchange.bundle import check_bundle, read_manifest
+from offsite.exchange.bundle import Manifest, check_bundle, read_manifest
 from offsite.data.builtin import split_definition
 from offsite.errors import OffsiteError
 from offsite.files import atomic_dir, read_json
@@ -335,14 +335,34 @@ def make_bundle(config: DemoConfig | VisionDemoConfig, emulator: Emulator, share
     """`offsite emulate`, or a copy of the same bundle from `shared`, where it is then kept for later runs."""
     if shared is not None and (shared / MANIFEST).is_file():
         check_bundle(shared)  # every file against the manifest's hashes
-        _copy_bundle(shared, emulator.bundle)
-        log.info("bundle: copied the distilled emulator built by an earlier demo (%s)", shared)
-        return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator, "from": str(shared)}
+        if made_as(read_manifest(shared), emulator):
+            _copy_bundle(shared, emulator.bundle)
+            log.info("bundle: copied the distilled emulator built by an earlier demo (%s)", shared)
+            return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator,
+                    "from": str(shared)}
+        log.warning("bundle: ignored the kept emulator %s: its manifest gives another split or distillation than "
+                    "this run's; distilling anew, and replacing it", shared)
     emulate(EmulateConfig(model=config.model, output=str(emulator.bundle), split=emulator.split,
                           distill=emulator.distill, overwrite=True, runtime=config.runtime))
     if shared is not None:
         _copy_bundle(emulator.bundle, shared)
     return {"bundle": str(emulator.bundle), "emulator": read_manifest(emulator.bundle).emulator}
+
+
+def made_as(manifest: Manifest, emulator: Emulator) -> bool:
+    """Whether a kept bundle's manifest records `emulator`'s split and distillation.
+
+    The kept bundles are keyed by a hash of both, but they live in the user's cache, where an entry
+    may be stale or copied in by hand; one made otherwise must not stand in for this run's emulator.
+    """
+    settings = (manifest.emulator.get("distill") or {}).get("settings")
+    if emulator.distill is None or not isinstance(settings, dict):
+        return False
+    try:
+        distill = type(emulator.distill).from_dict(settings)
+    except OffsiteError:  # a field this version does not know: made by another version
+        return False
+    return manifest.split.identity() == emulator.split.identity() and distill.identity() == emulator.distill.identity()
 
 
 def _copy_bundle(source: Path, target: Path) -> None:
