@@ -5,8 +5,8 @@
 The model owner has no task data, but it may have public text of the tasks' domains. This stands in for it
 with the built-in data no data owner trains on and no test scores: the bbc-news validation articles (the
 text only, without the topic), the wordnet validation entries as dictionary lines ("word: definition"; the
-splits are disjoint by lemma, so no test answer appears), and as many tokens of the austen training novels
-(the start of each), so the default corpus stays a third of the mix. An optimistic corpus: a real model owner
+splits are disjoint by lemma, so no test answer appears), and the start of each austen training novel, half
+as many characters as those together, so the default corpus makes a third of the mix. An optimistic corpus: a real model owner
 rarely holds text this close to a customer's task. Writes `{"text": ...}` lines that `--distill` reads.
 """
 
@@ -19,7 +19,9 @@ from pathlib import Path
 from offsite.data.builtin import load_builtin
 from offsite.files import atomic_file
 
+# The built-in tasks' prompts around the text (offsite.data.builtin), which the corpus leaves out.
 ARTICLE, TOPIC = "Article: ", "\nTopic:"
+DEFINITION, WORD = "Definition: ", "\nWord:"
 
 
 def article_text(context: str) -> str:
@@ -29,7 +31,7 @@ def article_text(context: str) -> str:
 
 def dictionary_line(context: str, answer: str) -> str:
     """A wordnet choice example ("Definition: D\\nWord:", " w") as a dictionary entry "w: D"."""
-    return f"{answer.strip()}: {context.removeprefix('Definition: ').removesuffix(chr(10) + 'Word:')}"
+    return f"{answer.strip()}: {context.removeprefix(DEFINITION).removesuffix(WORD)}"
 
 
 def indomain_texts() -> list[str]:
